@@ -1,0 +1,150 @@
+//! Error types of the hot path, and the one place that maps each to a wire error code or a
+//! WebSocket close code.
+
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// The stable error codes of `sys.error` frames (see `docs/protocol.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadFrame,
+    UnknownType,
+    UnsupportedVersion,
+    NotInRoom,
+    RoomRequired,
+    PluginFailed,
+    TooLarge,
+    Forbidden,
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::NotInRoom => "not_in_room",
+            ErrorCode::RoomRequired => "room_required",
+            ErrorCode::PluginFailed => "plugin_failed",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A failure while handling one client message. Becomes one `sys.error` frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandleError {
+    #[error("{message}")]
+    Host { code: ErrorCode, message: String },
+    /// A plugin's own error, with its own code, passed through.
+    #[error("{message}")]
+    Plugin { code: String, message: String },
+}
+
+impl HandleError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        HandleError::Host {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The wire code and message of this error.
+    pub fn wire(&self) -> (&str, &str) {
+        match self {
+            HandleError::Host { code, message } => (code.as_str(), message),
+            HandleError::Plugin { code, message } => (code, message),
+        }
+    }
+}
+
+/// Why a plugin call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("plugin `{plugin}` ran out of time ({timeout_ms} ms)")]
+    Timeout { plugin: String, timeout_ms: u64 },
+    #[error("plugin `{plugin}` trapped: {reason}")]
+    Trap { plugin: String, reason: String },
+    #[error("plugin `{plugin}` could not be instantiated: {reason}")]
+    Instantiate { plugin: String, reason: String },
+    #[error("plugin `{plugin}` produced an invalid effect: {reason}")]
+    BadEffect { plugin: String, reason: String },
+    /// The handler returned an error of its own.
+    #[error("{message}")]
+    Refused { code: String, message: String },
+}
+
+impl From<CallError> for HandleError {
+    fn from(err: CallError) -> Self {
+        match err {
+            CallError::Refused { code, message } => HandleError::Plugin { code, message },
+            other => HandleError::new(ErrorCode::PluginFailed, other.to_string()),
+        }
+    }
+}
+
+/// Why the host closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The host is shutting down.
+    Shutdown,
+    /// The connection's outbox overflowed: the client does not read fast enough.
+    SlowConsumer,
+    /// A WebSocket-level protocol violation.
+    Protocol,
+    /// A frame above the WebSocket size limit.
+    FrameTooLarge,
+    /// A text frame that is not UTF-8.
+    InvalidData,
+    /// An internal error.
+    Internal,
+}
+
+impl CloseReason {
+    /// The WebSocket close code and reason text for this close.
+    pub fn close_code(self) -> (CloseCode, &'static str) {
+        match self {
+            CloseReason::Shutdown => (CloseCode::Away, "host shutting down"),
+            CloseReason::SlowConsumer => (CloseCode::Again, "slow consumer: outbox overflow"),
+            CloseReason::Protocol => (CloseCode::Policy, "protocol violation"),
+            CloseReason::FrameTooLarge => (CloseCode::Size, "frame too large"),
+            CloseReason::InvalidData => (CloseCode::Invalid, "text frame is not UTF-8"),
+            CloseReason::Internal => (CloseCode::Error, "internal error"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_are_the_documented_ones() {
+        let code = |r: CloseReason| u16::from(r.close_code().0);
+        assert_eq!(code(CloseReason::Shutdown), 1001);
+        assert_eq!(code(CloseReason::SlowConsumer), 1013);
+        assert_eq!(code(CloseReason::Protocol), 1008);
+        assert_eq!(code(CloseReason::FrameTooLarge), 1009);
+        assert_eq!(code(CloseReason::InvalidData), 1007);
+        assert_eq!(code(CloseReason::Internal), 1011);
+    }
+
+    #[test]
+    fn plugin_errors_keep_their_code() {
+        let e: HandleError = CallError::Refused {
+            code: "unknown_command".into(),
+            message: "no".into(),
+        }
+        .into();
+        assert_eq!(e.wire(), ("unknown_command", "no"));
+        let e: HandleError = CallError::Timeout {
+            plugin: "p".into(),
+            timeout_ms: 5,
+        }
+        .into();
+        assert_eq!(e.wire().0, "plugin_failed");
+    }
+}

@@ -1,0 +1,26 @@
+//! Plexus: a WebSocket host whose application logic runs as hot-swappable WebAssembly plugins.
+//!
+//! Data flows one way: [`server`] accepts and upgrades sockets, [`connection`] reads frames,
+//! [`protocol`] decodes them, [`router`] dispatches them (host types itself, the rest through
+//! the [`registry`]'s route table to a [`plugin`] call), the call records [`effects`], and the
+//! router applies them to [`rooms`] and each [`session`]'s [`outbox`]. See ARCHITECTURE.md.
+
+pub mod builder;
+pub mod connection;
+pub mod effects;
+pub mod error;
+pub mod manifest;
+pub mod outbox;
+pub mod plugin;
+pub mod protocol;
+pub mod registry;
+pub mod rooms;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod watch;
+
+pub use registry::ReloadEvent;
+pub use router::HostLimits;
+pub use server::{Config, Server, StartError};
+pub use watch::WatchMode;

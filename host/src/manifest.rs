@@ -1,0 +1,578 @@
+//! Plugin manifests: strict TOML parsing, validation, and errors that name the file, the line
+//! and the route (see `docs/manifest.md`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The manifest format version this host reads.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// One problem in one manifest file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+/// A host interface a plugin may import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostCap {
+    Messaging,
+    Rooms,
+    Kv,
+    Logging,
+    Config,
+}
+
+impl HostCap {
+    pub const ALL: [HostCap; 5] = [
+        HostCap::Messaging,
+        HostCap::Rooms,
+        HostCap::Kv,
+        HostCap::Logging,
+        HostCap::Config,
+    ];
+
+    /// The name used in manifests and in the WIT package.
+    pub fn name(self) -> &'static str {
+        match self {
+            HostCap::Messaging => "messaging",
+            HostCap::Rooms => "rooms",
+            HostCap::Kv => "kv",
+            HostCap::Logging => "logging",
+            HostCap::Config => "config",
+        }
+    }
+}
+
+/// A host event a plugin can subscribe to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+pub enum HostEvent {
+    #[serde(rename = "room.joined")]
+    RoomJoined,
+    #[serde(rename = "room.left")]
+    RoomLeft,
+}
+
+impl HostEvent {
+    pub fn name(self) -> &'static str {
+        match self {
+            HostEvent::RoomJoined => "room.joined",
+            HostEvent::RoomLeft => "room.left",
+        }
+    }
+}
+
+/// Handlers compiled into the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Builtin {
+    /// The `echo` plugin's handlers (`echo`, `broadcast`), natively.
+    Echo,
+}
+
+/// Where a plugin's code comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Wasm { path: PathBuf, build: Option<Build> },
+    Builtin(Builtin),
+}
+
+/// How to rebuild a plugin's component.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Build {
+    pub command: String,
+    pub dir: PathBuf,
+    pub watch: Vec<PathBuf>,
+}
+
+/// A route from a message type to a handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub ty: String,
+    pub handler: String,
+    pub allow_outside_room: bool,
+    pub line: usize,
+}
+
+/// A subscription to a host event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRoute {
+    pub event: HostEvent,
+    pub handler: String,
+}
+
+/// A room name or a prefix ending in `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomPattern(String);
+
+impl RoomPattern {
+    pub fn matches(&self, room: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => room.starts_with(prefix),
+            None => self.0 == room,
+        }
+    }
+}
+
+/// What a plugin is allowed to do.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    pub host: BTreeSet<HostCap>,
+    pub rooms: Vec<RoomPattern>,
+}
+
+impl Capabilities {
+    pub fn allows_room(&self, room: &str) -> bool {
+        self.rooms.iter().any(|p| p.matches(room))
+    }
+}
+
+/// Per-call limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub timeout_ms: u64,
+    pub memory_mb: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout_ms: 100,
+            memory_mb: 16,
+        }
+    }
+}
+
+/// A validated manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub file: PathBuf,
+    pub id: String,
+    pub description: Option<String>,
+    pub source: Source,
+    pub routes: Vec<Route>,
+    pub events: Vec<EventRoute>,
+    pub capabilities: Capabilities,
+    pub limits: Limits,
+    pub config: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    manifest_version: Spanned<u32>,
+    plugin: RawPlugin,
+    source: Spanned<RawSource>,
+    #[serde(default)]
+    route: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    event: Vec<Spanned<RawEvent>>,
+    #[serde(default)]
+    capabilities: RawCapabilities,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    config: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    id: Spanned<String>,
+    description: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    wasm: Option<String>,
+    builtin: Option<Builtin>,
+    build: Option<RawBuild>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuild {
+    command: String,
+    dir: Option<String>,
+    #[serde(default)]
+    watch: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    #[serde(rename = "type")]
+    ty: String,
+    handler: String,
+    #[serde(default)]
+    allow_outside_room: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent {
+    on: HostEvent,
+    handler: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCapabilities {
+    #[serde(default)]
+    host: Vec<HostCap>,
+    #[serde(default)]
+    rooms: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    timeout_ms: Option<u64>,
+    memory_mb: Option<u64>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Parses and validates one manifest's text; `file` is used for messages and relative paths.
+pub fn parse(file: &Path, text: &str) -> Result<Manifest, Vec<ManifestError>> {
+    let err = |line: Option<usize>, message: String| ManifestError {
+        file: file.to_path_buf(),
+        line,
+        message,
+    };
+    let raw: RawManifest = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        vec![err(line, e.message().trim_end().to_owned())]
+    })?;
+    let mut errors = Vec::new();
+    let line = |span: std::ops::Range<usize>| Some(line_of(text, span.start));
+
+    if *raw.manifest_version.get_ref() != MANIFEST_VERSION {
+        errors.push(err(
+            line(raw.manifest_version.span()),
+            format!(
+                "unsupported manifest_version {}; this host reads version {MANIFEST_VERSION}",
+                raw.manifest_version.get_ref()
+            ),
+        ));
+    }
+    let id = raw.plugin.id.get_ref().clone();
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        errors.push(err(
+            line(raw.plugin.id.span()),
+            format!("plugin id `{id}` must be non-empty and use only a-z, 0-9 and `-`"),
+        ));
+    }
+
+    let base = file.parent().unwrap_or(Path::new("."));
+    let source_line = line(raw.source.span());
+    let raw_source = raw.source.into_inner();
+    let source = match (raw_source.wasm, raw_source.builtin) {
+        (Some(wasm), None) => Some(Source::Wasm {
+            path: base.join(wasm),
+            build: raw_source.build.map(|b| Build {
+                command: b.command,
+                dir: base.join(b.dir.unwrap_or_else(|| ".".into())),
+                watch: b.watch.iter().map(|w| base.join(w)).collect(),
+            }),
+        }),
+        (None, Some(builtin)) => {
+            if raw_source.build.is_some() {
+                errors.push(err(
+                    source_line,
+                    "a builtin source takes no [source.build]".into(),
+                ));
+            }
+            Some(Source::Builtin(builtin))
+        }
+        (Some(_), Some(_)) => {
+            errors.push(err(
+                source_line,
+                "[source] takes `wasm` or `builtin`, not both".into(),
+            ));
+            None
+        }
+        (None, None) => {
+            errors.push(err(
+                source_line,
+                "[source] needs `wasm` or `builtin`".into(),
+            ));
+            None
+        }
+    };
+
+    let mut routes = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for spanned in raw.route {
+        let route_line = line_of(text, spanned.span().start);
+        let r = spanned.into_inner();
+        if r.ty.is_empty() {
+            errors.push(err(
+                Some(route_line),
+                "route `type` must not be empty".into(),
+            ));
+            continue;
+        }
+        if r.ty.starts_with("sys.") {
+            errors.push(err(
+                Some(route_line),
+                format!(
+                    "route `{}`: types starting with `sys.` are reserved for the host",
+                    r.ty
+                ),
+            ));
+            continue;
+        }
+        if let Some(first) = seen.insert(r.ty.clone(), route_line) {
+            errors.push(err(
+                Some(route_line),
+                format!("route `{}` is declared twice (first on line {first})", r.ty),
+            ));
+            continue;
+        }
+        if r.handler.is_empty() {
+            errors.push(err(
+                Some(route_line),
+                format!("route `{}`: empty handler", r.ty),
+            ));
+        }
+        routes.push(Route {
+            ty: r.ty,
+            handler: r.handler,
+            allow_outside_room: r.allow_outside_room,
+            line: route_line,
+        });
+    }
+    let mut events = Vec::new();
+    for spanned in raw.event {
+        let event_line = line_of(text, spanned.span().start);
+        let e = spanned.into_inner();
+        if events.iter().any(|x: &EventRoute| x.event == e.on) {
+            errors.push(err(
+                Some(event_line),
+                format!("event `{}` is declared twice", e.on.name()),
+            ));
+            continue;
+        }
+        events.push(EventRoute {
+            event: e.on,
+            handler: e.handler,
+        });
+    }
+    if routes.is_empty() && events.is_empty() && errors.is_empty() {
+        errors.push(err(
+            None,
+            "the manifest declares no [[route]] and no [[event]]".into(),
+        ));
+    }
+    let limits = Limits {
+        timeout_ms: raw
+            .limits
+            .timeout_ms
+            .unwrap_or(Limits::default().timeout_ms),
+        memory_mb: raw.limits.memory_mb.unwrap_or(Limits::default().memory_mb),
+    };
+    if limits.timeout_ms == 0 || limits.timeout_ms > 60_000 {
+        errors.push(err(
+            None,
+            "[limits] timeout_ms must be between 1 and 60000".into(),
+        ));
+    }
+    if limits.memory_mb == 0 || limits.memory_mb > 4096 {
+        errors.push(err(
+            None,
+            "[limits] memory_mb must be between 1 and 4096".into(),
+        ));
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Manifest {
+        file: file.to_path_buf(),
+        id,
+        description: raw.plugin.description,
+        source: source.expect("checked above"),
+        routes,
+        events,
+        capabilities: Capabilities {
+            host: raw.capabilities.host.into_iter().collect(),
+            rooms: raw
+                .capabilities
+                .rooms
+                .into_iter()
+                .map(RoomPattern)
+                .collect(),
+        },
+        limits,
+        config: raw.config,
+    })
+}
+
+/// Reads and parses one manifest file.
+pub fn load(file: &Path) -> Result<Manifest, Vec<ManifestError>> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        vec![ManifestError {
+            file: file.to_path_buf(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        }]
+    })?;
+    parse(file, &text)
+}
+
+/// The manifest files (`*.toml`) of a directory, sorted by name.
+pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| ManifestError {
+        file: dir.to_path_buf(),
+        line: None,
+        message: format!("cannot read the manifests directory: {e}"),
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Checks what no single manifest can see: duplicate plugin ids and routes claimed twice.
+pub fn check_set<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> Vec<ManifestError> {
+    let mut errors = Vec::new();
+    let mut ids: HashMap<&str, &Path> = HashMap::new();
+    let mut types: HashMap<&str, (&Path, usize)> = HashMap::new();
+    for m in manifests {
+        if let Some(other) = ids.insert(&m.id, &m.file) {
+            errors.push(ManifestError {
+                file: m.file.clone(),
+                line: None,
+                message: format!("plugin id `{}` is also used by {}", m.id, other.display()),
+            });
+        }
+        for r in &m.routes {
+            if let Some((other, other_line)) = types.insert(&r.ty, (&m.file, r.line)) {
+                errors.push(ManifestError {
+                    file: m.file.clone(),
+                    line: Some(r.line),
+                    message: format!(
+                        "route `{}` is also routed by {}:{} (two plugins cannot route the same type)",
+                        r.ty,
+                        other.display(),
+                        other_line
+                    ),
+                });
+            }
+        }
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+manifest_version = 1
+[plugin]
+id = "chat"
+[source]
+wasm = "chat.wasm"
+[[route]]
+type = "chat.send"
+handler = "send"
+[[event]]
+on = "room.joined"
+handler = "joined"
+[capabilities]
+host = ["messaging", "kv"]
+rooms = ["lobby", "game:*"]
+[limits]
+timeout_ms = 50
+[config]
+k = "v"
+"#;
+
+    #[test]
+    fn parses_a_good_manifest() {
+        let m = parse(Path::new("m/chat.toml"), GOOD).unwrap();
+        assert_eq!(m.id, "chat");
+        assert_eq!(m.routes[0].ty, "chat.send");
+        assert_eq!(m.routes[0].line, 7);
+        assert_eq!(m.events[0].event, HostEvent::RoomJoined);
+        assert!(m.capabilities.allows_room("game:42"));
+        assert!(!m.capabilities.allows_room("gam"));
+        assert_eq!(
+            m.limits,
+            Limits {
+                timeout_ms: 50,
+                memory_mb: 16
+            }
+        );
+        assert_eq!(
+            m.source,
+            Source::Wasm {
+                path: PathBuf::from("m/chat.wasm"),
+                build: None
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_fields_name_the_line() {
+        let text = GOOD.replace("handler = \"send\"", "handler = \"send\"\nmethod = \"x\"");
+        let errs = parse(Path::new("chat.toml"), &text).unwrap_err();
+        assert_eq!(errs[0].line, Some(9), "{errs:?}");
+        assert!(
+            errs[0].message.contains("unknown field `method`"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn duplicate_routes_across_manifests_name_both() {
+        let a = parse(Path::new("a.toml"), GOOD).unwrap();
+        let mut b = parse(Path::new("b.toml"), GOOD).unwrap();
+        b.id = "other".into();
+        let errs = check_set([&a, &b]);
+        assert_eq!(errs.len(), 1);
+        assert_eq!(
+            errs[0].to_string(),
+            "b.toml:7: route `chat.send` is also routed by a.toml:7 (two plugins cannot route the same type)"
+        );
+    }
+
+    #[test]
+    fn reserved_types_are_refused() {
+        let text = GOOD.replace("type = \"chat.send\"", "type = \"sys.join\"");
+        let errs = parse(Path::new("c.toml"), &text).unwrap_err();
+        assert!(errs[0].message.contains("reserved"), "{errs:?}");
+    }
+}

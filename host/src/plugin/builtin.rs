@@ -1,0 +1,64 @@
+//! Handlers compiled into the host: the native twin of the `echo` plugin, used to measure what
+//! the WASM boundary costs and as a reference for plugin behaviour.
+
+use std::sync::Arc;
+
+use super::{CallInput, CallOutput, PluginEnv};
+use crate::effects::Effect;
+use crate::error::CallError;
+use crate::manifest::{Builtin, HostCap};
+
+/// A builtin plugin bound to its manifest's environment.
+#[derive(Debug)]
+pub struct BuiltinPlugin {
+    kind: Builtin,
+    env: Arc<PluginEnv>,
+}
+
+impl BuiltinPlugin {
+    pub fn new(kind: Builtin, env: Arc<PluginEnv>) -> BuiltinPlugin {
+        BuiltinPlugin { kind, env }
+    }
+
+    pub fn call(&self, input: &CallInput<'_>) -> Result<CallOutput, (CallError, CallOutput)> {
+        let refuse = |code: &str, message: String| {
+            Err((
+                CallError::Refused {
+                    code: code.into(),
+                    message,
+                },
+                CallOutput::default(),
+            ))
+        };
+        if !self.env.capabilities.host.contains(&HostCap::Messaging) {
+            return refuse("forbidden", "capability `messaging` not granted".into());
+        }
+        match (self.kind, input.handler) {
+            (Builtin::Echo, "echo") => Ok(CallOutput {
+                effects: vec![Effect::Reply {
+                    ty: "echo".into(),
+                    payload: input.payload.into(),
+                }],
+                ..CallOutput::default()
+            }),
+            (Builtin::Echo, "broadcast") => {
+                let Some(room) = input.room else {
+                    return refuse("room_required", "broadcast needs a room".into());
+                };
+                if !self.env.capabilities.allows_room(room) {
+                    return refuse("forbidden", format!("room `{room}` not granted"));
+                }
+                Ok(CallOutput {
+                    effects: vec![Effect::Broadcast {
+                        room: room.into(),
+                        ty: "echo.broadcast".into(),
+                        payload: input.payload.into(),
+                        include_sender: false,
+                    }],
+                    ..CallOutput::default()
+                })
+            }
+            (_, other) => refuse("unknown_handler", format!("no handler `{other}`")),
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Plugin code and calls into it: a loaded plugin version is either a WASM component
+//! ([`wasm`]) or a handler compiled into the host ([`builtin`]). A call takes a message and
+//! returns the effects it recorded; it never touches sockets, rooms or the store itself.
+
+pub mod builtin;
+pub mod wasm;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::effects::{Effect, LogLevel};
+use crate::error::CallError;
+use crate::manifest::{Capabilities, Limits, Manifest};
+use crate::rooms::Rooms;
+
+/// One message handed to a plugin.
+#[derive(Debug, Clone, Copy)]
+pub struct CallInput<'a> {
+    pub handler: &'a str,
+    pub ty: &'a str,
+    pub room: Option<&'a str>,
+    /// JSON text.
+    pub payload: &'a str,
+    /// The origin's identity.
+    pub sender: &'a str,
+    pub connection_id: &'a str,
+    pub message_id: Option<&'a str>,
+    /// JSON text of an object.
+    pub metadata: Option<&'a str>,
+}
+
+/// What a call produced.
+#[derive(Debug, Default)]
+pub struct CallOutput {
+    pub effects: Vec<Effect>,
+    /// JSON text of an object to merge into the ack.
+    pub ack: Option<String>,
+    /// Log lines, emitted whether or not the call succeeded.
+    pub logs: Vec<(LogLevel, String)>,
+}
+
+/// A plugin's key-value store; shared by all versions of the plugin.
+pub type KvStore = Arc<DashMap<String, String>>;
+
+/// What every call of a plugin version may read.
+#[derive(Debug)]
+pub struct PluginEnv {
+    pub id: String,
+    pub capabilities: Capabilities,
+    pub limits: Limits,
+    pub config: BTreeMap<String, String>,
+    pub kv: KvStore,
+    pub rooms: Arc<Rooms>,
+}
+
+impl PluginEnv {
+    pub fn new(manifest: &Manifest, kv: KvStore, rooms: Arc<Rooms>) -> PluginEnv {
+        PluginEnv {
+            id: manifest.id.clone(),
+            capabilities: manifest.capabilities.clone(),
+            limits: manifest.limits,
+            config: manifest.config.clone(),
+            kv,
+            rooms,
+        }
+    }
+}
+
+/// The code of one plugin version.
+pub enum Code {
+    Wasm(wasm::WasmPlugin),
+    Builtin(builtin::BuiltinPlugin),
+}
+
+impl std::fmt::Debug for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Code::Wasm(_) => f.write_str("Code::Wasm"),
+            Code::Builtin(b) => write!(f, "Code::Builtin({b:?})"),
+        }
+    }
+}
+
+impl Code {
+    /// Runs one handler. Effects are returned, not applied.
+    pub fn call(&self, input: &CallInput<'_>) -> Result<CallOutput, (CallError, CallOutput)> {
+        match self {
+            Code::Wasm(p) => p.call(input),
+            Code::Builtin(b) => b.call(input),
+        }
+    }
+}

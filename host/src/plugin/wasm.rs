@@ -1,0 +1,503 @@
+//! WASM component plugins on wasmtime: the engine and its epoch ticker, capability-gated
+//! linking, a pool of reusable instances per plugin version, and the host functions, which only
+//! record effects.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::{CallInput, CallOutput, PluginEnv};
+use crate::effects::{Effect, LogLevel, MAX_EFFECTS_PER_CALL};
+use crate::error::CallError;
+use crate::manifest::HostCap;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../plugin-sdk/wit",
+        world: "plugin",
+    });
+}
+
+use bindings::plexus::plugin::{config, kv, logging, messaging, rooms, types};
+
+/// How often the epoch advances; call deadlines are counted in these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(2);
+/// Instances kept warm per plugin version.
+const POOL_MAX: usize = 16;
+/// An instance whose linear memory grew past this share of its limit is not reused.
+const RECYCLE_MEMORY_SHARE: f64 = 0.5;
+
+/// The wasmtime engine shared by all plugins of a host, with its epoch ticker.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    ticker: Arc<Ticker>,
+}
+
+struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    pub fn new() -> anyhow::Result<Runtime> {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.concurrency_support(false);
+        let engine = Engine::new(&config).map_err(wasm_err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (weak_engine, thread_stop) = (engine.weak(), stop.clone());
+        std::thread::Builder::new()
+            .name("plexus-epoch".into())
+            .spawn(move || {
+                while !thread_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak_engine.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })?;
+        Ok(Runtime {
+            engine,
+            ticker: Arc::new(Ticker { stop }),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles a component (slow: run it off the hot path).
+    pub fn compile(&self, bytes: &[u8]) -> anyhow::Result<Component> {
+        let _keep = &self.ticker;
+        Component::from_binary(&self.engine, bytes).map_err(wasm_err)
+    }
+}
+
+/// Converts wasmtime's error type, keeping its whole chain of causes.
+fn wasm_err(e: wasmtime::Error) -> anyhow::Error {
+    anyhow::Error::msg(format!("{e:#}"))
+}
+
+/// The host interfaces of the `plexus:plugin` package and the capability each needs.
+fn capability_of(import: &str) -> Option<HostCap> {
+    let name = import.strip_prefix("plexus:plugin/")?;
+    let name = name.split('@').next()?;
+    HostCap::ALL.into_iter().find(|c| c.name() == name)
+}
+
+/// Why a component was refused at load.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("imports `{import}`, which needs capability `{cap}`; grant it in [capabilities] host")]
+    NotGranted { import: String, cap: &'static str },
+    #[error("imports `{0}`, which this host does not provide")]
+    UnknownImport(String),
+    #[error("is not a Plexus plugin: {0}")]
+    NotAPlugin(String),
+}
+
+/// Store data of one plugin instance.
+pub struct PluginState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: MemoryLimiter,
+    env: Arc<PluginEnv>,
+    /// The origin of the current call.
+    origin_connection: String,
+    effects: Vec<Effect>,
+    logs: Vec<(LogLevel, String)>,
+    overflow: bool,
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl PluginState {
+    fn record(&mut self, effect: Effect) {
+        if self.effects.len() >= MAX_EFFECTS_PER_CALL {
+            self.overflow = true;
+        } else {
+            self.effects.push(effect);
+        }
+    }
+
+    fn check_room(&self, room: &str) -> Result<(), String> {
+        if self.env.capabilities.allows_room(room) {
+            Ok(())
+        } else {
+            Err(format!(
+                "room `{room}` is not granted to plugin `{}`",
+                self.env.id
+            ))
+        }
+    }
+}
+
+impl types::Host for PluginState {}
+
+impl messaging::Host for PluginState {
+    fn reply(&mut self, ty: String, payload: String) {
+        self.record(Effect::Reply { ty, payload });
+    }
+
+    fn send(&mut self, to: String, ty: String, payload: String) {
+        self.record(Effect::Send { to, ty, payload });
+    }
+
+    fn broadcast(
+        &mut self,
+        room: String,
+        ty: String,
+        payload: String,
+        include_sender: bool,
+    ) -> Result<(), String> {
+        self.check_room(&room)?;
+        self.record(Effect::Broadcast {
+            room,
+            ty,
+            payload,
+            include_sender,
+        });
+        Ok(())
+    }
+}
+
+impl rooms::Host for PluginState {
+    fn join(&mut self, room: String) -> Result<(), String> {
+        self.check_room(&room)?;
+        self.record(Effect::Join { room });
+        Ok(())
+    }
+
+    fn leave(&mut self, room: String) -> Result<(), String> {
+        self.check_room(&room)?;
+        self.record(Effect::Leave { room });
+        Ok(())
+    }
+
+    fn members(&mut self, room: String) -> Result<Vec<types::Member>, String> {
+        self.check_room(&room)?;
+        Ok(self
+            .env
+            .rooms
+            .members(&room)
+            .into_iter()
+            .map(|m| types::Member {
+                connection_id: m.connection_id.to_string(),
+                identity: m.identity.to_string(),
+            })
+            .collect())
+    }
+}
+
+impl kv::Host for PluginState {
+    fn get(&mut self, key: String) -> Option<String> {
+        // Read this call's own writes first.
+        for effect in self.effects.iter().rev() {
+            match effect {
+                Effect::KvSet { key: k, value } if *k == key => return Some(value.clone()),
+                Effect::KvDelete { key: k } if *k == key => return None,
+                _ => {}
+            }
+        }
+        self.env.kv.get(&key).map(|v| v.clone())
+    }
+
+    fn set(&mut self, key: String, value: String) {
+        self.record(Effect::KvSet { key, value });
+    }
+
+    fn delete(&mut self, key: String) {
+        self.record(Effect::KvDelete { key });
+    }
+}
+
+impl logging::Host for PluginState {
+    fn log(&mut self, level: types::LogLevel, message: String) {
+        let level = match level {
+            types::LogLevel::Trace => LogLevel::Trace,
+            types::LogLevel::Debug => LogLevel::Debug,
+            types::LogLevel::Info => LogLevel::Info,
+            types::LogLevel::Warn => LogLevel::Warn,
+            types::LogLevel::Error => LogLevel::Error,
+        };
+        if self.logs.len() < MAX_EFFECTS_PER_CALL {
+            self.logs.push((level, message));
+        }
+    }
+}
+
+impl config::Host for PluginState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.env.config.get(&key).cloned()
+    }
+}
+
+/// A ready instance with its store.
+struct Warm {
+    store: Store<PluginState>,
+    bindings: bindings::Plugin,
+}
+
+/// One version of a WASM plugin: its pre-linked component and a pool of warm instances.
+pub struct WasmPlugin {
+    pre: bindings::PluginPre<PluginState>,
+    env: Arc<PluginEnv>,
+    engine: Engine,
+    pool: Mutex<Vec<Warm>>,
+    /// Reuse instances (the default); when false every call gets a fresh store.
+    reuse: bool,
+}
+
+impl WasmPlugin {
+    /// Links `component` with the host interfaces its manifest grants and checks that it is a
+    /// Plexus plugin. Instantiates once to prove it.
+    pub fn new(
+        runtime: &Runtime,
+        component: &Component,
+        env: Arc<PluginEnv>,
+    ) -> Result<WasmPlugin, LoadError> {
+        let engine = runtime.engine().clone();
+        for (name, _) in component.component_type().imports(&engine) {
+            if name.starts_with("wasi:") {
+                continue;
+            }
+            if name.starts_with("plexus:plugin/types") {
+                continue;
+            }
+            match capability_of(name) {
+                Some(cap) if env.capabilities.host.contains(&cap) => {}
+                Some(cap) => {
+                    return Err(LoadError::NotGranted {
+                        import: name.to_owned(),
+                        cap: cap.name(),
+                    });
+                }
+                None => return Err(LoadError::UnknownImport(name.to_owned())),
+            }
+        }
+        let mut linker: Linker<PluginState> = Linker::new(&engine);
+        let not_a_plugin = |e: wasmtime::Error| LoadError::NotAPlugin(format!("{e:#}"));
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(not_a_plugin)?;
+        types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
+        let caps = &env.capabilities.host;
+        if caps.contains(&HostCap::Messaging) {
+            messaging::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
+        }
+        if caps.contains(&HostCap::Rooms) {
+            rooms::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
+        }
+        if caps.contains(&HostCap::Kv) {
+            kv::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
+        }
+        if caps.contains(&HostCap::Logging) {
+            logging::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
+        }
+        if caps.contains(&HostCap::Config) {
+            config::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
+        }
+        let instance_pre: InstancePre<PluginState> =
+            linker.instantiate_pre(component).map_err(not_a_plugin)?;
+        let pre = bindings::PluginPre::new(instance_pre).map_err(not_a_plugin)?;
+        let plugin = WasmPlugin {
+            pre,
+            env,
+            engine,
+            pool: Mutex::new(Vec::new()),
+            reuse: true,
+        };
+        let warm = plugin
+            .instantiate()
+            .map_err(|e| LoadError::NotAPlugin(e.to_string()))?;
+        plugin.release(warm);
+        Ok(plugin)
+    }
+
+    /// Makes every call use a fresh store (for measuring; slower).
+    pub fn set_reuse_instances(&mut self, reuse: bool) {
+        self.reuse = reuse;
+    }
+
+    fn instantiate(&self) -> Result<Warm, CallError> {
+        let limits = MemoryLimiter {
+            max: usize::try_from(self.env.limits.memory_mb << 20).unwrap_or(usize::MAX),
+            used: 0,
+        };
+        let state = PluginState {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limits,
+            env: self.env.clone(),
+            origin_connection: String::new(),
+            effects: Vec::new(),
+            logs: Vec::new(),
+            overflow: false,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks());
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| CallError::Instantiate {
+                plugin: self.env.id.clone(),
+                reason: format!("{e:#}"),
+            })?;
+        Ok(Warm { store, bindings })
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        self.env
+            .limits
+            .timeout_ms
+            .div_ceil(EPOCH_TICK.as_millis() as u64)
+            + 1
+    }
+
+    fn acquire(&self) -> Result<Warm, CallError> {
+        if self.reuse
+            && let Some(warm) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        {
+            return Ok(warm);
+        }
+        self.instantiate()
+    }
+
+    fn release(&self, warm: Warm) {
+        if !self.reuse {
+            return;
+        }
+        let limit = (self.env.limits.memory_mb << 20) as f64;
+        let grown = warm.store.data().limits.used as f64 > limit * RECYCLE_MEMORY_SHARE;
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if !grown && pool.len() < POOL_MAX {
+            pool.push(warm);
+        }
+    }
+
+    /// Calls a handler. A trap drops the instance (a trapped component cannot be re-entered).
+    pub fn call(&self, input: &CallInput<'_>) -> Result<CallOutput, (CallError, CallOutput)> {
+        let mut warm = self.acquire().map_err(|e| (e, CallOutput::default()))?;
+        let msg = types::Message {
+            type_: input.ty.to_owned(),
+            room: input.room.map(str::to_owned),
+            payload: input.payload.to_owned(),
+            sender: input.sender.to_owned(),
+            connection_id: input.connection_id.to_owned(),
+            message_id: input.message_id.map(str::to_owned),
+            metadata: input.metadata.map(str::to_owned),
+        };
+        {
+            let state = warm.store.data_mut();
+            state.origin_connection.clear();
+            state.origin_connection.push_str(input.connection_id);
+            state.effects.clear();
+            state.logs.clear();
+            state.overflow = false;
+        }
+        warm.store.set_epoch_deadline(self.deadline_ticks());
+        let result = warm
+            .bindings
+            .call_handle(&mut warm.store, input.handler, &msg);
+        let state = warm.store.data_mut();
+        let mut output = CallOutput {
+            effects: std::mem::take(&mut state.effects),
+            ack: None,
+            logs: std::mem::take(&mut state.logs),
+        };
+        let overflow = state.overflow;
+        match result {
+            Ok(Ok(ack)) => {
+                self.release(warm);
+                if overflow {
+                    return Err((
+                        CallError::BadEffect {
+                            plugin: self.env.id.clone(),
+                            reason: format!("more than {MAX_EFFECTS_PER_CALL} effects in one call"),
+                        },
+                        output,
+                    ));
+                }
+                output.ack = ack;
+                Ok(output)
+            }
+            Ok(Err(e)) => {
+                self.release(warm);
+                Err((
+                    CallError::Refused {
+                        code: e.code,
+                        message: e.message,
+                    },
+                    output,
+                ))
+            }
+            Err(trap) => {
+                let timed_out = matches!(
+                    trap.downcast_ref::<wasmtime::Trap>(),
+                    Some(wasmtime::Trap::Interrupt)
+                );
+                let err = if timed_out {
+                    CallError::Timeout {
+                        plugin: self.env.id.clone(),
+                        timeout_ms: self.env.limits.timeout_ms,
+                    }
+                } else {
+                    CallError::Trap {
+                        plugin: self.env.id.clone(),
+                        reason: format!("{trap:#}"),
+                    }
+                };
+                Err((err, output))
+            }
+        }
+    }
+}
+
+/// Enforces a plugin's memory limit and remembers how large its memory grew.
+struct MemoryLimiter {
+    max: usize,
+    used: usize,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max {
+            return Ok(false);
+        }
+        self.used = self.used.max(desired);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}

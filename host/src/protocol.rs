@@ -1,0 +1,379 @@
+//! The wire protocol v1: decoding client envelopes and encoding host frames. The only module
+//! that reads or writes the wire format (see `docs/protocol.md`).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::error::ErrorCode;
+
+/// The protocol version this host speaks.
+pub const PROTOCOL_VERSION: &str = "1.0";
+/// The major part of [`PROTOCOL_VERSION`].
+pub const PROTOCOL_MAJOR: u32 = 1;
+
+/// A host frame, serialized once; cloning shares the bytes.
+pub type Frame = Utf8Bytes;
+
+/// A decoded client envelope. Strings borrow from the frame when they need no unescaping.
+#[derive(Debug)]
+pub struct Inbound<'a> {
+    pub ty: std::borrow::Cow<'a, str>,
+    pub message_id: Option<String>,
+    pub room: Option<std::borrow::Cow<'a, str>>,
+    /// The payload as JSON text; `null` when absent.
+    pub payload: &'a RawValue,
+    /// The metadata object as JSON text.
+    pub metadata: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Option<std::borrow::Cow<'a, str>>,
+    #[serde(rename = "messageId", borrow, default)]
+    message_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    room: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    version: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    metadata: Option<&'a RawValue>,
+}
+
+/// Why a client frame could not be decoded. Carries the `messageId` when one could be read.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DecodeError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub message_id: Option<String>,
+}
+
+const NULL_JSON: &str = "null";
+
+fn null_raw() -> &'static RawValue {
+    // A `&'static RawValue` for `null`, built once.
+    static NULL: std::sync::OnceLock<Box<RawValue>> = std::sync::OnceLock::new();
+    NULL.get_or_init(|| RawValue::from_string(NULL_JSON.to_owned()).expect("null is JSON"))
+}
+
+/// Decodes one client text frame.
+pub fn decode(text: &str) -> Result<Inbound<'_>, DecodeError> {
+    let wire: Wire<'_> = match serde_json::from_str(text) {
+        Ok(wire) => wire,
+        Err(err) => {
+            return Err(DecodeError {
+                code: ErrorCode::BadFrame,
+                message: describe_json_error(text, &err),
+                message_id: salvage_message_id(text),
+            });
+        }
+    };
+    let message_id = match wire.message_id.map(message_id_text).transpose() {
+        Ok(id) => id,
+        Err(message) => {
+            return Err(DecodeError {
+                code: ErrorCode::BadFrame,
+                message,
+                message_id: None,
+            });
+        }
+    };
+    let bad = |message: String| DecodeError {
+        code: ErrorCode::BadFrame,
+        message,
+        message_id: message_id.clone(),
+    };
+    let ty = match wire.ty {
+        Some(ty) if !ty.is_empty() => ty,
+        Some(_) => return Err(bad("`type` must not be empty".into())),
+        None => return Err(bad("missing field `type`".into())),
+    };
+    if let Some(version) = wire.version.as_deref() {
+        check_version(version).map_err(|message| DecodeError {
+            code: ErrorCode::UnsupportedVersion,
+            message,
+            message_id: message_id.clone(),
+        })?;
+    }
+    if let Some(meta) = wire.metadata
+        && !meta.get().trim_start().starts_with('{')
+        && meta.get().trim() != NULL_JSON
+    {
+        return Err(bad("`metadata` must be an object".into()));
+    }
+    let metadata = wire.metadata.filter(|m| m.get().trim() != NULL_JSON);
+    Ok(Inbound {
+        ty,
+        message_id,
+        room: wire.room,
+        payload: wire.payload.unwrap_or_else(|| null_raw()),
+        metadata,
+    })
+}
+
+fn message_id_text(raw: &RawValue) -> Result<String, String> {
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<String>(text).map_err(|e| e.to_string()),
+        Some(b'-' | b'0'..=b'9') => Ok(text.to_owned()),
+        _ => Err("`messageId` must be a string or a number".into()),
+    }
+}
+
+/// Reads `messageId` from a frame that failed strict decoding, so the error can refer to it.
+fn salvage_message_id(text: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    match value.get("messageId")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn describe_json_error(text: &str, err: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    match err.classify() {
+        Category::Syntax | Category::Eof => format!("frame is not valid JSON: {err}"),
+        Category::Data if !text.trim_start().starts_with('{') => {
+            "frame must be a JSON object".to_owned()
+        }
+        _ => format!("malformed envelope: {err}"),
+    }
+}
+
+fn check_version(version: &str) -> Result<(), String> {
+    let major = version
+        .split_once('.')
+        .map_or(version, |(major, _)| major)
+        .parse::<u32>()
+        .map_err(|_| format!("`version` must look like MAJOR.MINOR, got `{version}`"))?;
+    if major > PROTOCOL_MAJOR {
+        return Err(format!(
+            "protocol version {version} is newer than this host's {PROTOCOL_VERSION}"
+        ));
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A host frame under construction. `payload` must be valid JSON text.
+#[derive(Debug, Clone, Copy)]
+pub struct Outbound<'a> {
+    pub ty: &'a str,
+    pub room: Option<&'a str>,
+    pub payload: &'a str,
+    pub sender: Option<&'a str>,
+}
+
+impl Outbound<'_> {
+    /// Serializes the frame, assigning it a fresh host `messageId` and a timestamp.
+    pub fn encode(&self) -> Frame {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let mut out = String::with_capacity(
+            64 + self.ty.len()
+                + self.payload.len()
+                + self.room.map_or(0, str::len)
+                + self.sender.map_or(0, str::len),
+        );
+        out.push_str("{\"type\":");
+        push_json_str(&mut out, self.ty);
+        let _ = write!(out, ",\"messageId\":\"h-{id}\"");
+        if let Some(room) = self.room {
+            out.push_str(",\"room\":");
+            push_json_str(&mut out, room);
+        }
+        out.push_str(",\"payload\":");
+        out.push_str(self.payload);
+        if let Some(sender) = self.sender {
+            out.push_str(",\"sender\":");
+            push_json_str(&mut out, sender);
+        }
+        let _ = write!(out, ",\"timestamp\":{}}}", now_ms());
+        Utf8Bytes::from(out)
+    }
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        // serde_json's string escaping cannot fail for a `str`.
+        out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+    }
+}
+
+/// Serializes a value as JSON text (for payloads the host builds itself).
+pub fn json(value: &serde_json::Value) -> String {
+    value.to_string()
+}
+
+/// A host-originated frame (no sender) with a payload built from a JSON value.
+pub fn host_frame(ty: &str, room: Option<&str>, payload: &serde_json::Value) -> Frame {
+    Outbound {
+        ty,
+        room,
+        payload: &json(payload),
+        sender: None,
+    }
+    .encode()
+}
+
+/// `sys.ack` for `message_id`, with `extra` (a JSON object's text, if any) merged in.
+pub fn ack(message_id: &str, extra: Option<&str>) -> Frame {
+    let mut payload = String::with_capacity(16 + message_id.len());
+    payload.push_str("{\"ref\":");
+    push_json_str(&mut payload, message_id);
+    if let Some(extra) = extra.map(str::trim)
+        && extra.len() > 2
+        && extra.starts_with('{')
+    {
+        payload.push(',');
+        payload.push_str(&extra[1..]);
+    } else {
+        payload.push('}');
+    }
+    Outbound {
+        ty: "sys.ack",
+        room: None,
+        payload: &payload,
+        sender: None,
+    }
+    .encode()
+}
+
+/// `sys.error` with a stable code, a message, and the `messageId` it refers to.
+pub fn error(message_id: Option<&str>, code: &str, message: &str) -> Frame {
+    let mut payload = String::with_capacity(48 + message.len());
+    payload.push('{');
+    if let Some(id) = message_id {
+        payload.push_str("\"ref\":");
+        push_json_str(&mut payload, id);
+        payload.push(',');
+    }
+    payload.push_str("\"code\":");
+    push_json_str(&mut payload, code);
+    payload.push_str(",\"message\":");
+    push_json_str(&mut payload, message);
+    payload.push('}');
+    Outbound {
+        ty: "sys.error",
+        room: None,
+        payload: &payload,
+        sender: None,
+    }
+    .encode()
+}
+
+/// Checks that `text` is one valid JSON value (for payloads coming from plugins).
+pub fn validate_json(text: &str) -> Result<(), String> {
+    serde_json::from_str::<&RawValue>(text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Reads the `room` of a `sys.join`/`sys.leave` payload (`{"room": "..."}`).
+pub fn payload_room(payload: &RawValue) -> Option<String> {
+    #[derive(Deserialize)]
+    struct RoomPayload {
+        room: Option<String>,
+    }
+    serde_json::from_str::<RoomPayload>(payload.get())
+        .ok()?
+        .room
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_minimal_envelope() {
+        let m = decode(r#"{"type":"echo"}"#).unwrap();
+        assert_eq!(m.ty, "echo");
+        assert_eq!(m.payload.get(), "null");
+        assert!(m.message_id.is_none());
+    }
+
+    #[test]
+    fn decodes_full_envelope_and_ignores_unknown_fields() {
+        let m = decode(
+            r#"{"type":"chat.send","messageId":7,"room":"lobby","payload":{"text":"hi"},"version":"1.3","metadata":{"a":1},"future":true}"#,
+        )
+        .unwrap();
+        assert_eq!(m.message_id.as_deref(), Some("7"));
+        assert_eq!(m.room.as_deref(), Some("lobby"));
+        assert_eq!(m.payload.get(), r#"{"text":"hi"}"#);
+        assert_eq!(m.metadata.unwrap().get(), r#"{"a":1}"#);
+    }
+
+    #[test]
+    fn bad_frames() {
+        for (text, code) in [
+            ("not json", ErrorCode::BadFrame),
+            ("[1,2]", ErrorCode::BadFrame),
+            (r#"{"payload":1}"#, ErrorCode::BadFrame),
+            (r#"{"type":5}"#, ErrorCode::BadFrame),
+            (r#"{"type":""}"#, ErrorCode::BadFrame),
+            (
+                r#"{"type":"x","version":"2.0"}"#,
+                ErrorCode::UnsupportedVersion,
+            ),
+            (r#"{"type":"x","metadata":3}"#, ErrorCode::BadFrame),
+        ] {
+            assert_eq!(decode(text).unwrap_err().code, code, "{text}");
+        }
+    }
+
+    #[test]
+    fn keeps_message_id_of_bad_frames() {
+        let err = decode(r#"{"messageId":"m1","type":5}"#).unwrap_err();
+        assert_eq!(err.message_id.as_deref(), Some("m1"));
+        let err = decode(r#"{"messageId":"m2"}"#).unwrap_err();
+        assert_eq!(err.message_id.as_deref(), Some("m2"));
+    }
+
+    #[test]
+    fn encodes_valid_json() {
+        let f = Outbound {
+            ty: "t\"x",
+            room: Some("r\n"),
+            payload: "[1]",
+            sender: Some("s"),
+        }
+        .encode();
+        let v: serde_json::Value = serde_json::from_str(&f).unwrap();
+        assert_eq!(v["type"], "t\"x");
+        assert_eq!(v["room"], "r\n");
+        assert_eq!(v["payload"], serde_json::json!([1]));
+        assert!(v["messageId"].as_str().unwrap().starts_with("h-"));
+        let a = ack("m\"1", Some(r#"{"members":[]}"#));
+        let v: serde_json::Value = serde_json::from_str(&a).unwrap();
+        assert_eq!(
+            v["payload"],
+            serde_json::json!({"ref": "m\"1", "members": []})
+        );
+        let e = error(None, "bad_frame", "no");
+        let v: serde_json::Value = serde_json::from_str(&e).unwrap();
+        assert_eq!(
+            v["payload"],
+            serde_json::json!({"code": "bad_frame", "message": "no"})
+        );
+    }
+}

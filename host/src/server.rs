@@ -1,0 +1,304 @@
+//! The HTTP front: the accept loop, `GET /healthz`, the WebSocket upgrade at `GET /ws`, and
+//! graceful shutdown (stop accepting, let in-flight calls finish, close sockets with 1001).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::task::TaskTracker;
+
+use crate::connection;
+use crate::manifest::ManifestError;
+use crate::plugin::wasm::Runtime;
+use crate::registry::{LoadOptions, Registry, ReloadEvent};
+use crate::rooms::Rooms;
+use crate::router::{HostLimits, Hub};
+use crate::session::Sessions;
+use crate::watch::{self as watcher, WatchMode};
+
+/// How a host is configured.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub manifests: PathBuf,
+    /// Build plugins whose artifacts are missing or stale.
+    pub build: bool,
+    pub watch: WatchMode,
+    pub limits: HostLimits,
+    /// Bytes tungstenite reads at a time per connection (its default, 128 KiB, costs that
+    /// much memory per idle connection).
+    pub read_buffer_bytes: usize,
+}
+
+impl Config {
+    /// A host on `127.0.0.1:8080` serving the manifests in `manifests`.
+    pub fn new(manifests: impl Into<PathBuf>) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            manifests: manifests.into(),
+            build: true,
+            watch: WatchMode::Artifacts,
+            limits: HostLimits::default(),
+            read_buffer_bytes: 4096,
+        }
+    }
+}
+
+/// Why a host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Manifests(Vec<ManifestError>),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// A running host.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    hub: Arc<Hub>,
+    shutdown: watch::Sender<bool>,
+    tracker: TaskTracker,
+    accept: JoinHandle<()>,
+    watcher: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Loads the plugins, binds, and starts serving.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let runtime = Runtime::new().context("starting the WASM runtime")?;
+        let rooms = Arc::new(Rooms::default());
+        let registry = Registry::load(
+            &config.manifests,
+            runtime,
+            rooms.clone(),
+            LoadOptions {
+                build: config.build,
+            },
+        )
+        .await
+        .map_err(StartError::Manifests)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr().context("reading the bound address")?;
+        let hub = Arc::new(Hub {
+            sessions: Sessions::default(),
+            rooms,
+            registry,
+            limits: config.limits,
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let tracker = TaskTracker::new();
+        let mut ws_config = WebSocketConfig::default();
+        ws_config.read_buffer_size = config.read_buffer_bytes;
+        ws_config.write_buffer_size = 0;
+        ws_config.max_message_size = Some(config.limits.max_message_bytes.saturating_mul(4));
+        ws_config.max_frame_size = Some(config.limits.max_message_bytes.saturating_mul(4));
+        let ctx = Arc::new(Ctx {
+            hub: hub.clone(),
+            shutdown: shutdown_rx.clone(),
+            tracker: tracker.clone(),
+            ws_config,
+        });
+        let accept = tokio::spawn(accept_loop(listener, ctx, shutdown_rx.clone()));
+        let watcher = match config.watch {
+            WatchMode::Off => None,
+            mode => {
+                Some(watcher::spawn(hub.clone(), mode, shutdown_rx).context("watching plugins")?)
+            }
+        };
+        tracing::info!(%addr, plugins = ?hub.registry.table().versions(), "plexus listening");
+        Ok(Server {
+            addr,
+            hub,
+            shutdown,
+            tracker,
+            accept,
+            watcher,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Reload outcomes (swaps and rejections) as they happen.
+    pub fn subscribe_reloads(&self) -> broadcast::Receiver<ReloadEvent> {
+        self.hub.registry.subscribe()
+    }
+
+    /// Reloads the manifests directory now.
+    pub async fn reload(&self) -> Vec<ReloadEvent> {
+        self.hub.registry.reload().await
+    }
+
+    /// Stops accepting, lets in-flight plugin calls finish, closes sockets with 1001.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.accept.await;
+        if let Some(w) = self.watcher {
+            let _ = w.await;
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// Resolves once the host is shutting down.
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+struct Ctx {
+    hub: Arc<Hub>,
+    shutdown: watch::Receiver<bool>,
+    tracker: TaskTracker,
+    ws_config: WebSocketConfig,
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = crate::server::stopped(&mut shutdown) => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly, keep serving.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let mut stop = ctx.shutdown.clone();
+        ctx.tracker.clone().spawn(async move {
+            let service_ctx = ctx.clone();
+            let service = hyper::service::service_fn(move |req| handle(req, service_ctx.clone()));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::select! {
+                _ = conn => {}
+                _ = crate::server::stopped(&mut stop) => {}
+            }
+        });
+    }
+}
+
+fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<Ctx>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => healthz(&ctx.hub),
+        (&Method::GET, "/ws") => upgrade(req, ctx),
+        (_, "/healthz" | "/ws") => text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
+        _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
+    })
+}
+
+fn healthz(hub: &Hub) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({
+        "status": "ok",
+        "hostVersion": env!("CARGO_PKG_VERSION"),
+        "protocolVersion": crate::protocol::PROTOCOL_VERSION,
+        "connections": hub.sessions.len(),
+        "rooms": hub.rooms.len(),
+        "plugins": hub.registry.table().versions(),
+    });
+    let mut resp = text_response(StatusCode::OK, body.to_string());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Full<Bytes>> {
+    if !header_has(&req, header::CONNECTION, "upgrade")
+        || !header_has(&req, header::UPGRADE, "websocket")
+    {
+        return text_response(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket\n",
+        );
+    }
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v != "13")
+    {
+        return text_response(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Version must be 13\n",
+        );
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return text_response(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+    };
+    if *ctx.shutdown.borrow() {
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let task_ctx = ctx.clone();
+    ctx.tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!("upgrade failed: {e}");
+                return;
+            }
+        };
+        let ws = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(task_ctx.ws_config),
+        )
+        .await;
+        connection::serve(task_ctx.hub.clone(), ws, task_ctx.shutdown.clone()).await;
+    });
+    let mut resp = text_response(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+    let headers = resp.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    resp
+}

@@ -1,0 +1,82 @@
+//! The host calls behind [`Ctx`](crate::Ctx): the component's imports on `wasm32`, the
+//! thread-local mock of [`testing`](crate::testing) everywhere else.
+
+#[cfg(target_arch = "wasm32")]
+pub(crate) use wasm::*;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) use crate::testing::host::*;
+
+#[cfg(target_arch = "wasm32")]
+mod wasm {
+    use crate::bindings::plexus::plugin::types::LogLevel as WitLogLevel;
+    use crate::bindings::plexus::plugin::{config as wit_config, kv, logging, messaging, rooms};
+    use crate::{LogLevel, Member};
+
+    #[inline]
+    pub(crate) fn reply(ty: &str, payload: &str) {
+        messaging::reply(ty, payload);
+    }
+
+    #[inline]
+    pub(crate) fn send(connection_id: &str, ty: &str, payload: &str) {
+        messaging::send(connection_id, ty, payload);
+    }
+
+    #[inline]
+    pub(crate) fn broadcast(
+        room: &str,
+        ty: &str,
+        payload: &str,
+        include_sender: bool,
+    ) -> Result<(), String> {
+        messaging::broadcast(room, ty, payload, include_sender)
+    }
+
+    pub(crate) fn join(room: &str) -> Result<(), String> {
+        rooms::join(room)
+    }
+
+    pub(crate) fn leave(room: &str) -> Result<(), String> {
+        rooms::leave(room)
+    }
+
+    pub(crate) fn members(room: &str) -> Result<Vec<Member>, String> {
+        rooms::members(room).map(|members| {
+            members
+                .into_iter()
+                .map(|m| Member {
+                    connection_id: m.connection_id,
+                    identity: m.identity,
+                })
+                .collect()
+        })
+    }
+
+    pub(crate) fn kv_get(key: &str) -> Option<String> {
+        kv::get(key)
+    }
+
+    pub(crate) fn kv_set(key: &str, value: &str) {
+        kv::set(key, value);
+    }
+
+    pub(crate) fn kv_delete(key: &str) {
+        kv::delete(key);
+    }
+
+    pub(crate) fn config(key: &str) -> Option<String> {
+        wit_config::get(key)
+    }
+
+    pub(crate) fn log(level: LogLevel, message: &str) {
+        let level = match level {
+            LogLevel::Trace => WitLogLevel::Trace,
+            LogLevel::Debug => WitLogLevel::Debug,
+            LogLevel::Info => WitLogLevel::Info,
+            LogLevel::Warn => WitLogLevel::Warn,
+            LogLevel::Error => WitLogLevel::Error,
+        };
+        logging::log(level, message);
+    }
+}

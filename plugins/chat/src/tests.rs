@@ -1,0 +1,285 @@
+use plexus_plugin_sdk::RawMessage;
+use plexus_plugin_sdk::testing::{Effect, MockHost};
+use serde_json::{Value, json};
+
+use super::plexus_dispatch;
+
+fn say(
+    host: &MockHost,
+    conn: &str,
+    room: Option<&str>,
+    text: &str,
+) -> Result<Vec<Effect>, plexus_plugin_sdk::PluginError> {
+    let mut msg = RawMessage::json("chat.send", &json!({"text": text}))
+        .from_connection(conn, format!("guest-{conn}"));
+    if let Some(room) = room {
+        msg = msg.room(room);
+    }
+    host.call(plexus_dispatch, "send", msg)
+        .map(|(ack, effects)| {
+            assert_eq!(ack, None);
+            effects
+        })
+}
+
+fn broadcast(room: &str, ty: &str, payload: Value) -> Effect {
+    Effect::Broadcast {
+        room: room.into(),
+        ty: ty.into(),
+        payload,
+        include_sender: true,
+    }
+}
+
+fn reply(ty: &str, payload: Value) -> Effect {
+    Effect::Reply {
+        ty: ty.into(),
+        payload,
+    }
+}
+
+fn code(result: Result<Vec<Effect>, plexus_plugin_sdk::PluginError>) -> String {
+    result.unwrap_err().code
+}
+
+#[test]
+fn message_goes_to_the_whole_room() {
+    let host = MockHost::new();
+    assert_eq!(
+        say(&host, "c1", Some("lobby"), "hi there").unwrap(),
+        vec![broadcast(
+            "lobby",
+            "chat.message",
+            json!({"text": "hi there", "nick": "guest-c1", "room": "lobby", "identity": "guest-c1"})
+        )]
+    );
+}
+
+#[test]
+fn payload_errors() {
+    let host = MockHost::new();
+    assert_eq!(code(say(&host, "c1", None, "hi")), "room_required");
+    assert_eq!(code(say(&host, "c1", Some("r"), "")), "bad_payload");
+    assert_eq!(code(say(&host, "c1", Some("r"), "  \n")), "bad_payload");
+    let no_text = RawMessage::json("chat.send", &json!({"txt": "x"})).room("r");
+    assert_eq!(
+        host.call(plexus_dispatch, "send", no_text)
+            .unwrap_err()
+            .code,
+        "bad_payload"
+    );
+    let null = RawMessage::new("chat.send", "null").room("r");
+    assert_eq!(
+        host.call(plexus_dispatch, "send", null).unwrap_err().code,
+        "bad_payload"
+    );
+}
+
+#[test]
+fn max_text_length() {
+    let host = MockHost::new();
+    assert!(say(&host, "c1", Some("r"), &"é".repeat(2000)).is_ok());
+    assert_eq!(
+        code(say(&host, "c1", Some("r"), &"a".repeat(2001))),
+        "too_long"
+    );
+
+    let host = MockHost::new().with_config("max_text_length", "5");
+    assert!(say(&host, "c1", Some("r"), "12345").is_ok());
+    let err = say(&host, "c1", Some("r"), "123456").unwrap_err();
+    assert_eq!(err.code, "too_long");
+    assert!(err.message.contains('5'), "{}", err.message);
+
+    let host = MockHost::new().with_config("max_text_length", "lots");
+    assert_eq!(code(say(&host, "c1", Some("r"), "x")), "bad_config");
+}
+
+#[test]
+fn nick() {
+    let host = MockHost::new();
+    assert_eq!(
+        say(&host, "c1", Some("lobby"), "/nick ada").unwrap(),
+        vec![
+            reply("chat.nick", json!({"nick": "ada"})),
+            broadcast(
+                "lobby",
+                "chat.notice",
+                json!({"text": "guest-c1 is now ada", "room": "lobby"})
+            ),
+        ]
+    );
+    assert_eq!(host.kv_get("nick:c1").as_deref(), Some("ada"));
+    assert_eq!(
+        say(&host, "c1", Some("lobby"), "/NICK  grace ").unwrap()[1],
+        broadcast(
+            "lobby",
+            "chat.notice",
+            json!({"text": "ada is now grace", "room": "lobby"})
+        )
+    );
+    // Same nick again: no notice.
+    assert_eq!(
+        say(&host, "c1", Some("lobby"), "/nick grace").unwrap(),
+        vec![reply("chat.nick", json!({"nick": "grace"}))]
+    );
+    assert_eq!(
+        say(&host, "c1", Some("lobby"), "hello").unwrap(),
+        vec![broadcast(
+            "lobby",
+            "chat.message",
+            json!({"text": "hello", "nick": "grace", "room": "lobby", "identity": "guest-c1"})
+        )]
+    );
+    assert_eq!(
+        code(say(&host, "c1", Some("lobby"), "/nick")),
+        "bad_payload"
+    );
+    assert_eq!(
+        code(say(&host, "c1", Some("lobby"), "/nick two words")),
+        "bad_payload"
+    );
+    assert_eq!(
+        code(say(
+            &host,
+            "c1",
+            Some("lobby"),
+            &format!("/nick {}", "n".repeat(33))
+        )),
+        "bad_payload"
+    );
+    assert_eq!(host.kv_get("nick:c1").as_deref(), Some("grace"));
+}
+
+#[test]
+fn me() {
+    let host = MockHost::new();
+    assert_eq!(
+        say(&host, "c1", Some("r"), "/me waves").unwrap(),
+        vec![broadcast(
+            "r",
+            "chat.message",
+            json!({"text": "waves", "nick": "guest-c1", "room": "r", "identity": "guest-c1", "action": true})
+        )]
+    );
+    assert_eq!(code(say(&host, "c1", Some("r"), "/me ")), "bad_payload");
+}
+
+#[test]
+fn topic() {
+    let host = MockHost::new();
+    assert_eq!(
+        say(&host, "c1", Some("r"), "/topic").unwrap(),
+        vec![reply(
+            "chat.topic",
+            json!({"room": "r", "topic": null, "by": null})
+        )]
+    );
+    say(&host, "c1", Some("r"), "/nick ada").unwrap();
+    assert_eq!(
+        say(&host, "c1", Some("r"), "/topic Rust  and WASM").unwrap(),
+        vec![broadcast(
+            "r",
+            "chat.topic",
+            json!({"room": "r", "topic": "Rust  and WASM", "by": "ada"})
+        )]
+    );
+    assert_eq!(
+        say(&host, "c2", Some("r"), "/topic").unwrap(),
+        vec![reply(
+            "chat.topic",
+            json!({"room": "r", "topic": "Rust  and WASM", "by": "ada"})
+        )]
+    );
+    // Topics are per room.
+    assert_eq!(
+        say(&host, "c2", Some("other"), "/topic").unwrap(),
+        vec![reply(
+            "chat.topic",
+            json!({"room": "other", "topic": null, "by": null})
+        )]
+    );
+}
+
+#[test]
+fn who() {
+    let host = MockHost::new();
+    host.add_member("r", "c1", "guest-c1");
+    host.add_member("r", "c2", "guest-c2");
+    say(&host, "c2", Some("r"), "/nick bob").unwrap();
+    assert_eq!(
+        say(&host, "c1", Some("r"), "/who").unwrap(),
+        vec![reply(
+            "chat.who",
+            json!({"room": "r", "members": [
+                {"connectionId": "c1", "identity": "guest-c1", "nick": "guest-c1"},
+                {"connectionId": "c2", "identity": "guest-c2", "nick": "bob"},
+            ]})
+        )]
+    );
+}
+
+#[test]
+fn unknown_command_and_escape() {
+    let host = MockHost::new();
+    let err = say(&host, "c1", Some("r"), "/dance now").unwrap_err();
+    assert_eq!(err.code, "unknown_command");
+    assert!(err.message.contains("/dance"), "{}", err.message);
+    assert_eq!(code(say(&host, "c1", Some("r"), "/")), "unknown_command");
+    assert_eq!(
+        say(&host, "c1", Some("r"), "//dance").unwrap(),
+        vec![broadcast(
+            "r",
+            "chat.message",
+            json!({"text": "/dance", "nick": "guest-c1", "room": "r", "identity": "guest-c1"})
+        )]
+    );
+}
+
+#[test]
+fn forbidden_room() {
+    let host = MockHost::new();
+    host.forbid_room("vip");
+    assert_eq!(code(say(&host, "c1", Some("vip"), "hi")), "forbidden");
+    assert_eq!(code(say(&host, "c1", Some("vip"), "/who")), "forbidden");
+}
+
+#[test]
+fn joined_sends_the_topic() {
+    let host = MockHost::new();
+    let joined = || {
+        let msg = RawMessage::json(
+            "room.joined",
+            &json!({"room": "r", "connectionId": "c9", "identity": "guest-c9"}),
+        )
+        .room("r")
+        .from_connection("c9", "guest-c9");
+        host.call(plexus_dispatch, "joined", msg).unwrap().1
+    };
+    assert_eq!(joined(), vec![]);
+    say(&host, "c1", Some("r"), "/topic hello").unwrap();
+    assert_eq!(
+        joined(),
+        vec![reply(
+            "chat.topic",
+            json!({"room": "r", "topic": "hello", "by": "guest-c1"})
+        )]
+    );
+}
+
+#[test]
+fn left_forgets_the_nick_on_disconnect() {
+    let host = MockHost::new();
+    say(&host, "c1", Some("r"), "/nick ada").unwrap();
+    let left = |reason: &str| {
+        let payload =
+            json!({"room": "r", "connectionId": "c1", "identity": "guest-c1", "reason": reason});
+        let msg = RawMessage::json("room.left", &payload)
+            .room("r")
+            .from_connection("c1", "guest-c1");
+        host.call(plexus_dispatch, "left", msg).unwrap().1
+    };
+    assert_eq!(left("leave"), vec![]);
+    assert_eq!(host.kv_get("nick:c1").as_deref(), Some("ada"));
+    assert_eq!(left("disconnect"), vec![]);
+    assert_eq!(host.kv_get("nick:c1"), None);
+}

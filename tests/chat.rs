@@ -1,0 +1,306 @@
+//! The chat plugin (plugins/chat) through the host, with several real clients: joins and the
+//! host's room events, broadcasts, the commands, leaves and disconnects.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{Client, Host, assert_error, toml_str, wasm};
+
+/// The chat manifest, as `manifests/chat.toml` declares it, with an absolute component path.
+fn chat_manifest() -> String {
+    format!(
+        r#"manifest_version = 1
+
+[plugin]
+id = "chat"
+description = "Rooms chat with commands"
+
+[source]
+wasm = {wasm}
+
+[[route]]
+type = "chat.send"
+handler = "send"
+
+[[event]]
+on = "room.joined"
+handler = "joined"
+
+[[event]]
+on = "room.left"
+handler = "left"
+
+[capabilities]
+host = ["messaging", "rooms", "kv", "logging", "config"]
+rooms = ["*"]
+
+[config]
+max_text_length = "2000"
+"#,
+        wasm = toml_str(&wasm("chat").display().to_string())
+    )
+}
+
+async fn chat_host() -> Host {
+    Host::start(&[("chat.toml", chat_manifest())]).await
+}
+
+/// Joins `room`; returns the frames before the ack and the ack's members, as
+/// `(connectionId, identity)` pairs.
+async fn join(c: &mut Client, room: &str) -> (Vec<Value>, Vec<(String, String)>) {
+    let id = c.next_id();
+    let (before, ack) = c
+        .request(json!({"type": "sys.join", "messageId": id, "payload": {"room": room}}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    let members = ack["payload"]["members"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the join ack carries members: {ack}"))
+        .iter()
+        .map(|m| {
+            (
+                m["connectionId"].as_str().unwrap().to_owned(),
+                m["identity"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    (before, members)
+}
+
+fn member(c: &Client) -> (String, String) {
+    (c.connection_id.clone(), c.identity.clone())
+}
+
+/// Sends `chat.send` with `text` to `room`; returns the frames before the ack.
+async fn say(c: &mut Client, room: &str, text: &str) -> Vec<Value> {
+    let id = c.next_id();
+    let (before, ack) = c
+        .request(json!({
+            "type": "chat.send", "messageId": id, "room": room, "payload": {"text": text}
+        }))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "`{text}`: {ack}");
+    before
+}
+
+/// Asserts `frame` is a `chat.message` from `from` with `text` and `nick` in `room`.
+fn assert_message(frame: &Value, from: &Client, room: &str, text: &str, nick: &str) {
+    assert_eq!(frame["type"], "chat.message", "{frame}");
+    assert_eq!(frame["room"], room, "{frame}");
+    assert_eq!(frame["sender"], from.identity.as_str(), "{frame}");
+    assert_eq!(frame["payload"]["text"], text, "{frame}");
+    assert_eq!(frame["payload"]["nick"], nick, "{frame}");
+    assert_eq!(frame["payload"]["room"], room, "{frame}");
+}
+
+fn assert_room_event(frame: &Value, ty: &str, room: &str, who: &Client) {
+    assert_eq!(frame["type"], ty, "{frame}");
+    assert_eq!(frame["room"], room, "{frame}");
+    assert!(frame.get("sender").is_none(), "room events come from the host: {frame}");
+    assert_eq!(frame["payload"]["room"], room, "{frame}");
+    assert_eq!(frame["payload"]["connectionId"], who.connection_id.as_str(), "{frame}");
+    assert_eq!(frame["payload"]["identity"], who.identity.as_str(), "{frame}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_and_broadcasts() {
+    let host = chat_host().await;
+    let mut a = host.client().await;
+    let mut b = host.client().await;
+
+    let (before, members) = join(&mut a, "lobby").await;
+    assert!(before.is_empty(), "no topic yet: {before:?}");
+    assert_eq!(members, vec![member(&a)]);
+
+    let (before, mut members) = join(&mut b, "lobby").await;
+    assert!(before.is_empty(), "{before:?}");
+    members.sort();
+    let mut expected = vec![member(&a), member(&b)];
+    expected.sort();
+    assert_eq!(members, expected);
+    assert_room_event(&a.recv().await, "room.joined", "lobby", &b);
+
+    // Broadcast to the whole room, the sender included (before its ack).
+    let before = say(&mut a, "lobby", "hello").await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    let a_nick = a.identity.clone();
+    assert_message(&before[0], &a, "lobby", "hello", &a_nick);
+    assert_message(&b.recv().await, &a, "lobby", "hello", &a_nick);
+
+    let before = say(&mut b, "lobby", "hi a").await;
+    let b_nick = b.identity.clone();
+    assert_message(&before[0], &b, "lobby", "hi a", &b_nick);
+    assert_message(&a.recv().await, &b, "lobby", "hi a", &b_nick);
+
+    // Sending to a room not joined.
+    a.expect_error(
+        json!({"type": "chat.send", "room": "elsewhere", "payload": {"text": "x"}}),
+        "not_in_room",
+    )
+    .await;
+    // Without a messageId: the error has no ref.
+    a.send(json!({"type": "chat.send", "room": "elsewhere", "payload": {"text": "x"}}))
+        .await;
+    assert_error(&a.recv().await, "not_in_room", None);
+    a.sync().await;
+    b.sync().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands() {
+    let host = chat_host().await;
+    let mut a = host.client().await;
+    let mut b = host.client().await;
+    join(&mut a, "lobby").await;
+    join(&mut b, "lobby").await;
+    a.recv_type("room.joined").await;
+
+    // /nick: a reply to the sender, a notice to the room, and the new nick from then on.
+    let before = say(&mut a, "lobby", "/nick ada").await;
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert_eq!(before[0]["type"], "chat.nick", "{before:?}");
+    assert_eq!(before[0]["payload"]["nick"], "ada");
+    let notice = format!("{} is now ada", a.identity);
+    assert_eq!(before[1]["type"], "chat.notice", "{before:?}");
+    assert_eq!(before[1]["payload"]["text"], notice.as_str());
+    let frame = b.recv_type("chat.notice").await;
+    assert_eq!(frame["payload"]["text"], notice.as_str());
+    assert_eq!(frame["payload"]["room"], "lobby");
+
+    let before = say(&mut a, "lobby", "call me ada").await;
+    assert_message(&before[0], &a, "lobby", "call me ada", "ada");
+    assert_message(&b.recv().await, &a, "lobby", "call me ada", "ada");
+
+    // /me: an action message.
+    let before = say(&mut a, "lobby", "/me waves").await;
+    assert_message(&before[0], &a, "lobby", "waves", "ada");
+    assert_eq!(before[0]["payload"]["action"], true);
+    let frame = b.recv().await;
+    assert_message(&frame, &a, "lobby", "waves", "ada");
+    assert_eq!(frame["payload"]["action"], true);
+
+    // /topic TEXT: kept and shown to the room.
+    let before = say(&mut b, "lobby", "/topic Rust").await;
+    let topic = json!({"room": "lobby", "topic": "Rust", "by": b.identity});
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["type"], "chat.topic");
+    assert_eq!(before[0]["payload"], topic);
+    let frame = a.recv_type("chat.topic").await;
+    assert_eq!(frame["payload"], topic);
+    // /topic alone: the current topic, to the sender only.
+    let before = say(&mut a, "lobby", "/topic").await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["payload"], topic);
+    b.sync().await;
+
+    // A client joining later is shown the topic (the plugin's room.joined handler), before
+    // its join is acknowledged.
+    let mut c = host.client().await;
+    let (before, members) = join(&mut c, "lobby").await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["type"], "chat.topic");
+    assert_eq!(before[0]["payload"], topic);
+    assert_eq!(members.len(), 3);
+    assert_room_event(&a.recv().await, "room.joined", "lobby", &c);
+    assert_room_event(&b.recv().await, "room.joined", "lobby", &c);
+
+    // /who: every member with its nick, to the sender only.
+    let before = say(&mut c, "lobby", "/who").await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["type"], "chat.who");
+    assert_eq!(before[0]["payload"]["room"], "lobby");
+    let mut who: Vec<(String, String, String)> = before[0]["payload"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["connectionId"].as_str().unwrap().to_owned(),
+                m["identity"].as_str().unwrap().to_owned(),
+                m["nick"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    who.sort();
+    let mut expected = vec![
+        (a.connection_id.clone(), a.identity.clone(), "ada".to_owned()),
+        (b.connection_id.clone(), b.identity.clone(), b.identity.clone()),
+        (c.connection_id.clone(), c.identity.clone(), c.identity.clone()),
+    ];
+    expected.sort();
+    assert_eq!(who, expected);
+
+    // An unknown command is the plugin's own error, passed through with its code and ref.
+    let err = c
+        .expect_error(
+            json!({"type": "chat.send", "room": "lobby", "payload": {"text": "/nope"}}),
+            "unknown_command",
+        )
+        .await;
+    assert!(err["payload"]["message"].as_str().unwrap().contains("/nope"), "{err}");
+
+    // Nothing else reached anyone.
+    for client in [&mut a, &mut b, &mut c] {
+        client.sync().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_and_disconnecting() {
+    let host = chat_host().await;
+    let mut a = host.client().await;
+    let mut b = host.client().await;
+    let mut c = host.client().await;
+    join(&mut a, "lobby").await;
+    join(&mut b, "lobby").await;
+    assert_room_event(&a.recv().await, "room.joined", "lobby", &b);
+    join(&mut c, "lobby").await;
+    assert_room_event(&a.recv().await, "room.joined", "lobby", &c);
+    assert_room_event(&b.recv().await, "room.joined", "lobby", &c);
+
+    // A leave: the others are told, with reason `leave`; the leaver gets only its ack.
+    b.ack(json!({"type": "sys.leave", "room": "lobby"})).await;
+    for other in [&mut a, &mut c] {
+        let frame = other.recv().await;
+        assert_room_event(&frame, "room.left", "lobby", &b);
+        assert_eq!(frame["payload"]["reason"], "leave");
+    }
+    b.sync().await;
+
+    // b no longer hears the room, and cannot speak in it.
+    let before = say(&mut a, "lobby", "after b left").await;
+    assert_eq!(before.len(), 1);
+    c.recv_type("chat.message").await;
+    b.expect_error(
+        json!({"type": "chat.send", "room": "lobby", "payload": {"text": "hey"}}),
+        "not_in_room",
+    )
+    .await;
+    b.sync().await;
+
+    // A disconnect: the others are told, with reason `disconnect`.
+    let c_member = c.identity.clone();
+    let c_conn = c.connection_id.clone();
+    c.close().await;
+    let frame = a.recv_type("room.left").await;
+    assert_eq!(frame["payload"]["reason"], "disconnect", "{frame}");
+    assert_eq!(frame["payload"]["connectionId"], c_conn.as_str());
+    assert_eq!(frame["payload"]["identity"], c_member.as_str());
+
+    // Dropping the TCP connection without a close handshake is a disconnect too.
+    join(&mut b, "lobby").await;
+    assert_room_event(&a.recv().await, "room.joined", "lobby", &b);
+    let b_conn = b.connection_id.clone();
+    b.drop_connection();
+    let frame = a.recv_type("room.left").await;
+    assert_eq!(frame["payload"]["reason"], "disconnect", "{frame}");
+    assert_eq!(frame["payload"]["connectionId"], b_conn.as_str());
+
+    // a is alone now.
+    let id = a.next_id();
+    let (_, ack) = a
+        .request(json!({"type": "sys.join", "messageId": id, "room": "lobby"}))
+        .await;
+    assert_eq!(ack["payload"]["members"].as_array().map(Vec::len), Some(1), "{ack}");
+    a.sync().await;
+}

@@ -1,0 +1,273 @@
+//! Every error code of docs/protocol.md, caused by a real client over a real socket; after
+//! each, the connection is still usable (an echo round trip succeeds). Plugin failures use the
+//! `faulty` fixture plugin (plugins/faulty).
+
+mod support;
+
+use serde_json::json;
+use support::{Client, Host, assert_error, echo_manifest, faulty_manifest};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn host() -> Host {
+    Host::start(&[("echo.toml", echo_manifest()), ("faulty.toml", faulty_manifest())]).await
+}
+
+/// Sends `text` (a frame without `messageId`, or one whose id cannot be read) and expects a
+/// `sys.error` with `code` and no `ref`, then an echo round trip.
+async fn expect_unreferenced_error(c: &mut Client, text: &str, code: &str) {
+    c.send_text(text).await;
+    let err = c.recv().await;
+    assert_error(&err, code, None);
+    c.echo_round_trip().await;
+}
+
+/// Sends `text`, which carries `messageId` `id`, and expects a `sys.error` with `code` naming
+/// it, then an echo round trip.
+async fn expect_referenced_error(c: &mut Client, text: &str, id: &str, code: &str) {
+    c.send_text(text).await;
+    let (before, err) = c.answer_to(id).await;
+    assert!(before.is_empty(), "{before:?}");
+    assert_error(&err, code, Some(id));
+    c.echo_round_trip().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames() {
+    let host = host().await;
+    let mut c = host.client().await;
+    for text in [
+        "not json",
+        "{\"type\": \"echo\"",
+        "[1, 2]",
+        "\"echo\"",
+        "42",
+        "{}",
+        "{\"payload\": {\"text\": \"no type\"}}",
+        "{\"type\": 5}",
+        "{\"type\": null}",
+        "{\"type\": \"\"}",
+        "{\"type\": \"echo\", \"messageId\": true}",
+        "{\"type\": \"echo\", \"metadata\": 3}",
+    ] {
+        expect_unreferenced_error(&mut c, text, "bad_frame").await;
+    }
+
+    // A binary frame is refused, without closing the connection.
+    c.send_message(Message::binary(b"{\"type\":\"echo\"}".to_vec())).await;
+    assert_error(&c.recv().await, "bad_frame", None);
+    c.echo_round_trip().await;
+
+    // A bad frame whose messageId can be read gets an error naming it.
+    for (text, id) in [
+        (r#"{"messageId": "b-1", "type": 5}"#, "b-1"),
+        (r#"{"messageId": "b-2"}"#, "b-2"),
+        (r#"{"messageId": "b-3", "type": ""}"#, "b-3"),
+        (r#"{"messageId": "b-4", "type": "echo", "room": 5}"#, "b-4"),
+        (r#"{"messageId": "b-5", "type": "echo", "metadata": [1]}"#, "b-5"),
+        (r#"{"messageId": 77, "type": ["echo"]}"#, "77"),
+    ] {
+        expect_referenced_error(&mut c, text, id, "bad_frame").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_types() {
+    let host = host().await;
+    let mut c = host.client().await;
+    for ty in ["nope", "chat.send", "sys.nope", "sys.", "sys.welcome", "sys.ack"] {
+        let err = c.expect_error(json!({"type": ty}), "unknown_type").await;
+        assert!(
+            err["payload"]["message"].as_str().unwrap().contains(ty),
+            "the message names the type: {err}"
+        );
+        c.echo_round_trip().await;
+    }
+    expect_unreferenced_error(&mut c, r#"{"type": "nope"}"#, "unknown_type").await;
+    expect_unreferenced_error(&mut c, r#"{"type": "sys.nope"}"#, "unknown_type").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_versions() {
+    let host = host().await;
+    let mut c = host.client().await;
+    for version in ["2.0", "10.1", "x.y", ""] {
+        c.expect_error(json!({"type": "echo", "version": version}), "unsupported_version")
+            .await;
+        c.echo_round_trip().await;
+    }
+    // Refused before routing: even an unknown type reports the version.
+    c.expect_error(json!({"type": "nope", "version": "2.0"}), "unsupported_version")
+        .await;
+    expect_unreferenced_error(&mut c, r#"{"type": "echo", "version": "2.0"}"#, "unsupported_version")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_in_room() {
+    let host = host().await;
+    let mut c = host.client().await;
+    // A routed message naming a room the sender has not joined.
+    c.expect_error(json!({"type": "echo", "room": "lobby", "payload": 1}), "not_in_room")
+        .await;
+    c.echo_round_trip().await;
+    expect_unreferenced_error(&mut c, r#"{"type": "echo", "room": "lobby"}"#, "not_in_room").await;
+
+    // Once joined, the same message goes through (the echo names the room).
+    c.ack(json!({"type": "sys.join", "room": "lobby"})).await;
+    let id = c.next_id();
+    let (before, ack) = c
+        .request(json!({"type": "echo", "messageId": id, "room": "lobby", "payload": 2}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["room"], "lobby");
+
+    // Leaving a room the sender is not in.
+    c.expect_error(json!({"type": "sys.leave", "room": "elsewhere"}), "not_in_room")
+        .await;
+    c.echo_round_trip().await;
+    c.expect_error(json!({"type": "sys.leave", "payload": {"room": "elsewhere"}}), "not_in_room")
+        .await;
+    c.ack(json!({"type": "sys.leave", "room": "lobby"})).await;
+    c.expect_error(json!({"type": "sys.leave", "room": "lobby"}), "not_in_room")
+        .await;
+    c.echo_round_trip().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_required() {
+    let host = host().await;
+    let mut c = host.client().await;
+    for frame in [
+        json!({"type": "sys.join"}),
+        json!({"type": "sys.join", "payload": {}}),
+        json!({"type": "sys.join", "payload": {"room": ""}}),
+        json!({"type": "sys.join", "room": ""}),
+        json!({"type": "sys.leave"}),
+    ] {
+        c.expect_error(frame, "room_required").await;
+        c.echo_round_trip().await;
+    }
+    expect_unreferenced_error(&mut c, r#"{"type": "sys.join"}"#, "room_required").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_failures() {
+    let host = host().await;
+    let mut c = host.client().await;
+
+    // The fixture works when asked to.
+    let id = c.next_id();
+    let (before, ack) = c
+        .request(json!({"type": "faulty.ok", "messageId": id, "payload": {"k": 1}}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["type"], "faulty.ok");
+    assert_eq!(before[0]["payload"], json!({"k": 1}));
+
+    for (ty, what) in [
+        ("faulty.trap", "trapped"),
+        ("faulty.spin", "ran out of time"),
+        ("faulty.bad-json", "not JSON"),
+    ] {
+        // `expect_error` asserts nothing came before the error: the bad-json reply is dropped.
+        let err = c.expect_error(json!({"type": ty, "payload": {}}), "plugin_failed").await;
+        let message = err["payload"]["message"].as_str().unwrap();
+        assert!(message.contains(what), "{ty}: {err}");
+        c.echo_round_trip().await;
+        // The plugin itself keeps serving (a trapped instance is replaced).
+        let id = c.next_id();
+        let (before, ack) = c
+            .request(json!({"type": "faulty.ok", "messageId": id, "payload": ty}))
+            .await;
+        assert_eq!(ack["type"], "sys.ack", "after {ty}: {ack}");
+        assert_eq!(before.len(), 1, "after {ty}: {before:?}");
+        assert_eq!(before[0]["payload"], ty);
+    }
+
+    // Without a messageId, the failure still gets an error, without `ref`.
+    expect_unreferenced_error(&mut c, r#"{"type": "faulty.trap"}"#, "plugin_failed").await;
+    expect_unreferenced_error(&mut c, r#"{"type": "faulty.spin"}"#, "plugin_failed").await;
+    expect_unreferenced_error(&mut c, r#"{"type": "faulty.bad-json"}"#, "plugin_failed").await;
+    c.sync().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_frames() {
+    const LIMIT: usize = 1024;
+    let host = Host::start_with(&[("echo.toml", echo_manifest())], |config| {
+        config.limits.max_message_bytes = LIMIT;
+        // Read the oversized frame below in one go, so that the host does not close the socket
+        // with unread bytes (which would reset it before the close frame is read).
+        config.read_buffer_bytes = 256 * 1024;
+    })
+    .await;
+    let mut c = host.client().await;
+    let frame_of = |len: usize| {
+        let mut frame = json!({"type": "echo", "payload": ""});
+        let overhead = frame.to_string().len();
+        frame["payload"] = json!("x".repeat(len - overhead));
+        let text = frame.to_string();
+        assert_eq!(text.len(), len);
+        text
+    };
+
+    // At the limit: served.
+    let at_limit = frame_of(LIMIT);
+    c.send_text(at_limit.clone()).await;
+    let sent: serde_json::Value = serde_json::from_str(&at_limit).unwrap();
+    assert_eq!(c.recv_type("echo").await["payload"], sent["payload"]);
+    c.sync().await;
+
+    // Above it (but below the WebSocket limit of 4x): `too_large`, the connection stays.
+    for len in [LIMIT + 1, 2 * LIMIT, 4 * LIMIT - 16] {
+        expect_unreferenced_error(&mut c, &frame_of(len), "too_large").await;
+    }
+
+    // Far above 4x the limit: the host closes the socket with 1009.
+    let mut other = host.client().await;
+    c.send_text(frame_of(16 * LIMIT)).await;
+    let (before, close) = c.closed().await;
+    assert!(before.is_empty(), "{before:?}");
+    let close = close.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1009, "{close:?}");
+    // Other clients are not affected.
+    other.echo_round_trip().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clients_bad_input_does_not_disturb_another() {
+    let host = host().await;
+    let mut bad = host.client().await;
+    let mut good = host.client().await;
+    good.ack(json!({"type": "sys.join", "room": "lobby"})).await;
+    good.echo_round_trip().await;
+
+    let inputs: Vec<Message> = vec![
+        Message::text("not json"),
+        Message::text("[1]"),
+        Message::binary(vec![0u8, 1, 2, 3]),
+        Message::text(r#"{"type": "sys.nope"}"#),
+        Message::text(r#"{"type": "echo", "version": "2.0"}"#),
+        Message::text(r#"{"type": "echo", "room": "lobby"}"#),
+        Message::text(r#"{"type": "sys.join"}"#),
+        Message::text(r#"{"type": "faulty.trap"}"#),
+        Message::text(r#"{"type": "faulty.spin"}"#),
+        Message::text(r#"{"type": "faulty.bad-json"}"#),
+    ];
+    for input in inputs {
+        bad.send_message(input).await;
+        let err = bad.recv_type("sys.error").await;
+        assert!(err["payload"].get("ref").is_none(), "{err}");
+        good.echo_round_trip().await;
+    }
+    bad.echo_round_trip().await;
+    // Nothing of the bad client's reached the good one.
+    good.sync().await;
+
+    // Even a bad client that vanishes without a close handshake.
+    bad.drop_connection();
+    good.echo_round_trip().await;
+    good.sync().await;
+}

@@ -1,0 +1,630 @@
+//! Shared helpers of the integration tests: building the fixture plugins once per test
+//! process, temporary manifest directories, in-process hosts on an ephemeral port, and a
+//! WebSocket client that speaks the Plexus protocol.
+//!
+//! Nothing here sleeps to synchronize: every wait is for a frame, an event or a process exit,
+//! under [`TIMEOUT`], a safety net that fails the test.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use plexus::{Config, ReloadEvent, Server, WatchMode};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::broadcast;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The safety net on every await of a test. Reaching it fails the test; it never paces it.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Awaits `fut`, failing the test with `what` if it does not finish within [`TIMEOUT`].
+pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(TIMEOUT, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {TIMEOUT:?} waiting for {what}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths and plugins
+// ---------------------------------------------------------------------------------------------
+
+/// The repository root (the parent of `host/`).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+}
+
+/// The `plexus` binary of this package.
+pub fn plexus_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_plexus"))
+}
+
+/// Builds the plugins workspace (`plugins/`) for `wasm32-wasip2` once per test process and
+/// returns the directory holding the components.
+pub fn plugins_dir() -> &'static Path {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let plugins = repo_root().join("plugins");
+        // Best effort: the target is usually installed already (rust-toolchain.toml lists it),
+        // and an offline machine cannot add it anyway; the build below says what is missing.
+        let _ = Command::new("rustup")
+            .args(["target", "add", "wasm32-wasip2"])
+            .current_dir(&plugins)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let output = Command::new("cargo")
+            .args(["build", "--release", "--target", "wasm32-wasip2"])
+            .current_dir(&plugins)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_BUILD_TARGET")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .output()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "building the plugins failed ({}):\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        Ok(plugins.join("target/wasm32-wasip2/release"))
+    });
+    match built {
+        Ok(dir) => dir,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The component of the plugin crate `crate_name` (`swap-a` → `swap_a.wasm`), built.
+pub fn wasm(crate_name: &str) -> PathBuf {
+    let path = plugins_dir().join(format!("{}.wasm", crate_name.replace('-', "_")));
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
+
+/// `s` as a TOML basic string.
+pub fn toml_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A manifest serving the `echo` component: `echo` → `echo`, `echo.broadcast` → `broadcast`.
+pub fn echo_manifest() -> String {
+    format!(
+        r#"manifest_version = 1
+
+[plugin]
+id = "echo"
+
+[source]
+wasm = {wasm}
+
+[[route]]
+type = "echo"
+handler = "echo"
+
+[[route]]
+type = "echo.broadcast"
+handler = "broadcast"
+
+[capabilities]
+host = ["messaging", "rooms", "kv", "logging", "config"]
+rooms = ["*"]
+"#,
+        wasm = toml_str(&wasm("echo").display().to_string())
+    )
+}
+
+/// A manifest serving the `faulty` fixture: `faulty.trap`, `faulty.spin` (50 ms limit),
+/// `faulty.bad-json` and `faulty.ok`.
+pub fn faulty_manifest() -> String {
+    format!(
+        r#"manifest_version = 1
+
+[plugin]
+id = "faulty"
+
+[source]
+wasm = {wasm}
+
+[[route]]
+type = "faulty.trap"
+handler = "trap"
+
+[[route]]
+type = "faulty.spin"
+handler = "spin"
+
+[[route]]
+type = "faulty.bad-json"
+handler = "bad-json"
+
+[[route]]
+type = "faulty.ok"
+handler = "ok"
+
+[capabilities]
+host = ["messaging", "rooms", "kv", "logging", "config"]
+rooms = ["*"]
+
+[limits]
+timeout_ms = 50
+"#,
+        wasm = toml_str(&wasm("faulty").display().to_string())
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Temporary directories
+// ---------------------------------------------------------------------------------------------
+
+/// A fresh directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "plexus-test-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("creating a temp dir");
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `name` in the directory directly (not atomically).
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.path.join(name);
+        std::fs::write(&path, contents).expect("writing a temp file");
+        path
+    }
+
+    /// Replaces `name` atomically: writes a temporary name, then renames it over `name`.
+    pub fn replace(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let tmp = self.path.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents).expect("writing a temp file");
+        let path = self.path.join(name);
+        std::fs::rename(&tmp, &path).expect("renaming over the target");
+        path
+    }
+
+    pub fn remove(&self, name: &str) {
+        std::fs::remove_file(self.path.join(name)).expect("removing a temp file");
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process hosts
+// ---------------------------------------------------------------------------------------------
+
+/// A host started in-process on `127.0.0.1:0` from manifests written into its own temp dir.
+#[derive(Debug)]
+pub struct Host {
+    pub server: Server,
+    pub dir: TempDir,
+}
+
+impl Host {
+    /// Starts a host serving `manifests` (file name, text), without watching.
+    pub async fn start(manifests: &[(&str, String)]) -> Host {
+        Host::start_with(manifests, |_| {}).await
+    }
+
+    /// Starts a host serving `manifests`, after `tweak` adjusted the configuration.
+    pub async fn start_with(manifests: &[(&str, String)], tweak: impl FnOnce(&mut Config)) -> Host {
+        let dir = TempDir::new();
+        for (name, text) in manifests {
+            dir.write(name, text);
+        }
+        Host::start_in(dir, tweak).await
+    }
+
+    /// Starts a host on the manifests already in `dir`.
+    pub async fn start_in(dir: TempDir, tweak: impl FnOnce(&mut Config)) -> Host {
+        let mut config = Config::new(dir.path());
+        config.listen = "127.0.0.1:0".parse().expect("an address");
+        config.build = false;
+        config.watch = WatchMode::Off;
+        tweak(&mut config);
+        let server = match within("the host to start", Server::start(config)).await {
+            Ok(server) => server,
+            Err(e) => panic!("the host did not start: {e}"),
+        };
+        Host { server, dir }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr()).await
+    }
+
+    pub fn reloads(&self) -> broadcast::Receiver<ReloadEvent> {
+        self.server.subscribe_reloads()
+    }
+}
+
+/// Waits for the first reload event `pick` accepts, skipping others.
+pub async fn wait_reload<T>(
+    rx: &mut broadcast::Receiver<ReloadEvent>,
+    what: &str,
+    mut pick: impl FnMut(&ReloadEvent) -> Option<T>,
+) -> T {
+    within(what, async {
+        loop {
+            match rx.recv().await {
+                Ok(event) => {
+                    if let Some(out) = pick(&event) {
+                        return out;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => panic!("the reload channel closed"),
+            }
+        }
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client
+// ---------------------------------------------------------------------------------------------
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A Plexus client over a real WebSocket.
+#[derive(Debug)]
+pub struct Client {
+    ws: Ws,
+    /// The `sys.welcome` frame.
+    pub welcome: Value,
+    pub connection_id: String,
+    pub identity: String,
+    next_id: u64,
+}
+
+impl Client {
+    /// Connects to `ws://addr/ws` and reads the welcome frame.
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let url = format!("ws://{addr}/ws");
+        let (ws, _) = within("the WebSocket handshake", tokio_tungstenite::connect_async(url))
+            .await
+            .expect("the WebSocket handshake");
+        let mut client = Client {
+            ws,
+            welcome: Value::Null,
+            connection_id: String::new(),
+            identity: String::new(),
+            next_id: 0,
+        };
+        let welcome = client.recv_type("sys.welcome").await;
+        client.connection_id = str_at(&welcome, "/payload/connectionId").to_owned();
+        client.identity = str_at(&welcome, "/payload/identity").to_owned();
+        client.welcome = welcome;
+        client
+    }
+
+    /// A fresh client `messageId`.
+    pub fn next_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("t-{}", self.next_id)
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_message(Message::text(frame.to_string())).await;
+    }
+
+    pub async fn send_text(&mut self, text: impl Into<String>) {
+        self.send_message(Message::text(text.into())).await;
+    }
+
+    pub async fn send_message(&mut self, message: Message) {
+        within("sending a frame", self.ws.send(message))
+            .await
+            .expect("sending a frame");
+    }
+
+    /// Queues a frame without flushing (for pipelining); [`Client::flush`] sends the batch.
+    pub async fn feed(&mut self, frame: Value) {
+        within("queueing a frame", self.ws.feed(Message::text(frame.to_string())))
+            .await
+            .expect("queueing a frame");
+    }
+
+    pub async fn flush(&mut self) {
+        within("flushing frames", self.ws.flush())
+            .await
+            .expect("flushing frames");
+    }
+
+    /// The next WebSocket message that is not a ping or pong, or `None` when the stream ended.
+    pub async fn next_message(&mut self) -> Option<Message> {
+        within("a WebSocket message", async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(message)) => return Some(message),
+                    Some(Err(e)) => panic!("reading from the WebSocket failed: {e}"),
+                    None => return None,
+                }
+            }
+        })
+        .await
+    }
+
+    /// The next frame, parsed. Fails the test on anything but a JSON text frame.
+    pub async fn recv(&mut self) -> Value {
+        match self.next_message().await {
+            Some(Message::Text(text)) => serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("the host sent invalid JSON {text:?}: {e}")),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// The next frame, which must be of type `ty` (nothing is skipped).
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        let frame = self.recv().await;
+        assert_eq!(frame["type"], ty, "expected a `{ty}` frame, got {frame}");
+        frame
+    }
+
+    /// Reads until a frame of type `ty`; returns the frames skipped and that frame. Only for
+    /// places where the order of frames legitimately interleaves.
+    pub async fn recv_until_type(&mut self, ty: &str) -> (Vec<Value>, Value) {
+        let mut skipped = Vec::new();
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] == ty {
+                return (skipped, frame);
+            }
+            skipped.push(frame);
+        }
+    }
+
+    /// Sends `frame`, which must carry a `messageId`, and reads up to its answer: returns the
+    /// frames that came before it and the `sys.ack` or `sys.error` whose `ref` names it. Any
+    /// other ack or error on the way fails the test.
+    pub async fn request(&mut self, frame: Value) -> (Vec<Value>, Value) {
+        let id = frame
+            .get("messageId")
+            .map(id_text)
+            .expect("request() needs a frame with a messageId");
+        self.send(frame).await;
+        self.answer_to(&id).await
+    }
+
+    /// Reads up to the `sys.ack`/`sys.error` of `id` (see [`Client::request`]).
+    pub async fn answer_to(&mut self, id: &str) -> (Vec<Value>, Value) {
+        let mut before = Vec::new();
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] == "sys.ack" || frame["type"] == "sys.error" {
+                assert_eq!(
+                    frame["payload"]["ref"], id,
+                    "expected the answer to `{id}`, got {frame} (after {before:?})"
+                );
+                return (before, frame);
+            }
+            before.push(frame);
+        }
+    }
+
+    /// Sends `frame` with a fresh `messageId` and asserts it is acknowledged with nothing else
+    /// before the ack. Returns the ack.
+    pub async fn ack(&mut self, mut frame: Value) -> Value {
+        let id = self.next_id();
+        frame["messageId"] = json!(id);
+        let (before, answer) = self.request(frame).await;
+        assert!(before.is_empty(), "unexpected frames before the ack: {before:?}");
+        assert_eq!(answer["type"], "sys.ack", "{answer}");
+        answer
+    }
+
+    /// Sends `frame` with a fresh `messageId` and asserts it fails with `code`, with nothing
+    /// before the error. Returns the error.
+    pub async fn expect_error(&mut self, mut frame: Value, code: &str) -> Value {
+        let id = self.next_id();
+        frame["messageId"] = json!(id);
+        let (before, answer) = self.request(frame).await;
+        assert!(before.is_empty(), "unexpected frames before the error: {before:?}");
+        assert_error(&answer, code, Some(&id));
+        answer
+    }
+
+    /// An `echo` round trip through the echo plugin: the echo comes back, then its ack.
+    pub async fn echo_round_trip(&mut self) {
+        let id = self.next_id();
+        let payload = json!({ "check": id });
+        let (before, ack) = self
+            .request(json!({ "type": "echo", "messageId": id, "payload": payload }))
+            .await;
+        assert_eq!(ack["type"], "sys.ack", "{ack}");
+        assert_eq!(before.len(), 1, "expected exactly the echo before the ack: {before:?}");
+        assert_eq!(before[0]["type"], "echo", "{}", before[0]);
+        assert_eq!(before[0]["payload"], payload);
+        assert_eq!(before[0]["sender"], self.identity.as_str());
+    }
+
+    /// A `sys.ping` round trip asserting that the next frames are exactly its pong and ack:
+    /// proves nothing else was queued for this client before the ping.
+    pub async fn sync(&mut self) {
+        let id = self.next_id();
+        let payload = json!({ "sync": id });
+        self.send(json!({ "type": "sys.ping", "messageId": id, "payload": payload }))
+            .await;
+        let pong = self.recv().await;
+        assert_eq!(pong["type"], "sys.pong", "expected nothing before the pong, got {pong}");
+        assert_eq!(pong["payload"], payload);
+        let ack = self.recv().await;
+        assert_eq!(ack["type"], "sys.ack", "expected the ping's ack, got {ack}");
+        assert_eq!(ack["payload"]["ref"], id.as_str());
+    }
+
+    /// Reads until the host closes the connection; returns its close frame. Text frames
+    /// before the close are returned too.
+    pub async fn closed(&mut self) -> (Vec<Value>, Option<CloseFrame>) {
+        let mut before = Vec::new();
+        loop {
+            match self.next_message().await {
+                Some(Message::Close(frame)) => return (before, frame),
+                Some(Message::Text(text)) => {
+                    before.push(serde_json::from_str(&text).expect("JSON text"));
+                }
+                Some(other) => panic!("expected a close, got {other:?}"),
+                None => panic!("the stream ended without a close frame"),
+            }
+        }
+    }
+
+    /// Closes the connection normally and waits for the host's answer.
+    pub async fn close(mut self) {
+        let _ = within("closing", self.ws.close(None)).await;
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(TIMEOUT, self.ws.next()).await {}
+    }
+
+    /// Drops the TCP connection without a close handshake.
+    pub fn drop_connection(self) {
+        drop(self.ws);
+    }
+}
+
+/// The text of a `messageId` (strings as they are, numbers as text).
+pub fn id_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The string at JSON pointer `ptr`; fails the test if missing.
+pub fn str_at<'a>(v: &'a Value, ptr: &str) -> &'a str {
+    v.pointer(ptr)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no string at {ptr} in {v}"))
+}
+
+/// Asserts `frame` is a `sys.error` with `code`, referring to `reference` (or to nothing).
+pub fn assert_error(frame: &Value, code: &str, reference: Option<&str>) {
+    assert_eq!(frame["type"], "sys.error", "expected a sys.error, got {frame}");
+    assert_eq!(frame["payload"]["code"], code, "{frame}");
+    assert!(
+        frame["payload"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "an error carries a message: {frame}"
+    );
+    match reference {
+        Some(id) => assert_eq!(frame["payload"]["ref"], id, "{frame}"),
+        None => assert!(
+            frame["payload"].get("ref").is_none(),
+            "an error about a frame without messageId has no ref: {frame}"
+        ),
+    }
+    assert_host_frame(frame);
+}
+
+/// Asserts the fields the host sets on every frame: `messageId` `h-…` and a `timestamp`.
+pub fn assert_host_frame(frame: &Value) {
+    let id = frame["messageId"].as_str().unwrap_or_default();
+    assert!(id.starts_with("h-") && id.len() > 2, "host messageId: {frame}");
+    assert!(
+        frame["timestamp"].as_u64().is_some_and(|t| t > 1_600_000_000_000),
+        "host timestamp in ms: {frame}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw HTTP
+// ---------------------------------------------------------------------------------------------
+
+/// One HTTP/1.1 response: status code, headers (lowercased names) and body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends a GET over a fresh TCP connection (`Connection: close`) and reads the response.
+pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
+    within("an HTTP response", async {
+        let mut stream = TcpStream::connect(addr).await.expect("connecting");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("sending the request");
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .await
+            .expect("reading the response");
+        let raw = String::from_utf8(raw).expect("a UTF-8 response");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response head");
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().expect("a status line");
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        HttpResponse { status, headers, body: body.to_owned() }
+    })
+    .await
+}
