@@ -31,7 +31,7 @@ on = "room.left"
 handler = "left"
 
 [capabilities]
-host = ["messaging", "rooms", "kv", "logging", "config"]
+host = ["messaging", "rooms", "kv", "config"]
 rooms = ["*"]
 
 [config]

@@ -88,8 +88,8 @@ fn bench(c: &mut Criterion) {
         metadata: None,
     };
     let mut group = c.benchmark_group("plugin_call");
-    group.bench_function("wasm_reused_instance", |b| b.iter(|| reused.call(&input).unwrap()));
-    group.bench_function("wasm_fresh_store", |b| b.iter(|| fresh.call(&input).unwrap()));
+    group.bench_function("wasm_reused_instance", |b| b.iter(|| reused.call(&input).result.unwrap()));
+    group.bench_function("wasm_fresh_store", |b| b.iter(|| fresh.call(&input).result.unwrap()));
     group.finish();
     let _ = std::fs::remove_dir_all(&native_dir);
 }

@@ -549,7 +549,7 @@ k = "v"
     fn unknown_fields_name_the_line() {
         let text = GOOD.replace("handler = \"send\"", "handler = \"send\"\nmethod = \"x\"");
         let errs = parse(Path::new("chat.toml"), &text).unwrap_err();
-        assert_eq!(errs[0].line, Some(9), "{errs:?}");
+        assert_eq!(errs[0].line, Some(10), "{errs:?}");
         assert!(
             errs[0].message.contains("unknown field `method`"),
             "{errs:?}"

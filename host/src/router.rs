@@ -225,14 +225,11 @@ fn run_call(
     input: &CallInput<'_>,
     depth: u8,
 ) -> Result<Option<String>, HandleError> {
-    let result = plugin.code.call(input);
-    let output = match result {
-        Ok(output) => {
-            emit_logs(plugin, &output.logs);
-            output
-        }
-        Err((err, output)) => {
-            emit_logs(plugin, &output.logs);
+    let output = plugin.code.call(input);
+    emit_logs(plugin, &output.logs);
+    let ack = match output.result {
+        Ok(ack) => ack,
+        Err(err) => {
             if !matches!(err, crate::error::CallError::Refused { .. }) {
                 tracing::warn!(plugin = %plugin.manifest.id, "plugin call failed: {err}");
             }
@@ -262,7 +259,7 @@ fn run_call(
             _ => {}
         }
     }
-    if let Some(ack) = &output.ack {
+    if let Some(ack) = &ack {
         let is_object = serde_json::from_str::<serde_json::Value>(ack).is_ok_and(|v| v.is_object());
         if !is_object {
             return Err(bad(
@@ -271,7 +268,7 @@ fn run_call(
         }
     }
     apply(hub, conn, plugin, input.room, output.effects, depth);
-    Ok(output.ack)
+    Ok(ack)
 }
 
 fn emit_logs(plugin: &LoadedPlugin, logs: &[(LogLevel, String)]) {

@@ -54,12 +54,7 @@ pub fn spawn(
                 continue;
             }
             // Let the writes settle: wait until no relevant event came for SETTLE.
-            loop {
-                match tokio::time::timeout(SETTLE, rx.recv()).await {
-                    Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            while let Ok(Some(_)) = tokio::time::timeout(SETTLE, rx.recv()).await {}
             hub.registry.reload().await;
             targets = Targets::of(&hub, mode);
             targets.watch_new(&mut watcher, &mut watched);

@@ -1,4 +1,4 @@
-//! The SDK for writing [Plexus](https://github.com/) plugins: WebAssembly components that
+//! The SDK for writing Plexus plugins: WebAssembly components that
 //! implement the `plexus:plugin` world (`wit/plexus.wit`), in safe Rust.
 //!
 //! A handler is a plain function from a [`Ctx`] (the host) and a [`Message<T>`] (the message,
@@ -87,8 +87,19 @@ pub mod bindings {
 
 /// Defines a plugin's handlers and exports the component's `handle` function.
 ///
-/// ```ignore
-/// plugin! { "send" => send, "joined" => joined }
+/// ```
+/// use plexus_plugin_sdk::{plugin, Ctx, HandlerResult, Message, RawPayload};
+///
+/// fn ping(ctx: &Ctx, msg: Message<RawPayload>) -> HandlerResult {
+///     ctx.reply_raw("pong", msg.payload.as_str());
+///     Ok(None)
+/// }
+///
+/// plugin! {
+///     "ping" => ping,
+///     "count" => |_: &Ctx, msg: Message<Vec<u32>>| Ok(Some(serde_json::json!({"n": msg.payload.len()}))),
+/// }
+/// # fn main() {}
 /// ```
 ///
 /// Each handler is a function (or a closure whose `Message<T>` argument type is written out)

@@ -110,6 +110,8 @@ async fn serve(listen: String) -> anyhow::Result<()> {
     }
 }
 
+// The handshake callback's error type is tungstenite's (an HTTP response).
+#[allow(clippy::result_large_err)]
 async fn connection(stream: TcpStream, id: u64, room: Arc<Room>) {
     let mut path = String::new();
     let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {

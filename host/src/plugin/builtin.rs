@@ -20,27 +20,18 @@ impl BuiltinPlugin {
         BuiltinPlugin { kind, env }
     }
 
-    pub fn call(&self, input: &CallInput<'_>) -> Result<CallOutput, (CallError, CallOutput)> {
+    pub fn call(&self, input: &CallInput<'_>) -> CallOutput {
         let refuse = |code: &str, message: String| {
-            Err((
-                CallError::Refused {
-                    code: code.into(),
-                    message,
-                },
-                CallOutput::default(),
-            ))
+            CallOutput::failed(CallError::Refused { code: code.into(), message })
         };
         if !self.env.capabilities.host.contains(&HostCap::Messaging) {
             return refuse("forbidden", "capability `messaging` not granted".into());
         }
         match (self.kind, input.handler) {
-            (Builtin::Echo, "echo") => Ok(CallOutput {
-                effects: vec![Effect::Reply {
-                    ty: "echo".into(),
-                    payload: input.payload.into(),
-                }],
-                ..CallOutput::default()
-            }),
+            (Builtin::Echo, "echo") => CallOutput::effects(vec![Effect::Reply {
+                ty: "echo".into(),
+                payload: input.payload.into(),
+            }]),
             (Builtin::Echo, "broadcast") => {
                 let Some(room) = input.room else {
                     return refuse("room_required", "broadcast needs a room".into());
@@ -48,15 +39,12 @@ impl BuiltinPlugin {
                 if !self.env.capabilities.allows_room(room) {
                     return refuse("forbidden", format!("room `{room}` not granted"));
                 }
-                Ok(CallOutput {
-                    effects: vec![Effect::Broadcast {
-                        room: room.into(),
-                        ty: "echo.broadcast".into(),
-                        payload: input.payload.into(),
-                        include_sender: false,
-                    }],
-                    ..CallOutput::default()
-                })
+                CallOutput::effects(vec![Effect::Broadcast {
+                    room: room.into(),
+                    ty: "echo.broadcast".into(),
+                    payload: input.payload.into(),
+                    include_sender: false,
+                }])
             }
             (_, other) => refuse("unknown_handler", format!("no handler `{other}`")),
         }

@@ -32,13 +32,26 @@ pub struct CallInput<'a> {
 }
 
 /// What a call produced.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CallOutput {
+    /// The effects recorded, to apply only if `result` is `Ok`.
     pub effects: Vec<Effect>,
-    /// JSON text of an object to merge into the ack.
-    pub ack: Option<String>,
     /// Log lines, emitted whether or not the call succeeded.
     pub logs: Vec<(LogLevel, String)>,
+    /// The handler's result: JSON text of an object to merge into the ack, or why it failed.
+    pub result: Result<Option<String>, CallError>,
+}
+
+impl CallOutput {
+    /// A call that failed before recording anything.
+    pub fn failed(err: CallError) -> CallOutput {
+        CallOutput { effects: Vec::new(), logs: Vec::new(), result: Err(err) }
+    }
+
+    /// A call that succeeded with these effects and no ack value.
+    pub fn effects(effects: Vec<Effect>) -> CallOutput {
+        CallOutput { effects, logs: Vec::new(), result: Ok(None) }
+    }
 }
 
 /// A plugin's key-value store; shared by all versions of the plugin.
@@ -85,7 +98,7 @@ impl std::fmt::Debug for Code {
 
 impl Code {
     /// Runs one handler. Effects are returned, not applied.
-    pub fn call(&self, input: &CallInput<'_>) -> Result<CallOutput, (CallError, CallOutput)> {
+    pub fn call(&self, input: &CallInput<'_>) -> CallOutput {
         match self {
             Code::Wasm(p) => p.call(input),
             Code::Builtin(b) => b.call(input),

@@ -395,8 +395,11 @@ impl WasmPlugin {
     }
 
     /// Calls a handler. A trap drops the instance (a trapped component cannot be re-entered).
-    pub fn call(&self, input: &CallInput<'_>) -> Result<CallOutput, (CallError, CallOutput)> {
-        let mut warm = self.acquire().map_err(|e| (e, CallOutput::default()))?;
+    pub fn call(&self, input: &CallInput<'_>) -> CallOutput {
+        let mut warm = match self.acquire() {
+            Ok(warm) => warm,
+            Err(e) => return CallOutput::failed(e),
+        };
         let msg = types::Message {
             type_: input.ty.to_owned(),
             room: input.room.map(str::to_owned),
@@ -419,56 +422,41 @@ impl WasmPlugin {
             .bindings
             .call_handle(&mut warm.store, input.handler, &msg);
         let state = warm.store.data_mut();
-        let mut output = CallOutput {
-            effects: std::mem::take(&mut state.effects),
-            ack: None,
-            logs: std::mem::take(&mut state.logs),
-        };
+        let effects = std::mem::take(&mut state.effects);
+        let logs = std::mem::take(&mut state.logs);
         let overflow = state.overflow;
-        match result {
+        let result = match result {
             Ok(Ok(ack)) => {
                 self.release(warm);
                 if overflow {
-                    return Err((
-                        CallError::BadEffect {
-                            plugin: self.env.id.clone(),
-                            reason: format!("more than {MAX_EFFECTS_PER_CALL} effects in one call"),
-                        },
-                        output,
-                    ));
+                    Err(CallError::BadEffect {
+                        plugin: self.env.id.clone(),
+                        reason: format!("more than {MAX_EFFECTS_PER_CALL} effects in one call"),
+                    })
+                } else {
+                    Ok(ack)
                 }
-                output.ack = ack;
-                Ok(output)
             }
             Ok(Err(e)) => {
                 self.release(warm);
-                Err((
-                    CallError::Refused {
-                        code: e.code,
-                        message: e.message,
-                    },
-                    output,
-                ))
+                Err(CallError::Refused { code: e.code, message: e.message })
             }
             Err(trap) => {
                 let timed_out = matches!(
                     trap.downcast_ref::<wasmtime::Trap>(),
                     Some(wasmtime::Trap::Interrupt)
                 );
-                let err = if timed_out {
-                    CallError::Timeout {
+                if timed_out {
+                    Err(CallError::Timeout {
                         plugin: self.env.id.clone(),
                         timeout_ms: self.env.limits.timeout_ms,
-                    }
+                    })
                 } else {
-                    CallError::Trap {
-                        plugin: self.env.id.clone(),
-                        reason: format!("{trap:#}"),
-                    }
-                };
-                Err((err, output))
+                    Err(CallError::Trap { plugin: self.env.id.clone(), reason: format!("{trap:#}") })
+                }
             }
-        }
+        };
+        CallOutput { effects, logs, result }
     }
 }
 
