@@ -1,6 +1,7 @@
 //! One WebSocket connection: reads client frames into the router, and writes the session's
 //! outbox to the socket, batching queued frames into one flush.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
@@ -11,38 +12,31 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::error::CloseReason;
-use crate::outbox::{Out, OutboxRx};
+use crate::outbox::Next;
+use crate::protocol::Frame;
 use crate::router::{self, ConnState, Hub};
 use crate::session::Identity;
 
-/// Most frames written between two flushes.
-const MAX_BATCH: usize = 512;
-
 /// Serves one upgraded connection until it closes or the host shuts down.
-pub async fn serve<S>(
-    hub: Arc<Hub>,
-    mut ws: WebSocketStream<S>,
-    mut shutdown: watch::Receiver<bool>,
-) where
+pub async fn serve<S>(hub: Arc<Hub>, mut ws: WebSocketStream<S>, mut shutdown: watch::Receiver<bool>)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (session, mut rx) = hub
-        .sessions
-        .open(Identity::guest(), hub.limits.outbox_capacity);
+    let (session, mut rx) = hub.sessions.open(Identity::guest(), hub.limits.outbox_capacity);
     let mut conn = ConnState::new(session);
     router::welcome(&conn);
+    let mut batch = VecDeque::new();
     let close: Option<CloseReason> = loop {
         tokio::select! {
             biased;
             _ = crate::server::stopped(&mut shutdown) => break Some(CloseReason::Shutdown),
-            out = rx.recv() => match out {
-                Some(Out::Frame(frame)) => match write_batch(&mut ws, &mut rx, frame).await {
-                    Ok(None) => {}
-                    Ok(Some(reason)) => break Some(reason),
-                    Err(_) => break None,
-                },
-                Some(Out::Close(reason)) => break Some(reason),
-                None => break None,
+            next = rx.next(&mut batch) => match next {
+                Next::Frames => {
+                    if write_batch(&mut ws, &mut batch).await.is_err() {
+                        break None;
+                    }
+                }
+                Next::Close(reason) => break Some(reason),
             },
             incoming = ws.next() => match incoming {
                 Some(Ok(Message::Text(text))) => router::handle_text(&hub, &mut conn, &text),
@@ -64,20 +58,14 @@ pub async fn serve<S>(
         Some(reason) => {
             // Deliver what is already queued (the last acks) before closing, unless the client is
             // the reason the outbox overflowed.
-            if reason != CloseReason::SlowConsumer {
-                while let Some(Out::Frame(frame)) = rx.try_recv() {
-                    if ws.feed(Message::Text(frame)).await.is_err() {
-                        return;
-                    }
-                }
+            if reason != CloseReason::SlowConsumer
+                && let Some(Next::Frames) = rx.try_next(&mut batch)
+                && write_batch(&mut ws, &mut batch).await.is_err()
+            {
+                return;
             }
             let (code, text) = reason.close_code();
-            let _ = ws
-                .close(Some(CloseFrame {
-                    code,
-                    reason: text.into(),
-                }))
-                .await;
+            let _ = ws.close(Some(CloseFrame { code, reason: text.into() })).await;
         }
         None => {
             let _ = ws.close(None).await;
@@ -85,30 +73,15 @@ pub async fn serve<S>(
     }
 }
 
-/// Writes `first` and whatever else is queued, then flushes once. Returns a close request found
-/// in the queue.
-async fn write_batch<S>(
-    ws: &mut WebSocketStream<S>,
-    rx: &mut OutboxRx,
-    first: crate::protocol::Frame,
-) -> Result<Option<CloseReason>, WsError>
+/// Writes every frame of `batch`, then flushes once.
+async fn write_batch<S>(ws: &mut WebSocketStream<S>, batch: &mut VecDeque<Frame>) -> Result<(), WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    ws.feed(Message::Text(first)).await?;
-    let mut close = None;
-    for _ in 0..MAX_BATCH {
-        match rx.try_recv() {
-            Some(Out::Frame(frame)) => ws.feed(Message::Text(frame)).await?,
-            Some(Out::Close(reason)) => {
-                close = Some(reason);
-                break;
-            }
-            None => break,
-        }
+    for frame in batch.drain(..) {
+        ws.feed(Message::Text(frame)).await?;
     }
-    ws.flush().await?;
-    Ok(close)
+    ws.flush().await
 }
 
 fn close_reason_of(err: &WsError) -> Option<CloseReason> {

@@ -1,54 +1,53 @@
 //! The per-session outbox: every host-to-client frame of a connection passes through it, in
 //! order. It is bounded; a client that does not read fast enough is closed as a slow consumer.
+//! The connection task takes everything queued at once, writes it, and flushes once.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::error::CloseReason;
 use crate::protocol::Frame;
 
-/// What the connection task takes out of its outbox.
-#[derive(Debug)]
-pub enum Out {
-    Frame(Frame),
-    Close(CloseReason),
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Frame>,
+    close: Option<CloseReason>,
 }
 
 #[derive(Debug, Default)]
 struct Shared {
-    depth: AtomicUsize,
+    queue: Mutex<Queue>,
+    ready: Notify,
     closed: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding this lock cannot leave the queue inconsistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The sending side of an outbox; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Out>,
     shared: Arc<Shared>,
     capacity: usize,
 }
 
-/// The receiving side, owned by the connection task.
+/// The receiving side, owned by the connection task. Dropping it closes the outbox.
 #[derive(Debug)]
 pub struct OutboxRx {
-    rx: mpsc::UnboundedReceiver<Out>,
     shared: Arc<Shared>,
 }
 
 /// Creates an outbox holding at most `capacity` undelivered frames.
 pub fn outbox(capacity: usize) -> (Outbox, OutboxRx) {
-    let (tx, rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared::default());
-    (
-        Outbox {
-            tx,
-            shared: shared.clone(),
-            capacity,
-        },
-        OutboxRx { rx, shared },
-    )
+    (Outbox { shared: shared.clone(), capacity }, OutboxRx { shared })
 }
 
 impl Outbox {
@@ -58,50 +57,83 @@ impl Outbox {
         if self.shared.closed.load(Ordering::Relaxed) {
             return false;
         }
-        if self.shared.depth.fetch_add(1, Ordering::Relaxed) >= self.capacity {
-            self.shared.depth.fetch_sub(1, Ordering::Relaxed);
-            self.close(CloseReason::SlowConsumer);
+        let mut queue = self.shared.lock();
+        if queue.close.is_some() {
             return false;
         }
-        if self.tx.send(Out::Frame(frame)).is_err() {
-            self.shared.depth.fetch_sub(1, Ordering::Relaxed);
+        if queue.frames.len() >= self.capacity {
+            queue.close = Some(CloseReason::SlowConsumer);
+            queue.frames.clear();
+            drop(queue);
+            self.shared.closed.store(true, Ordering::Relaxed);
+            self.shared.ready.notify_one();
             return false;
+        }
+        let was_empty = queue.frames.is_empty();
+        queue.frames.push_back(frame);
+        drop(queue);
+        if was_empty {
+            self.shared.ready.notify_one();
         }
         true
     }
 
-    /// Tells the connection to close (once; later calls do nothing).
+    /// Tells the connection to close once the frames already queued are written (the first
+    /// reason wins).
     pub fn close(&self, reason: CloseReason) {
-        if !self.shared.closed.swap(true, Ordering::Relaxed) {
-            let _ = self.tx.send(Out::Close(reason));
+        let mut queue = self.shared.lock();
+        if queue.close.is_none() {
+            queue.close = Some(reason);
+            drop(queue);
+            self.shared.closed.store(true, Ordering::Relaxed);
+            self.shared.ready.notify_one();
         }
     }
 
     /// Whether the connection is closing.
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::Relaxed) || self.tx.is_closed()
+        self.shared.closed.load(Ordering::Relaxed)
     }
 }
 
+/// What the connection task takes out of its outbox.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Frames were moved into the caller's batch.
+    Frames,
+    /// Nothing is left to write; close the connection.
+    Close(CloseReason),
+}
+
 impl OutboxRx {
-    /// Waits for the next item.
-    pub async fn recv(&mut self) -> Option<Out> {
-        let out = self.rx.recv().await;
-        self.account(&out);
-        out
-    }
-
-    /// Takes the next item if one is queued.
-    pub fn try_recv(&mut self) -> Option<Out> {
-        let out = self.rx.try_recv().ok();
-        self.account(&out);
-        out
-    }
-
-    fn account(&self, out: &Option<Out>) {
-        if let Some(Out::Frame(_)) = out {
-            self.shared.depth.fetch_sub(1, Ordering::Relaxed);
+    /// Waits until frames are queued and moves all of them into `batch` (which must be empty),
+    /// or returns the close request once every frame queued before it was taken.
+    /// Cancel-safe: frames stay queued until a call returns them.
+    pub async fn next(&mut self, batch: &mut VecDeque<Frame>) -> Next {
+        loop {
+            if let Some(next) = self.try_next(batch) {
+                return next;
+            }
+            self.shared.ready.notified().await;
         }
+    }
+
+    /// Like [`OutboxRx::next`] without waiting.
+    pub fn try_next(&mut self, batch: &mut VecDeque<Frame>) -> Option<Next> {
+        debug_assert!(batch.is_empty());
+        let mut queue = self.shared.lock();
+        if !queue.frames.is_empty() {
+            std::mem::swap(batch, &mut queue.frames);
+            return Some(Next::Frames);
+        }
+        queue.close.map(Next::Close)
+    }
+}
+
+impl Drop for OutboxRx {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Relaxed);
+        self.shared.lock().frames.clear();
     }
 }
 
@@ -110,27 +142,49 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn overflow_closes_once_as_slow_consumer() {
+    async fn overflow_closes_as_slow_consumer_and_drops_the_backlog() {
         let (tx, mut rx) = outbox(2);
         assert!(tx.push("a".into()));
         assert!(tx.push("b".into()));
         assert!(!tx.push("c".into()));
         assert!(!tx.push("d".into()));
-        assert!(matches!(rx.recv().await, Some(Out::Frame(f)) if f == "a"));
-        assert!(matches!(rx.recv().await, Some(Out::Frame(f)) if f == "b"));
-        assert!(matches!(
-            rx.recv().await,
-            Some(Out::Close(CloseReason::SlowConsumer))
-        ));
-        assert!(rx.try_recv().is_none());
         assert!(tx.is_closed());
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.next(&mut batch).await, Next::Close(CloseReason::SlowConsumer));
+        assert!(batch.is_empty());
     }
 
     #[tokio::test]
-    async fn draining_makes_room() {
-        let (tx, mut rx) = outbox(1);
+    async fn frames_queued_before_a_close_are_delivered_first() {
+        let (tx, mut rx) = outbox(8);
         assert!(tx.push("a".into()));
-        assert!(rx.try_recv().is_some());
         assert!(tx.push("b".into()));
+        tx.close(CloseReason::Shutdown);
+        assert!(!tx.push("c".into()));
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.next(&mut batch).await, Next::Frames);
+        assert_eq!(batch, ["a", "b"]);
+        batch.clear();
+        assert_eq!(rx.next(&mut batch).await, Next::Close(CloseReason::Shutdown));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_wakes_on_push() {
+        let (tx, mut rx) = outbox(8);
+        let waiter = tokio::spawn(async move {
+            let mut batch = VecDeque::new();
+            rx.next(&mut batch).await;
+            batch
+        });
+        tokio::task::yield_now().await;
+        assert!(tx.push("x".into()));
+        assert_eq!(waiter.await.unwrap(), ["x"]);
+    }
+
+    #[test]
+    fn dropping_the_receiver_closes() {
+        let (tx, rx) = outbox(8);
+        drop(rx);
+        assert!(!tx.push("a".into()));
     }
 }

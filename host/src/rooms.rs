@@ -99,8 +99,9 @@ mod tests {
         assert!(rooms.join("r", &b));
         assert_eq!(rooms.members("r").len(), 2);
         assert_eq!(rooms.broadcast("r", &"x".into(), Some(&a.connection_id)), 1);
-        assert!(rx_a.try_recv().is_none());
-        assert!(rx_b.try_recv().is_some());
+        let mut batch = std::collections::VecDeque::new();
+        assert!(rx_a.try_next(&mut batch).is_none());
+        assert!(rx_b.try_next(&mut batch).is_some());
         assert!(rooms.leave("r", &a.connection_id));
         assert!(!rooms.leave("r", &a.connection_id));
         assert!(rooms.leave("r", &b.connection_id));
