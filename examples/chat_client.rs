@@ -22,9 +22,14 @@ async fn main() -> anyhow::Result<()> {
             other => room = other.to_owned(),
         }
     }
-    let (ws, _) = tokio_tungstenite::connect_async(&url).await.with_context(|| format!("connecting to {url}"))?;
+    let (ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
     let (mut tx, mut rx) = ws.split();
-    tx.send(Message::text(json!({"type": "sys.join", "room": room, "messageId": "join"}).to_string())).await?;
+    tx.send(Message::text(
+        json!({"type": "sys.join", "room": room, "messageId": "join"}).to_string(),
+    ))
+    .await?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut n = 0u64;
     loop {
@@ -57,16 +62,38 @@ async fn main() -> anyhow::Result<()> {
 
 /// A one-line rendering of a host frame.
 fn render(text: &str) -> String {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else { return text.to_owned() };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return text.to_owned();
+    };
     let p = &v["payload"];
     match v["type"].as_str().unwrap_or("") {
-        "chat.message" if p["action"].as_bool() == Some(true) => format!("* {} {}", p["nick"].as_str().unwrap_or("?"), p["text"].as_str().unwrap_or("")),
-        "chat.message" => format!("<{}> {}", p["nick"].as_str().unwrap_or("?"), p["text"].as_str().unwrap_or("")),
-        "chat.topic" => format!("-- topic of {}: {}", p["room"].as_str().unwrap_or("?"), p["topic"].as_str().unwrap_or("")),
+        "chat.message" if p["action"].as_bool() == Some(true) => format!(
+            "* {} {}",
+            p["nick"].as_str().unwrap_or("?"),
+            p["text"].as_str().unwrap_or("")
+        ),
+        "chat.message" => format!(
+            "<{}> {}",
+            p["nick"].as_str().unwrap_or("?"),
+            p["text"].as_str().unwrap_or("")
+        ),
+        "chat.topic" => format!(
+            "-- topic of {}: {}",
+            p["room"].as_str().unwrap_or("?"),
+            p["topic"].as_str().unwrap_or("")
+        ),
         "room.joined" => format!("-- {} joined", p["identity"].as_str().unwrap_or("?")),
-        "room.left" => format!("-- {} left ({})", p["identity"].as_str().unwrap_or("?"), p["reason"].as_str().unwrap_or("")),
+        "room.left" => format!(
+            "-- {} left ({})",
+            p["identity"].as_str().unwrap_or("?"),
+            p["reason"].as_str().unwrap_or("")
+        ),
         "sys.ack" => format!("   ok {}", p["ref"]),
-        "sys.error" => format!("!! {}: {}", p["code"].as_str().unwrap_or("?"), p["message"].as_str().unwrap_or("")),
+        "sys.error" => format!(
+            "!! {}: {}",
+            p["code"].as_str().unwrap_or("?"),
+            p["message"].as_str().unwrap_or("")
+        ),
         _ => text.to_owned(),
     }
 }

@@ -96,10 +96,21 @@ fn assert_message(frame: &Value, from: &Client, room: &str, text: &str, nick: &s
 fn assert_room_event(frame: &Value, ty: &str, room: &str, who: &Client) {
     assert_eq!(frame["type"], ty, "{frame}");
     assert_eq!(frame["room"], room, "{frame}");
-    assert!(frame.get("sender").is_none(), "room events come from the host: {frame}");
+    assert!(
+        frame.get("sender").is_none(),
+        "room events come from the host: {frame}"
+    );
     assert_eq!(frame["payload"]["room"], room, "{frame}");
-    assert_eq!(frame["payload"]["connectionId"], who.connection_id.as_str(), "{frame}");
-    assert_eq!(frame["payload"]["identity"], who.identity.as_str(), "{frame}");
+    assert_eq!(
+        frame["payload"]["connectionId"],
+        who.connection_id.as_str(),
+        "{frame}"
+    );
+    assert_eq!(
+        frame["payload"]["identity"],
+        who.identity.as_str(),
+        "{frame}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,9 +234,21 @@ async fn commands() {
         .collect();
     who.sort();
     let mut expected = vec![
-        (a.connection_id.clone(), a.identity.clone(), "ada".to_owned()),
-        (b.connection_id.clone(), b.identity.clone(), b.identity.clone()),
-        (c.connection_id.clone(), c.identity.clone(), c.identity.clone()),
+        (
+            a.connection_id.clone(),
+            a.identity.clone(),
+            "ada".to_owned(),
+        ),
+        (
+            b.connection_id.clone(),
+            b.identity.clone(),
+            b.identity.clone(),
+        ),
+        (
+            c.connection_id.clone(),
+            c.identity.clone(),
+            c.identity.clone(),
+        ),
     ];
     expected.sort();
     assert_eq!(who, expected);
@@ -237,7 +260,13 @@ async fn commands() {
             "unknown_command",
         )
         .await;
-    assert!(err["payload"]["message"].as_str().unwrap().contains("/nope"), "{err}");
+    assert!(
+        err["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/nope"),
+        "{err}"
+    );
 
     // Nothing else reached anyone.
     for client in [&mut a, &mut b, &mut c] {
@@ -301,6 +330,10 @@ async fn leaving_and_disconnecting() {
     let (_, ack) = a
         .request(json!({"type": "sys.join", "messageId": id, "room": "lobby"}))
         .await;
-    assert_eq!(ack["payload"]["members"].as_array().map(Vec::len), Some(1), "{ack}");
+    assert_eq!(
+        ack["payload"]["members"].as_array().map(Vec::len),
+        Some(1),
+        "{ack}"
+    );
     a.sync().await;
 }

@@ -9,7 +9,11 @@ use support::{Client, Host, assert_error, echo_manifest, faulty_manifest};
 use tokio_tungstenite::tungstenite::Message;
 
 async fn host() -> Host {
-    Host::start(&[("echo.toml", echo_manifest()), ("faulty.toml", faulty_manifest())]).await
+    Host::start(&[
+        ("echo.toml", echo_manifest()),
+        ("faulty.toml", faulty_manifest()),
+    ])
+    .await
 }
 
 /// Sends `text` (a frame without `messageId`, or one whose id cannot be read) and expects a
@@ -53,7 +57,8 @@ async fn bad_frames() {
     }
 
     // A binary frame is refused, without closing the connection.
-    c.send_message(Message::binary(b"{\"type\":\"echo\"}".to_vec())).await;
+    c.send_message(Message::binary(b"{\"type\":\"echo\"}".to_vec()))
+        .await;
     assert_error(&c.recv().await, "bad_frame", None);
     c.echo_round_trip().await;
 
@@ -63,7 +68,10 @@ async fn bad_frames() {
         (r#"{"messageId": "b-2"}"#, "b-2"),
         (r#"{"messageId": "b-3", "type": ""}"#, "b-3"),
         (r#"{"messageId": "b-4", "type": "echo", "room": 5}"#, "b-4"),
-        (r#"{"messageId": "b-5", "type": "echo", "metadata": [1]}"#, "b-5"),
+        (
+            r#"{"messageId": "b-5", "type": "echo", "metadata": [1]}"#,
+            "b-5",
+        ),
         (r#"{"messageId": 77, "type": ["echo"]}"#, "77"),
     ] {
         expect_referenced_error(&mut c, text, id, "bad_frame").await;
@@ -74,7 +82,14 @@ async fn bad_frames() {
 async fn unknown_types() {
     let host = host().await;
     let mut c = host.client().await;
-    for ty in ["nope", "chat.send", "sys.nope", "sys.", "sys.welcome", "sys.ack"] {
+    for ty in [
+        "nope",
+        "chat.send",
+        "sys.nope",
+        "sys.",
+        "sys.welcome",
+        "sys.ack",
+    ] {
         let err = c.expect_error(json!({"type": ty}), "unknown_type").await;
         assert!(
             err["payload"]["message"].as_str().unwrap().contains(ty),
@@ -91,15 +106,25 @@ async fn unsupported_versions() {
     let host = host().await;
     let mut c = host.client().await;
     for version in ["2.0", "10.1", "x.y", ""] {
-        c.expect_error(json!({"type": "echo", "version": version}), "unsupported_version")
-            .await;
+        c.expect_error(
+            json!({"type": "echo", "version": version}),
+            "unsupported_version",
+        )
+        .await;
         c.echo_round_trip().await;
     }
     // Refused before routing: even an unknown type reports the version.
-    c.expect_error(json!({"type": "nope", "version": "2.0"}), "unsupported_version")
-        .await;
-    expect_unreferenced_error(&mut c, r#"{"type": "echo", "version": "2.0"}"#, "unsupported_version")
-        .await;
+    c.expect_error(
+        json!({"type": "nope", "version": "2.0"}),
+        "unsupported_version",
+    )
+    .await;
+    expect_unreferenced_error(
+        &mut c,
+        r#"{"type": "echo", "version": "2.0"}"#,
+        "unsupported_version",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,10 +132,18 @@ async fn not_in_room() {
     let host = host().await;
     let mut c = host.client().await;
     // A routed message naming a room the sender has not joined.
-    c.expect_error(json!({"type": "echo", "room": "lobby", "payload": 1}), "not_in_room")
-        .await;
+    c.expect_error(
+        json!({"type": "echo", "room": "lobby", "payload": 1}),
+        "not_in_room",
+    )
+    .await;
     c.echo_round_trip().await;
-    expect_unreferenced_error(&mut c, r#"{"type": "echo", "room": "lobby"}"#, "not_in_room").await;
+    expect_unreferenced_error(
+        &mut c,
+        r#"{"type": "echo", "room": "lobby"}"#,
+        "not_in_room",
+    )
+    .await;
 
     // Once joined, the same message goes through (the echo names the room).
     c.ack(json!({"type": "sys.join", "room": "lobby"})).await;
@@ -123,11 +156,17 @@ async fn not_in_room() {
     assert_eq!(before[0]["room"], "lobby");
 
     // Leaving a room the sender is not in.
-    c.expect_error(json!({"type": "sys.leave", "room": "elsewhere"}), "not_in_room")
-        .await;
+    c.expect_error(
+        json!({"type": "sys.leave", "room": "elsewhere"}),
+        "not_in_room",
+    )
+    .await;
     c.echo_round_trip().await;
-    c.expect_error(json!({"type": "sys.leave", "payload": {"room": "elsewhere"}}), "not_in_room")
-        .await;
+    c.expect_error(
+        json!({"type": "sys.leave", "payload": {"room": "elsewhere"}}),
+        "not_in_room",
+    )
+    .await;
     c.ack(json!({"type": "sys.leave", "room": "lobby"})).await;
     c.expect_error(json!({"type": "sys.leave", "room": "lobby"}), "not_in_room")
         .await;
@@ -168,11 +207,14 @@ async fn plugin_failures() {
 
     for (ty, what) in [
         ("faulty.trap", "trapped"),
+        ("faulty.unreachable", "trapped"),
         ("faulty.spin", "ran out of time"),
         ("faulty.bad-json", "not JSON"),
     ] {
         // `expect_error` asserts nothing came before the error: the bad-json reply is dropped.
-        let err = c.expect_error(json!({"type": ty, "payload": {}}), "plugin_failed").await;
+        let err = c
+            .expect_error(json!({"type": ty, "payload": {}}), "plugin_failed")
+            .await;
         let message = err["payload"]["message"].as_str().unwrap();
         assert!(message.contains(what), "{ty}: {err}");
         c.echo_round_trip().await;
@@ -188,6 +230,7 @@ async fn plugin_failures() {
 
     // Without a messageId, the failure still gets an error, without `ref`.
     expect_unreferenced_error(&mut c, r#"{"type": "faulty.trap"}"#, "plugin_failed").await;
+    expect_unreferenced_error(&mut c, r#"{"type": "faulty.unreachable"}"#, "plugin_failed").await;
     expect_unreferenced_error(&mut c, r#"{"type": "faulty.spin"}"#, "plugin_failed").await;
     expect_unreferenced_error(&mut c, r#"{"type": "faulty.bad-json"}"#, "plugin_failed").await;
     c.sync().await;
@@ -224,6 +267,13 @@ async fn too_large_frames() {
     for len in [LIMIT + 1, 2 * LIMIT, 4 * LIMIT - 16] {
         expect_unreferenced_error(&mut c, &frame_of(len), "too_large").await;
     }
+    // A too-large frame that carries a messageId gets an error naming it.
+    let big = json!({"type": "echo", "messageId": "big-1", "payload": "x".repeat(2 * LIMIT)});
+    let (before, err) = c.request(big).await;
+    assert!(before.is_empty(), "{before:?}");
+    assert_eq!(err["type"], "sys.error", "{err}");
+    assert_eq!(err["payload"]["code"], "too_large", "{err}");
+    assert_eq!(err["payload"]["ref"], "big-1", "{err}");
 
     // Far above 4x the limit: the host closes the socket with 1009.
     let mut other = host.client().await;
@@ -253,6 +303,7 @@ async fn one_clients_bad_input_does_not_disturb_another() {
         Message::text(r#"{"type": "echo", "room": "lobby"}"#),
         Message::text(r#"{"type": "sys.join"}"#),
         Message::text(r#"{"type": "faulty.trap"}"#),
+        Message::text(r#"{"type": "faulty.unreachable"}"#),
         Message::text(r#"{"type": "faulty.spin"}"#),
         Message::text(r#"{"type": "faulty.bad-json"}"#),
     ];
@@ -270,4 +321,18 @@ async fn one_clients_bad_input_does_not_disturb_another() {
     bad.drop_connection();
     good.echo_round_trip().await;
     good.sync().await;
+}
+
+/// A plugin writing to stdout and stderr (through WASI) is served normally.
+#[tokio::test]
+async fn plugin_output_does_not_fail_the_call() {
+    let host = Host::start(&[("faulty.toml", faulty_manifest())]).await;
+    let mut c = Client::connect(host.addr()).await;
+    let (before, ack) = c
+        .request(json!({"type": "faulty.print", "messageId": "p1", "payload": {"k": 2}}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["type"], "faulty.printed");
+    assert_eq!(before[0]["payload"], json!({"k": 2}));
 }

@@ -66,7 +66,9 @@ fn run_case(case: &Path, bless: bool) -> Outcome {
         problems.push(format!("expected exit code 1, got {:?}", output.status));
     }
     if expect_ok && !stdout.lines().any(|l| l.starts_with("ok: plugin `")) {
-        problems.push(format!("expected `ok: plugin ...` on stdout, got {stdout:?}"));
+        problems.push(format!(
+            "expected `ok: plugin ...` on stdout, got {stdout:?}"
+        ));
     }
 
     let expected_file = case.join("expected.stderr");
@@ -113,7 +115,13 @@ fn every_case_has_a_manifest() {
     for case in cases() {
         let manifests = std::fs::read_dir(&case)
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "toml"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "toml")
+            })
             .count();
         assert!(manifests > 0, "{} has no manifest", case.display());
     }

@@ -25,7 +25,10 @@ async fn welcome_frame_describes_the_connection() {
         let w = &client.welcome;
         assert_eq!(w["type"], "sys.welcome");
         assert_host_frame(w);
-        assert!(w.get("sender").is_none(), "host-originated frames have no sender: {w}");
+        assert!(
+            w.get("sender").is_none(),
+            "host-originated frames have no sender: {w}"
+        );
         assert!(str_at(w, "/payload/connectionId").starts_with("c-"), "{w}");
         assert!(str_at(w, "/payload/sessionId").starts_with("s-"), "{w}");
         assert!(!str_at(w, "/payload/identity").is_empty(), "{w}");
@@ -33,7 +36,10 @@ async fn welcome_frame_describes_the_connection() {
         assert_eq!(w["payload"]["hostVersion"], env!("CARGO_PKG_VERSION"));
     }
     assert_ne!(a.connection_id, b.connection_id);
-    assert_ne!(a.welcome["payload"]["sessionId"], b.welcome["payload"]["sessionId"]);
+    assert_ne!(
+        a.welcome["payload"]["sessionId"],
+        b.welcome["payload"]["sessionId"]
+    );
     assert_ne!(a.identity, b.identity);
 }
 
@@ -56,7 +62,11 @@ async fn every_message_id_gets_one_answer_after_the_handler_frames() {
     // Numeric ids are accepted and answered as text.
     let (before, ack) = c.request(json!({"type": "echo", "messageId": 42})).await;
     assert_eq!(before.len(), 1);
-    assert_eq!(before[0]["payload"], Value::Null, "an absent payload is null");
+    assert_eq!(
+        before[0]["payload"],
+        Value::Null,
+        "an absent payload is null"
+    );
     assert_eq!(ack["payload"]["ref"], "42");
     c.sync().await;
 
@@ -109,9 +119,15 @@ async fn host_frames_carry_id_timestamp_and_the_real_sender() {
     assert_eq!(echo["sender"], c.identity.as_str(), "{echo}");
     assert_ne!(echo["sender"], "mallory");
     assert_host_frame(&ack);
-    assert!(ack.get("sender").is_none(), "host-originated frames have no sender: {ack}");
+    assert!(
+        ack.get("sender").is_none(),
+        "host-originated frames have no sender: {ack}"
+    );
     for f in [echo, &ack] {
-        assert!(ids.insert(str_at(f, "/messageId").to_owned()), "host ids are unique: {f}");
+        assert!(
+            ids.insert(str_at(f, "/messageId").to_owned()),
+            "host ids are unique: {f}"
+        );
     }
 
     for i in 0..10 {
@@ -120,7 +136,10 @@ async fn host_frames_carry_id_timestamp_and_the_real_sender() {
             .await;
         for f in before.iter().chain([&ack]) {
             assert_host_frame(f);
-            assert!(ids.insert(str_at(f, "/messageId").to_owned()), "host ids are unique: {f}");
+            assert!(
+                ids.insert(str_at(f, "/messageId").to_owned()),
+                "host ids are unique: {f}"
+            );
         }
     }
 }
@@ -129,7 +148,12 @@ async fn host_frames_carry_id_timestamp_and_the_real_sender() {
 async fn ping_is_answered_with_the_same_payload() {
     let host = echo_host().await;
     let mut c = host.client().await;
-    for payload in [json!({"t": [1, 2, {"x": null}]}), json!("text"), json!(7), json!(null)] {
+    for payload in [
+        json!({"t": [1, 2, {"x": null}]}),
+        json!("text"),
+        json!(7),
+        json!(null),
+    ] {
         let (before, ack) = c
             .request(json!({"type": "sys.ping", "messageId": "p", "payload": payload}))
             .await;
@@ -173,14 +197,18 @@ async fn healthz_reports_status_and_plugin_versions() {
     let resp = http_get(host.addr(), "/healthz").await;
     assert_eq!(resp.status, 200, "{resp:?}");
     assert!(
-        resp.header("content-type").is_some_and(|t| t.starts_with("application/json")),
+        resp.header("content-type")
+            .is_some_and(|t| t.starts_with("application/json")),
         "{resp:?}"
     );
     let body: Value = serde_json::from_str(&resp.body).expect("a JSON body");
     assert_eq!(body["status"], "ok", "{body}");
     assert_eq!(body["protocolVersion"], "1.0", "{body}");
     let version = body["plugins"]["echo"].as_str().unwrap_or_default();
-    assert!(!version.is_empty(), "the echo plugin's version is listed: {body}");
+    assert!(
+        !version.is_empty(),
+        "the echo plugin's version is listed: {body}"
+    );
     assert_eq!(body["connections"], 1, "{body}");
 
     let resp = http_get(host.addr(), "/nowhere").await;
@@ -232,7 +260,13 @@ async fn sigterm_shuts_the_binary_down_gracefully() {
     let dir = support::TempDir::new();
     dir.write("echo.toml", echo_manifest());
     let child = tokio::process::Command::new(support::plexus_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--no-build", "--manifests"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-build",
+            "--manifests",
+        ])
         .arg(dir.path())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -283,5 +317,8 @@ async fn sigterm_shuts_the_binary_down_gracefully() {
         .await
         .expect("waiting for the child");
     let stderr = within("stderr", stderr_text).await.unwrap_or_default();
-    assert!(exit.success(), "plexus exited with {exit}; stderr:\n{stderr}");
+    assert!(
+        exit.success(),
+        "plexus exited with {exit}; stderr:\n{stderr}"
+    );
 }

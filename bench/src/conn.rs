@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -240,6 +241,7 @@ pub struct Fleet<R> {
     start_tx: watch::Sender<Option<Timeline>>,
     handles: Vec<JoinHandle<Result<R, String>>>,
     started: Instant,
+    early_closes: Arc<AtomicU64>,
 }
 
 impl<R: Send + 'static> Fleet<R> {
@@ -263,6 +265,7 @@ impl<R: Send + 'static> Fleet<R> {
         let run = Arc::new(run);
         let room: Option<Arc<str>> = room.map(Arc::from);
         let started = Instant::now();
+        let early_closes = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::with_capacity(n);
         for idx in 0..n {
             let target = target.clone();
@@ -271,6 +274,7 @@ impl<R: Send + 'static> Fleet<R> {
             let mut start_rx = start_rx.clone();
             let run = run.clone();
             let room = room.clone();
+            let early = early_closes.clone();
             handles.push(tokio::spawn(async move {
                 let opened = {
                     let _permit = sem.acquire().await.expect("semaphore open");
@@ -315,10 +319,14 @@ impl<R: Send + 'static> Fleet<R> {
                                 }
                             }
                             Some(Ok(Message::Close(_))) | None => {
+                                early.fetch_add(1, Ordering::Relaxed);
                                 return Err("closed by the server before the run".to_string())
                             }
                             Some(Ok(_)) => {}
-                            Some(Err(e)) => return Err(format!("before the run: {e}")),
+                            Some(Err(e)) => {
+                                early.fetch_add(1, Ordering::Relaxed);
+                                return Err(format!("before the run: {e}"));
+                            }
                         },
                     }
                 };
@@ -331,6 +339,7 @@ impl<R: Send + 'static> Fleet<R> {
             start_tx,
             handles,
             started,
+            early_closes,
         }
     }
 
@@ -365,6 +374,11 @@ impl<R: Send + 'static> Fleet<R> {
     /// Starts the traffic of every connection that is up.
     pub fn start(&self, tl: Timeline) {
         let _ = self.start_tx.send(Some(tl));
+    }
+
+    /// Connections that were up but ended before their traffic started.
+    pub fn early_closes(&self) -> u64 {
+        self.early_closes.load(Ordering::Relaxed)
     }
 
     /// Waits for every task; failed connections come back as `Err`.

@@ -34,10 +34,20 @@ host = ["messaging"]
 fn hub(dir: &Path, rt: &tokio::runtime::Runtime) -> Arc<Hub> {
     rt.block_on(async {
         let rooms = Arc::new(Rooms::default());
-        let registry = Registry::load(dir, Runtime::new().unwrap(), rooms.clone(), LoadOptions { build: true })
-            .await
-            .unwrap_or_else(|e| panic!("loading {}: {e:?}", dir.display()));
-        Arc::new(Hub { sessions: Sessions::default(), rooms, registry, limits: HostLimits::default() })
+        let registry = Registry::load(
+            dir,
+            Runtime::new().unwrap(),
+            rooms.clone(),
+            LoadOptions { build: true },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("loading {}: {e:?}", dir.display()));
+        Arc::new(Hub {
+            sessions: Sessions::default(),
+            rooms,
+            registry,
+            limits: HostLimits::default(),
+        })
     })
 }
 
@@ -58,7 +68,7 @@ fn bench(c: &mut Criterion) {
         let mut batch = std::collections::VecDeque::new();
         group.bench_function(name, |b| {
             b.iter(|| {
-                plexus::router::handle_text(hub, &mut conn, frame);
+                rt.block_on(plexus::router::handle_text(hub, &mut conn, frame));
                 assert_eq!(rx.try_next(&mut batch), Some(Next::Frames));
                 batch.pop_front()
                 // A message's answer is one frame; `batch` is left empty for the next turn.
@@ -72,10 +82,22 @@ fn bench(c: &mut Criterion) {
         .join("../plugins/target/wasm32-wasip2/release/echo.wasm");
     let manifest = manifest::load(&demo.join("echo.toml")).unwrap();
     let runtime = Runtime::new().unwrap();
-    let component = runtime.compile(&std::fs::read(&wasm_path).unwrap()).unwrap();
-    let env = || Arc::new(PluginEnv::new(&manifest, Default::default(), Arc::new(Rooms::default())));
-    let reused = WasmPlugin::new(&runtime, &component, env()).unwrap();
-    let mut fresh = WasmPlugin::new(&runtime, &component, env()).unwrap();
+    let component = runtime
+        .compile(&std::fs::read(&wasm_path).unwrap())
+        .unwrap();
+    let env = || {
+        Arc::new(PluginEnv::new(
+            &manifest,
+            Default::default(),
+            Arc::new(Rooms::default()),
+        ))
+    };
+    let reused = rt
+        .block_on(WasmPlugin::new(&runtime, &component, env()))
+        .unwrap();
+    let mut fresh = rt
+        .block_on(WasmPlugin::new(&runtime, &component, env()))
+        .unwrap();
     fresh.set_reuse_instances(false);
     let input = CallInput {
         handler: "echo",
@@ -88,8 +110,12 @@ fn bench(c: &mut Criterion) {
         metadata: None,
     };
     let mut group = c.benchmark_group("plugin_call");
-    group.bench_function("wasm_reused_instance", |b| b.iter(|| reused.call(&input).result.unwrap()));
-    group.bench_function("wasm_fresh_store", |b| b.iter(|| fresh.call(&input).result.unwrap()));
+    group.bench_function("wasm_reused_instance", |b| {
+        b.iter(|| rt.block_on(reused.call(&input)).result.unwrap())
+    });
+    group.bench_function("wasm_fresh_store", |b| {
+        b.iter(|| rt.block_on(fresh.call(&input)).result.unwrap())
+    });
     group.finish();
     let _ = std::fs::remove_dir_all(&native_dir);
 }

@@ -18,11 +18,16 @@ use crate::router::{self, ConnState, Hub};
 use crate::session::Identity;
 
 /// Serves one upgraded connection until it closes or the host shuts down.
-pub async fn serve<S>(hub: Arc<Hub>, mut ws: WebSocketStream<S>, mut shutdown: watch::Receiver<bool>)
-where
+pub async fn serve<S>(
+    hub: Arc<Hub>,
+    mut ws: WebSocketStream<S>,
+    mut shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (session, mut rx) = hub.sessions.open(Identity::guest(), hub.limits.outbox_capacity);
+    let (session, mut rx) = hub
+        .sessions
+        .open(Identity::guest(), hub.limits.outbox_capacity);
     let mut conn = ConnState::new(session);
     router::welcome(&conn);
     let mut batch = VecDeque::new();
@@ -39,7 +44,7 @@ where
                 Next::Close(reason) => break Some(reason),
             },
             incoming = ws.next() => match incoming {
-                Some(Ok(Message::Text(text))) => router::handle_text(&hub, &mut conn, &text),
+                Some(Ok(Message::Text(text))) => router::handle_text(&hub, &mut conn, &text).await,
                 Some(Ok(Message::Binary(_))) => router::handle_binary(&conn),
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
                     // tungstenite queued the pong; send it now.
@@ -52,7 +57,7 @@ where
             },
         }
     };
-    router::leave_all(&hub, &mut conn);
+    router::leave_all(&hub, &mut conn).await;
     hub.sessions.close(&conn.session.connection_id);
     match close {
         Some(reason) => {
@@ -65,7 +70,12 @@ where
                 return;
             }
             let (code, text) = reason.close_code();
-            let _ = ws.close(Some(CloseFrame { code, reason: text.into() })).await;
+            let _ = ws
+                .close(Some(CloseFrame {
+                    code,
+                    reason: text.into(),
+                }))
+                .await;
         }
         None => {
             let _ = ws.close(None).await;
@@ -74,7 +84,10 @@ where
 }
 
 /// Writes every frame of `batch`, then flushes once.
-async fn write_batch<S>(ws: &mut WebSocketStream<S>, batch: &mut VecDeque<Frame>) -> Result<(), WsError>
+async fn write_batch<S>(
+    ws: &mut WebSocketStream<S>,
+    batch: &mut VecDeque<Frame>,
+) -> Result<(), WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

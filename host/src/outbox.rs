@@ -47,7 +47,13 @@ pub struct OutboxRx {
 /// Creates an outbox holding at most `capacity` undelivered frames.
 pub fn outbox(capacity: usize) -> (Outbox, OutboxRx) {
     let shared = Arc::new(Shared::default());
-    (Outbox { shared: shared.clone(), capacity }, OutboxRx { shared })
+    (
+        Outbox {
+            shared: shared.clone(),
+            capacity,
+        },
+        OutboxRx { shared },
+    )
 }
 
 impl Outbox {
@@ -150,7 +156,10 @@ mod tests {
         assert!(!tx.push("d".into()));
         assert!(tx.is_closed());
         let mut batch = VecDeque::new();
-        assert_eq!(rx.next(&mut batch).await, Next::Close(CloseReason::SlowConsumer));
+        assert_eq!(
+            rx.next(&mut batch).await,
+            Next::Close(CloseReason::SlowConsumer)
+        );
         assert!(batch.is_empty());
     }
 
@@ -165,7 +174,10 @@ mod tests {
         assert_eq!(rx.next(&mut batch).await, Next::Frames);
         assert_eq!(batch, ["a", "b"]);
         batch.clear();
-        assert_eq!(rx.next(&mut batch).await, Next::Close(CloseReason::Shutdown));
+        assert_eq!(
+            rx.next(&mut batch).await,
+            Next::Close(CloseReason::Shutdown)
+        );
     }
 
     #[tokio::test]

@@ -127,14 +127,16 @@ fn message_id_text(raw: &RawValue) -> Result<String, String> {
     }
 }
 
-/// Reads `messageId` from a frame that failed strict decoding, so the error can refer to it.
-fn salvage_message_id(text: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(text).ok()?;
-    match value.get("messageId")? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
+/// Reads `messageId` from a frame that failed strict decoding (or is too large to handle), so
+/// the error can refer to it. Skips every other field without building values.
+pub fn salvage_message_id(text: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(rename = "messageId", borrow, default)]
+        message_id: Option<&'a RawValue>,
     }
+    let id = serde_json::from_str::<IdOnly<'_>>(text).ok()?.message_id?;
+    message_id_text(id).ok()
 }
 
 fn describe_json_error(text: &str, err: &serde_json::Error) -> String {
@@ -347,6 +349,11 @@ mod tests {
         assert_eq!(err.message_id.as_deref(), Some("m1"));
         let err = decode(r#"{"messageId":"m2"}"#).unwrap_err();
         assert_eq!(err.message_id.as_deref(), Some("m2"));
+        let big = format!(
+            r#"{{"type":"echo","messageId":"m3","payload":"{}"}}"#,
+            "x".repeat(5000)
+        );
+        assert_eq!(salvage_message_id(&big).as_deref(), Some("m3"));
     }
 
     #[test]

@@ -144,8 +144,9 @@ fn fingerprint(text: &str, bytes: &[u8]) -> String {
     format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
 }
 
-/// The plugin a manifest file describes, loaded, or why not.
-fn load_one(
+/// The plugin a manifest file describes, loaded, or why not. Building and compiling run on
+/// the blocking pool, off the connection tasks.
+async fn load_one(
     runtime: &Runtime,
     rooms: &Arc<Rooms>,
     kv: KvStore,
@@ -170,7 +171,10 @@ fn load_one(
                 && options.build
                 && builder::is_stale(path, build)
             {
-                builder::run(build).map_err(&fail)?;
+                let build = build.clone();
+                blocking(move || builder::run(&build))
+                    .await
+                    .map_err(&fail)?;
             }
             let bytes = std::fs::read(path)
                 .map_err(|e| fail(format!("cannot read component {}: {e}", path.display())))?;
@@ -180,13 +184,15 @@ fn load_one(
             {
                 return Ok(previous.clone());
             }
-            let component = runtime.compile(&bytes).map_err(|e| {
-                fail(format!(
-                    "{} is not a valid component: {e:#}",
-                    path.display()
-                ))
-            })?;
+            let compiler = runtime.clone();
+            let component =
+                blocking(move || compiler.compile(&bytes).map_err(|e| format!("{e:#}")))
+                    .await
+                    .map_err(|e| {
+                        fail(format!("{} is not a valid component: {e}", path.display()))
+                    })?;
             let plugin = WasmPlugin::new(runtime, &component, env)
+                .await
                 .map_err(|e| fail(format!("{} {e}", path.display())))?;
             (Code::Wasm(plugin), version)
         }
@@ -198,6 +204,15 @@ fn load_one(
         kv,
         loaded_at: SystemTime::now(),
     }))
+}
+
+/// Runs blocking work (a build, a compilation) on the blocking pool.
+async fn blocking<T: Send + 'static, E: From<String> + Send + 'static>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|join| Err(E::from(format!("the work panicked: {join}"))))
 }
 
 impl Registry {
@@ -267,34 +282,22 @@ impl Registry {
                 }
             };
             let kv = self.kv.entry(manifest.id.clone()).or_default().clone();
-            let (runtime, rooms, options) = (
-                self.runtime.clone(),
-                self.rooms.clone(),
-                self.options.clone(),
-            );
-            let prev = previous.get(&file).cloned();
-            let loaded = tokio::task::spawn_blocking(move || {
-                load_one(
-                    &runtime,
-                    &rooms,
-                    kv,
-                    manifest,
-                    &text,
-                    &options,
-                    prev.as_ref(),
-                )
-            })
-            .await;
-            match loaded {
-                Ok(Ok(plugin)) => {
+            let prev = previous.get(&file);
+            match load_one(
+                &self.runtime,
+                &self.rooms,
+                kv,
+                manifest,
+                &text,
+                &self.options,
+                prev,
+            )
+            .await
+            {
+                Ok(plugin) => {
                     plugins.insert(file, plugin);
                 }
-                Ok(Err(e)) => errors.push(e),
-                Err(join) => errors.push(ManifestError {
-                    file,
-                    line: None,
-                    message: format!("loading panicked: {join}"),
-                }),
+                Err(e) => errors.push(e),
             }
         }
         (plugins, errors)
@@ -382,6 +385,11 @@ impl Registry {
     /// The current route table. Hold it for the whole of one message.
     pub fn table(&self) -> arc_swap::Guard<Arc<RouteTable>> {
         self.table.load()
+    }
+
+    /// The current route table, as an owned pointer to hold across awaits.
+    pub fn table_full(&self) -> Arc<RouteTable> {
+        self.table.load_full()
     }
 
     /// Reload outcomes as they happen.

@@ -70,15 +70,16 @@ impl ConnState {
 const MAX_EVENT_DEPTH: u8 = 1;
 
 /// Handles one client text frame: decode, dispatch, answer.
-pub fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
+pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
     if text.len() > hub.limits.max_message_bytes {
         let message = format!(
             "frame of {} bytes exceeds the limit of {} bytes",
             text.len(),
             hub.limits.max_message_bytes
         );
+        let id = protocol::salvage_message_id(text);
         conn.push(protocol::error(
-            None,
+            id.as_deref(),
             ErrorCode::TooLarge.as_str(),
             &message,
         ));
@@ -95,7 +96,7 @@ pub fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
             return;
         }
     };
-    let result = dispatch(hub, conn, &msg);
+    let result = dispatch(hub, conn, &msg).await;
     match (result, msg.message_id.as_deref()) {
         (Ok(extra), Some(id)) => conn.push(protocol::ack(id, extra.as_deref())),
         (Ok(_), None) => {}
@@ -115,7 +116,7 @@ pub fn handle_binary(conn: &ConnState) {
     ));
 }
 
-fn dispatch(
+async fn dispatch(
     hub: &Hub,
     conn: &mut ConnState,
     msg: &Inbound<'_>,
@@ -123,14 +124,14 @@ fn dispatch(
     match msg.ty.as_ref() {
         "sys.join" => {
             let room = room_of(hub, msg)?;
-            let members = join_room(hub, conn, &room, 0);
+            let members = join_room(hub, conn, &room, 0).await;
             Ok(Some(
                 json!({ "room": room, "members": members_json(&members) }).to_string(),
             ))
         }
         "sys.leave" => {
             let room = room_of(hub, msg)?;
-            if !leave_room(hub, conn, &room, "leave", 0) {
+            if !leave_room(hub, conn, &room, "leave", 0).await {
                 return Err(HandleError::new(
                     ErrorCode::NotInRoom,
                     format!("not a member of room `{room}`"),
@@ -154,7 +155,7 @@ fn dispatch(
             ErrorCode::UnknownType,
             format!("unknown host message type `{ty}`"),
         )),
-        ty => route(hub, conn, ty, msg),
+        ty => route(hub, conn, ty, msg).await,
     }
 }
 
@@ -180,13 +181,13 @@ fn room_of(hub: &Hub, msg: &Inbound<'_>) -> Result<String, HandleError> {
     Ok(room)
 }
 
-fn route(
+async fn route(
     hub: &Hub,
     conn: &mut ConnState,
     ty: &str,
     msg: &Inbound<'_>,
 ) -> Result<Option<String>, HandleError> {
-    let table = hub.registry.table();
+    let table = hub.registry.table_full();
     let Some(target) = table.route(ty) else {
         return Err(HandleError::new(
             ErrorCode::UnknownType,
@@ -213,19 +214,19 @@ fn route(
         message_id: msg.message_id.as_deref(),
         metadata: msg.metadata.map(|m| m.get()),
     };
-    run_call(hub, conn, &target.plugin, &input, 0)
+    run_call(hub, conn, &target.plugin, &input, 0).await
 }
 
 /// Calls a plugin and applies what it recorded. Effects apply only when the call succeeds and
 /// every effect is well-formed.
-fn run_call(
+async fn run_call(
     hub: &Hub,
     conn: &mut ConnState,
     plugin: &Arc<LoadedPlugin>,
     input: &CallInput<'_>,
     depth: u8,
 ) -> Result<Option<String>, HandleError> {
-    let output = plugin.code.call(input);
+    let output = plugin.code.call(input).await;
     emit_logs(plugin, &output.logs);
     let ack = match output.result {
         Ok(ack) => ack,
@@ -267,7 +268,7 @@ fn run_call(
             ));
         }
     }
-    apply(hub, conn, plugin, input.room, output.effects, depth);
+    apply(hub, conn, plugin, input.room, output.effects, depth).await;
     Ok(ack)
 }
 
@@ -285,7 +286,7 @@ fn emit_logs(plugin: &LoadedPlugin, logs: &[(LogLevel, String)]) {
 }
 
 /// Applies a call's effects in the order recorded.
-fn apply(
+async fn apply(
     hub: &Hub,
     conn: &mut ConnState,
     plugin: &LoadedPlugin,
@@ -338,10 +339,10 @@ fn apply(
                 hub.rooms.broadcast(&room, &frame, except);
             }
             Effect::Join { room } => {
-                join_room(hub, conn, &room, depth + 1);
+                join_room(hub, conn, &room, depth + 1).await;
             }
             Effect::Leave { room } => {
-                leave_room(hub, conn, &room, "leave", depth + 1);
+                leave_room(hub, conn, &room, "leave", depth + 1).await;
             }
             Effect::KvSet { key, value } => {
                 plugin.kv.insert(key, value);
@@ -362,7 +363,7 @@ fn members_json(members: &[crate::rooms::MemberInfo]) -> serde_json::Value {
 
 /// Makes the connection join a room: tells the other members, then the plugins subscribed to
 /// `room.joined`. Returns the member list.
-pub fn join_room(
+pub async fn join_room(
     hub: &Hub,
     conn: &mut ConnState,
     room: &str,
@@ -378,13 +379,27 @@ pub fn join_room(
         let frame = protocol::host_frame("room.joined", Some(room), &payload);
         hub.rooms
             .broadcast(room, &frame, Some(&conn.session.connection_id));
-        fire_event(hub, conn, HostEvent::RoomJoined, room, &payload, depth);
+        Box::pin(fire_event(
+            hub,
+            conn,
+            HostEvent::RoomJoined,
+            room,
+            &payload,
+            depth,
+        ))
+        .await;
     }
     hub.rooms.members(room)
 }
 
 /// Makes the connection leave a room. Returns false when it was not a member.
-pub fn leave_room(hub: &Hub, conn: &mut ConnState, room: &str, reason: &str, depth: u8) -> bool {
+pub async fn leave_room(
+    hub: &Hub,
+    conn: &mut ConnState,
+    room: &str,
+    reason: &str,
+    depth: u8,
+) -> bool {
     if !hub.rooms.leave(room, &conn.session.connection_id) {
         return false;
     }
@@ -397,19 +412,27 @@ pub fn leave_room(hub: &Hub, conn: &mut ConnState, room: &str, reason: &str, dep
     });
     let frame = protocol::host_frame("room.left", Some(room), &payload);
     hub.rooms.broadcast(room, &frame, None);
-    fire_event(hub, conn, HostEvent::RoomLeft, room, &payload, depth);
+    Box::pin(fire_event(
+        hub,
+        conn,
+        HostEvent::RoomLeft,
+        room,
+        &payload,
+        depth,
+    ))
+    .await;
     true
 }
 
 /// Leaves every room, as on disconnect.
-pub fn leave_all(hub: &Hub, conn: &mut ConnState) {
+pub async fn leave_all(hub: &Hub, conn: &mut ConnState) {
     let rooms: Vec<Arc<str>> = conn.rooms.iter().cloned().collect();
     for room in rooms {
-        leave_room(hub, conn, &room, "disconnect", 0);
+        leave_room(hub, conn, &room, "disconnect", 0).await;
     }
 }
 
-fn fire_event(
+async fn fire_event(
     hub: &Hub,
     conn: &mut ConnState,
     event: HostEvent,
@@ -420,7 +443,7 @@ fn fire_event(
     if depth >= MAX_EVENT_DEPTH {
         return;
     }
-    let table = hub.registry.table();
+    let table = hub.registry.table_full();
     let subscribers = table.subscribers(event);
     if subscribers.is_empty() {
         return;
@@ -438,7 +461,7 @@ fn fire_event(
             message_id: None,
             metadata: None,
         };
-        if let Err(e) = run_call(hub, conn, &target.plugin, &input, depth + 1) {
+        if let Err(e) = run_call(hub, conn, &target.plugin, &input, depth + 1).await {
             tracing::warn!(plugin = %target.plugin.manifest.id, event = event.name(), "event handler failed: {}", e.wire().1);
         }
     }

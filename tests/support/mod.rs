@@ -140,8 +140,8 @@ rooms = ["*"]
     )
 }
 
-/// A manifest serving the `faulty` fixture: `faulty.trap`, `faulty.spin` (50 ms limit),
-/// `faulty.bad-json` and `faulty.ok`.
+/// A manifest serving the `faulty` fixture: `faulty.trap`, `faulty.unreachable`,
+/// `faulty.spin` (50 ms limit), `faulty.bad-json` and `faulty.ok`.
 pub fn faulty_manifest() -> String {
     format!(
         r#"manifest_version = 1
@@ -157,6 +157,10 @@ type = "faulty.trap"
 handler = "trap"
 
 [[route]]
+type = "faulty.unreachable"
+handler = "unreachable"
+
+[[route]]
 type = "faulty.spin"
 handler = "spin"
 
@@ -167,6 +171,10 @@ handler = "bad-json"
 [[route]]
 type = "faulty.ok"
 handler = "ok"
+
+[[route]]
+type = "faulty.print"
+handler = "print"
 
 [capabilities]
 host = ["messaging", "rooms", "kv", "logging", "config"]
@@ -331,9 +339,12 @@ impl Client {
     /// Connects to `ws://addr/ws` and reads the welcome frame.
     pub async fn connect(addr: SocketAddr) -> Client {
         let url = format!("ws://{addr}/ws");
-        let (ws, _) = within("the WebSocket handshake", tokio_tungstenite::connect_async(url))
-            .await
-            .expect("the WebSocket handshake");
+        let (ws, _) = within(
+            "the WebSocket handshake",
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        .expect("the WebSocket handshake");
         let mut client = Client {
             ws,
             welcome: Value::Null,
@@ -370,9 +381,12 @@ impl Client {
 
     /// Queues a frame without flushing (for pipelining); [`Client::flush`] sends the batch.
     pub async fn feed(&mut self, frame: Value) {
-        within("queueing a frame", self.ws.feed(Message::text(frame.to_string())))
-            .await
-            .expect("queueing a frame");
+        within(
+            "queueing a frame",
+            self.ws.feed(Message::text(frame.to_string())),
+        )
+        .await
+        .expect("queueing a frame");
     }
 
     pub async fn flush(&mut self) {
@@ -459,7 +473,10 @@ impl Client {
         let id = self.next_id();
         frame["messageId"] = json!(id);
         let (before, answer) = self.request(frame).await;
-        assert!(before.is_empty(), "unexpected frames before the ack: {before:?}");
+        assert!(
+            before.is_empty(),
+            "unexpected frames before the ack: {before:?}"
+        );
         assert_eq!(answer["type"], "sys.ack", "{answer}");
         answer
     }
@@ -470,7 +487,10 @@ impl Client {
         let id = self.next_id();
         frame["messageId"] = json!(id);
         let (before, answer) = self.request(frame).await;
-        assert!(before.is_empty(), "unexpected frames before the error: {before:?}");
+        assert!(
+            before.is_empty(),
+            "unexpected frames before the error: {before:?}"
+        );
         assert_error(&answer, code, Some(&id));
         answer
     }
@@ -483,7 +503,11 @@ impl Client {
             .request(json!({ "type": "echo", "messageId": id, "payload": payload }))
             .await;
         assert_eq!(ack["type"], "sys.ack", "{ack}");
-        assert_eq!(before.len(), 1, "expected exactly the echo before the ack: {before:?}");
+        assert_eq!(
+            before.len(),
+            1,
+            "expected exactly the echo before the ack: {before:?}"
+        );
         assert_eq!(before[0]["type"], "echo", "{}", before[0]);
         assert_eq!(before[0]["payload"], payload);
         assert_eq!(before[0]["sender"], self.identity.as_str());
@@ -497,7 +521,10 @@ impl Client {
         self.send(json!({ "type": "sys.ping", "messageId": id, "payload": payload }))
             .await;
         let pong = self.recv().await;
-        assert_eq!(pong["type"], "sys.pong", "expected nothing before the pong, got {pong}");
+        assert_eq!(
+            pong["type"], "sys.pong",
+            "expected nothing before the pong, got {pong}"
+        );
         assert_eq!(pong["payload"], payload);
         let ack = self.recv().await;
         assert_eq!(ack["type"], "sys.ack", "expected the ping's ack, got {ack}");
@@ -549,10 +576,15 @@ pub fn str_at<'a>(v: &'a Value, ptr: &str) -> &'a str {
 
 /// Asserts `frame` is a `sys.error` with `code`, referring to `reference` (or to nothing).
 pub fn assert_error(frame: &Value, code: &str, reference: Option<&str>) {
-    assert_eq!(frame["type"], "sys.error", "expected a sys.error, got {frame}");
+    assert_eq!(
+        frame["type"], "sys.error",
+        "expected a sys.error, got {frame}"
+    );
     assert_eq!(frame["payload"]["code"], code, "{frame}");
     assert!(
-        frame["payload"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        frame["payload"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
         "an error carries a message: {frame}"
     );
     match reference {
@@ -568,9 +600,14 @@ pub fn assert_error(frame: &Value, code: &str, reference: Option<&str>) {
 /// Asserts the fields the host sets on every frame: `messageId` `h-…` and a `timestamp`.
 pub fn assert_host_frame(frame: &Value) {
     let id = frame["messageId"].as_str().unwrap_or_default();
-    assert!(id.starts_with("h-") && id.len() > 2, "host messageId: {frame}");
     assert!(
-        frame["timestamp"].as_u64().is_some_and(|t| t > 1_600_000_000_000),
+        id.starts_with("h-") && id.len() > 2,
+        "host messageId: {frame}"
+    );
+    assert!(
+        frame["timestamp"]
+            .as_u64()
+            .is_some_and(|t| t > 1_600_000_000_000),
         "host timestamp in ms: {frame}"
     );
 }
@@ -600,8 +637,7 @@ impl HttpResponse {
 pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
     within("an HTTP response", async {
         let mut stream = TcpStream::connect(addr).await.expect("connecting");
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream
             .write_all(request.as_bytes())
             .await
@@ -612,7 +648,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
             .await
             .expect("reading the response");
         let raw = String::from_utf8(raw).expect("a UTF-8 response");
-        let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response head");
+        let (head, body) = raw
+            .split_once("\r\n\r\n")
+            .expect("a complete response head");
         let mut lines = head.split("\r\n");
         let status_line = lines.next().expect("a status line");
         let status = status_line
@@ -624,7 +662,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
             .filter_map(|l| l.split_once(':'))
             .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
             .collect();
-        HttpResponse { status, headers, body: body.to_owned() }
+        HttpResponse {
+            status,
+            headers,
+            body: body.to_owned(),
+        }
     })
     .await
 }

@@ -63,6 +63,7 @@ pub async fn run(a: &EchoArgs, threads: usize) -> anyhow::Result<Report> {
 
     let mut total = ConnStats::default();
     let mut disconnects = 0;
+    report.count("closed_before_run", fleet.early_closes());
     for r in fleet.join().await {
         let Ok(s) = r else { continue };
         total.sent += s.sent;

@@ -119,6 +119,7 @@ pub async fn run(a: &FanoutArgs, threads: usize) -> anyhow::Result<Report> {
     let mut members = 0u64;
     let mut disconnects = 0u64;
     let mut publisher_up = false;
+    report.count("closed_before_run", fleet.early_closes());
     for r in fleet.join().await {
         match r {
             Ok(Out::Publisher(s)) => {

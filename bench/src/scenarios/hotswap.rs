@@ -123,6 +123,7 @@ pub async fn run(a: &HotswapArgs, threads: usize) -> anyhow::Result<Report> {
     let mut t = ConnStats::default();
     let mut disconnects = 0;
     let mut samples = Vec::new();
+    report.count("closed_before_run", fleet.early_closes());
     for r in fleet.join().await {
         let Ok(s) = r else { continue };
         t.sent += s.sent;

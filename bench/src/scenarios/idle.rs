@@ -48,6 +48,7 @@ pub async fn run(a: &IdleArgs, threads: usize) -> anyhow::Result<Report> {
     let m1 = CpuMark::take(c.server_pid);
     let after_idle = server_memory(c.server_pid);
     let mut disconnects = 0;
+    report.count("closed_before_run", fleet.early_closes());
     for r in fleet.join().await {
         if let Ok(Err(_)) = r {
             disconnects += 1;

@@ -42,6 +42,7 @@ pub async fn run(a: &StormArgs, threads: usize) -> anyhow::Result<Report> {
         Duration::ZERO,
     ));
     let mut disconnects = 0;
+    report.count("closed_before_run", fleet.early_closes());
     for r in fleet.join().await {
         if let Ok(Err(_)) = r {
             disconnects += 1;

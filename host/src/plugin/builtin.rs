@@ -22,7 +22,10 @@ impl BuiltinPlugin {
 
     pub fn call(&self, input: &CallInput<'_>) -> CallOutput {
         let refuse = |code: &str, message: String| {
-            CallOutput::failed(CallError::Refused { code: code.into(), message })
+            CallOutput::failed(CallError::Refused {
+                code: code.into(),
+                message,
+            })
         };
         if !self.env.capabilities.host.contains(&HostCap::Messaging) {
             return refuse("forbidden", "capability `messaging` not granted".into());

@@ -45,12 +45,20 @@ pub struct CallOutput {
 impl CallOutput {
     /// A call that failed before recording anything.
     pub fn failed(err: CallError) -> CallOutput {
-        CallOutput { effects: Vec::new(), logs: Vec::new(), result: Err(err) }
+        CallOutput {
+            effects: Vec::new(),
+            logs: Vec::new(),
+            result: Err(err),
+        }
     }
 
     /// A call that succeeded with these effects and no ack value.
     pub fn effects(effects: Vec<Effect>) -> CallOutput {
-        CallOutput { effects, logs: Vec::new(), result: Ok(None) }
+        CallOutput {
+            effects,
+            logs: Vec::new(),
+            result: Ok(None),
+        }
     }
 }
 
@@ -98,9 +106,9 @@ impl std::fmt::Debug for Code {
 
 impl Code {
     /// Runs one handler. Effects are returned, not applied.
-    pub fn call(&self, input: &CallInput<'_>) -> CallOutput {
+    pub async fn call(&self, input: &CallInput<'_>) -> CallOutput {
         match self {
-            Code::Wasm(p) => p.call(input),
+            Code::Wasm(p) => p.call(input).await,
             Code::Builtin(b) => b.call(input),
         }
     }

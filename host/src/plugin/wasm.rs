@@ -19,6 +19,10 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../plugin-sdk/wit",
         world: "plugin",
+        // Calls into the guest run on a fiber, so WASI's async host functions (a plugin writing
+        // to stdout, say) work on the connection's tokio task. The host's own functions are
+        // plain synchronous recorders.
+        exports: { default: async },
     });
 }
 
@@ -270,7 +274,7 @@ pub struct WasmPlugin {
 impl WasmPlugin {
     /// Links `component` with the host interfaces its manifest grants and checks that it is a
     /// Plexus plugin. Instantiates once to prove it.
-    pub fn new(
+    pub async fn new(
         runtime: &Runtime,
         component: &Component,
         env: Arc<PluginEnv>,
@@ -296,7 +300,7 @@ impl WasmPlugin {
         }
         let mut linker: Linker<PluginState> = Linker::new(&engine);
         let not_a_plugin = |e: wasmtime::Error| LoadError::NotAPlugin(format!("{e:#}"));
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(not_a_plugin)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(not_a_plugin)?;
         types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
         let caps = &env.capabilities.host;
         if caps.contains(&HostCap::Messaging) {
@@ -326,6 +330,7 @@ impl WasmPlugin {
         };
         let warm = plugin
             .instantiate()
+            .await
             .map_err(|e| LoadError::NotAPlugin(e.to_string()))?;
         plugin.release(warm);
         Ok(plugin)
@@ -336,7 +341,7 @@ impl WasmPlugin {
         self.reuse = reuse;
     }
 
-    fn instantiate(&self) -> Result<Warm, CallError> {
+    async fn instantiate(&self) -> Result<Warm, CallError> {
         let limits = MemoryLimiter {
             max: usize::try_from(self.env.limits.memory_mb << 20).unwrap_or(usize::MAX),
             used: 0,
@@ -355,13 +360,14 @@ impl WasmPlugin {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
-        let bindings = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| CallError::Instantiate {
-                plugin: self.env.id.clone(),
-                reason: format!("{e:#}"),
-            })?;
+        let bindings =
+            self.pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| CallError::Instantiate {
+                    plugin: self.env.id.clone(),
+                    reason: format!("{e:#}"),
+                })?;
         Ok(Warm { store, bindings })
     }
 
@@ -373,13 +379,13 @@ impl WasmPlugin {
             + 1
     }
 
-    fn acquire(&self) -> Result<Warm, CallError> {
+    async fn acquire(&self) -> Result<Warm, CallError> {
         if self.reuse
             && let Some(warm) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop()
         {
             return Ok(warm);
         }
-        self.instantiate()
+        self.instantiate().await
     }
 
     fn release(&self, warm: Warm) {
@@ -395,8 +401,8 @@ impl WasmPlugin {
     }
 
     /// Calls a handler. A trap drops the instance (a trapped component cannot be re-entered).
-    pub fn call(&self, input: &CallInput<'_>) -> CallOutput {
-        let mut warm = match self.acquire() {
+    pub async fn call(&self, input: &CallInput<'_>) -> CallOutput {
+        let mut warm = match self.acquire().await {
             Ok(warm) => warm,
             Err(e) => return CallOutput::failed(e),
         };
@@ -420,7 +426,8 @@ impl WasmPlugin {
         warm.store.set_epoch_deadline(self.deadline_ticks());
         let result = warm
             .bindings
-            .call_handle(&mut warm.store, input.handler, &msg);
+            .call_handle(&mut warm.store, input.handler, &msg)
+            .await;
         let state = warm.store.data_mut();
         let effects = std::mem::take(&mut state.effects);
         let logs = std::mem::take(&mut state.logs);
@@ -439,7 +446,10 @@ impl WasmPlugin {
             }
             Ok(Err(e)) => {
                 self.release(warm);
-                Err(CallError::Refused { code: e.code, message: e.message })
+                Err(CallError::Refused {
+                    code: e.code,
+                    message: e.message,
+                })
             }
             Err(trap) => {
                 let timed_out = matches!(
@@ -452,11 +462,18 @@ impl WasmPlugin {
                         timeout_ms: self.env.limits.timeout_ms,
                     })
                 } else {
-                    Err(CallError::Trap { plugin: self.env.id.clone(), reason: format!("{trap:#}") })
+                    Err(CallError::Trap {
+                        plugin: self.env.id.clone(),
+                        reason: format!("{trap:#}"),
+                    })
                 }
             }
         };
-        CallOutput { effects, logs, result }
+        CallOutput {
+            effects,
+            logs,
+            result,
+        }
     }
 }
 

@@ -1,15 +1,26 @@
 //! Test fixture for the host's failure handling (see `tests/errors.rs`).
 //!
-//! * `trap`: panics, which is a WebAssembly trap.
+//! * `trap`: panics, which is a WebAssembly trap (after the panic message is written to the
+//!   plugin's stderr through WASI).
+//! * `unreachable`: executes `unreachable` directly: a trap without any WASI call before it.
 //! * `spin`: loops forever; the manifest's `timeout_ms` has to stop it.
 //! * `bad-json`: replies with a payload that is not JSON text (through the SDK's raw reply,
 //!   which passes the text verbatim); the host must refuse the effect.
 //! * `ok`: replies `faulty.ok` with the payload it got.
+//! * `print`: writes to stdout and stderr through WASI, then replies `faulty.printed`: plugin
+//!   output must not fail the call.
 
 use plexus_plugin_sdk::{Ctx, HandlerResult, Message, RawPayload, plugin};
 
 fn trap(_ctx: &Ctx, _msg: Message<RawPayload>) -> HandlerResult {
     panic!("faulty: trap requested");
+}
+
+fn unreachable(_ctx: &Ctx, _msg: Message<RawPayload>) -> HandlerResult {
+    #[cfg(target_arch = "wasm32")]
+    core::arch::wasm32::unreachable();
+    #[cfg(not(target_arch = "wasm32"))]
+    std::process::abort();
 }
 
 fn spin(_ctx: &Ctx, _msg: Message<RawPayload>) -> HandlerResult {
@@ -30,9 +41,18 @@ fn ok(ctx: &Ctx, msg: Message<RawPayload>) -> HandlerResult {
     Ok(None)
 }
 
+fn print(ctx: &Ctx, msg: Message<RawPayload>) -> HandlerResult {
+    println!("faulty: printing {}", msg.payload.as_str());
+    eprintln!("faulty: and to stderr");
+    ctx.reply_raw("faulty.printed", msg.payload.as_str());
+    Ok(None)
+}
+
 plugin! {
     "trap" => trap,
+    "unreachable" => unreachable,
     "spin" => spin,
     "bad-json" => bad_json,
     "ok" => ok,
+    "print" => print,
 }
