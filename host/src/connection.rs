@@ -17,6 +17,9 @@ use crate::protocol::Frame;
 use crate::router::{self, ConnState, Hub};
 use crate::session::Identity;
 
+/// How long the last frames and the close handshake may take.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves one upgraded connection until it closes or the host shuts down.
 pub async fn serve<S>(
     hub: Arc<Hub>,
@@ -59,28 +62,31 @@ pub async fn serve<S>(
     };
     router::leave_all(&hub, &mut conn).await;
     hub.sessions.close(&conn.session.connection_id);
-    match close {
-        Some(reason) => {
-            // Deliver what is already queued (the last acks) before closing, unless the client is
-            // the reason the outbox overflowed.
-            if reason != CloseReason::SlowConsumer
-                && let Some(Next::Frames) = rx.try_next(&mut batch)
-                && write_batch(&mut ws, &mut batch).await.is_err()
-            {
-                return;
-            }
-            let (code, text) = reason.close_code();
-            let _ = ws
-                .close(Some(CloseFrame {
+    // A client that stopped reading must not hold up shutdown: the goodbye has a deadline.
+    let goodbye = async {
+        match close {
+            Some(reason) => {
+                // Deliver what is already queued (the last acks) before closing, unless the
+                // client is the reason the outbox overflowed.
+                if reason != CloseReason::SlowConsumer
+                    && let Some(Next::Frames) = rx.try_next(&mut batch)
+                    && write_batch(&mut ws, &mut batch).await.is_err()
+                {
+                    return;
+                }
+                let (code, text) = reason.close_code();
+                let frame = CloseFrame {
                     code,
                     reason: text.into(),
-                }))
-                .await;
+                };
+                let _ = ws.close(Some(frame)).await;
+            }
+            None => {
+                let _ = ws.close(None).await;
+            }
         }
-        None => {
-            let _ = ws.close(None).await;
-        }
-    }
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, goodbye).await;
 }
 
 /// Writes every frame of `batch`, then flushes once.

@@ -10,8 +10,17 @@ use clap::Parser;
 use plexus_bench::args::{Cli, Scenario};
 use plexus_bench::{limits, scenarios, timeline};
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let common = cli.scenario.common().clone();
     timeline::base();
 
