@@ -77,6 +77,12 @@ else
     HOTSWAP_DUR=30; HOTSWAP_EVERY=3000
 fi
 
+command -v taskset >/dev/null || { echo "run.sh: taskset (util-linux) is required" >&2; exit 1; }
+if [ "$(nproc)" -lt 2 ] && [ "$SERVER_CPU" = 1 ]; then
+    echo "run.sh: one CPU only: server and generator share CPU 0" >&2
+    SERVER_CPU=0
+fi
+
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="${OUT:-$HERE/results/$STAMP}"
 mkdir -p "$OUT/raw" "$OUT/logs"
@@ -273,7 +279,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for m in $FANOUT_MEMBERS; do
         for peer in "${ORDER[@]}"; do
             run_case "$round" "$peer" "fanout-m$m" fanout -m "$m" --rate "$FANOUT_RATE" \
-                --size 64 --duration "$DUR"
+                --size 64 --duration "$DUR" --drain 5
         done
     done
     for peer in "${ORDER[@]}"; do

@@ -116,9 +116,16 @@ mod tests {
 
     #[test]
     fn reads_own_stats() {
-        let cpu = Proc::Current.cpu_time_us().unwrap();
+        assert!(Proc::Current.cpu_time_us().is_ok());
         let mem = Proc::Current.memory().unwrap();
         assert!(mem.vm_rss > 0);
-        let _ = cpu;
+        assert!(mem.best() > 0);
+    }
+
+    #[test]
+    fn parses_kib_fields() {
+        let status = "Name:\tx\nVmRSS:\t  1234 kB\nThreads: 1\n";
+        assert_eq!(kib_field(status, "VmRSS:"), Some(1234 * 1024));
+        assert_eq!(kib_field(status, "VmHWM:"), None);
     }
 }
