@@ -323,16 +323,25 @@ async fn one_clients_bad_input_does_not_disturb_another() {
     good.sync().await;
 }
 
-/// A plugin writing to stdout and stderr (through WASI) is served normally.
-#[tokio::test]
+/// A plugin writing to stdout and stderr (through WASI) is served normally, the first time and
+/// every time after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_output_does_not_fail_the_call() {
-    let host = Host::start(&[("faulty.toml", faulty_manifest())]).await;
+    let host = Host::start(&[
+        ("faulty.toml", faulty_manifest()),
+        ("echo.toml", echo_manifest()),
+    ])
+    .await;
     let mut c = Client::connect(host.addr()).await;
-    let (before, ack) = c
-        .request(json!({"type": "faulty.print", "messageId": "p1", "payload": {"k": 2}}))
-        .await;
-    assert_eq!(ack["type"], "sys.ack", "{ack}");
-    assert_eq!(before.len(), 1, "{before:?}");
-    assert_eq!(before[0]["type"], "faulty.printed");
-    assert_eq!(before[0]["payload"], json!({"k": 2}));
+    for n in 0..3 {
+        let id = format!("p{n}");
+        let (before, ack) = c
+            .request(json!({"type": "faulty.print", "messageId": id, "payload": {"k": n}}))
+            .await;
+        assert_eq!(ack["type"], "sys.ack", "{ack}");
+        assert_eq!(before.len(), 1, "{before:?}");
+        assert_eq!(before[0]["type"], "faulty.printed");
+        assert_eq!(before[0]["payload"], json!({"k": n}));
+    }
+    c.echo_round_trip().await;
 }

@@ -92,12 +92,8 @@ fn bench(c: &mut Criterion) {
             Arc::new(Rooms::default()),
         ))
     };
-    let reused = rt
-        .block_on(WasmPlugin::new(&runtime, &component, env()))
-        .unwrap();
-    let mut fresh = rt
-        .block_on(WasmPlugin::new(&runtime, &component, env()))
-        .unwrap();
+    let reused = WasmPlugin::new(&runtime, &component, env()).unwrap();
+    let mut fresh = WasmPlugin::new(&runtime, &component, env()).unwrap();
     fresh.set_reuse_instances(false);
     let input = CallInput {
         handler: "echo",
@@ -111,10 +107,10 @@ fn bench(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("plugin_call");
     group.bench_function("wasm_reused_instance", |b| {
-        b.iter(|| rt.block_on(reused.call(&input)).result.unwrap())
+        b.iter(|| reused.call(&input).result.unwrap())
     });
     group.bench_function("wasm_fresh_store", |b| {
-        b.iter(|| rt.block_on(fresh.call(&input)).result.unwrap())
+        b.iter(|| fresh.call(&input).result.unwrap())
     });
     group.finish();
     let _ = std::fs::remove_dir_all(&native_dir);

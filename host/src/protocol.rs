@@ -65,6 +65,18 @@ fn null_raw() -> &'static RawValue {
 
 /// Decodes one client text frame.
 pub fn decode(text: &str) -> Result<Inbound<'_>, DecodeError> {
+    // serde would also read a struct from a JSON array; an envelope is an object.
+    if !text.trim_start().starts_with('{') {
+        let message = match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => "frame must be a JSON object".to_owned(),
+            Err(err) => format!("frame is not valid JSON: {err}"),
+        };
+        return Err(DecodeError {
+            code: ErrorCode::BadFrame,
+            message,
+            message_id: None,
+        });
+    }
     let wire: Wire<'_> = match serde_json::from_str(text) {
         Ok(wire) => wire,
         Err(err) => {
@@ -134,6 +146,9 @@ pub fn salvage_message_id(text: &str) -> Option<String> {
     struct IdOnly<'a> {
         #[serde(rename = "messageId", borrow, default)]
         message_id: Option<&'a RawValue>,
+    }
+    if !text.trim_start().starts_with('{') {
+        return None;
     }
     let id = serde_json::from_str::<IdOnly<'_>>(text).ok()?.message_id?;
     message_id_text(id).ok()
@@ -330,6 +345,7 @@ mod tests {
         for (text, code) in [
             ("not json", ErrorCode::BadFrame),
             ("[1,2]", ErrorCode::BadFrame),
+            (r#"["echo"]"#, ErrorCode::BadFrame),
             (r#"{"payload":1}"#, ErrorCode::BadFrame),
             (r#"{"type":5}"#, ErrorCode::BadFrame),
             (r#"{"type":""}"#, ErrorCode::BadFrame),

@@ -192,7 +192,6 @@ async fn load_one(
                         fail(format!("{} is not a valid component: {e}", path.display()))
                     })?;
             let plugin = WasmPlugin::new(runtime, &component, env)
-                .await
                 .map_err(|e| fail(format!("{} {e}", path.display())))?;
             (Code::Wasm(plugin), version)
         }

@@ -108,7 +108,7 @@ impl Code {
     /// Runs one handler. Effects are returned, not applied.
     pub async fn call(&self, input: &CallInput<'_>) -> CallOutput {
         match self {
-            Code::Wasm(p) => p.call(input).await,
+            Code::Wasm(p) => p.call(input),
             Code::Builtin(b) => b.call(input),
         }
     }

@@ -19,10 +19,6 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../plugin-sdk/wit",
         world: "plugin",
-        // Calls into the guest run on a fiber, so WASI's async host functions (a plugin writing
-        // to stdout, say) work on the connection's tokio task. The host's own functions are
-        // plain synchronous recorders.
-        exports: { default: async },
     });
 }
 
@@ -269,12 +265,14 @@ pub struct WasmPlugin {
     pool: Mutex<Vec<Warm>>,
     /// Reuse instances (the default); when false every call gets a fresh store.
     reuse: bool,
+    /// The plugin wrote to stdio once: run its calls where tokio allows blocking.
+    uses_stdio: AtomicBool,
 }
 
 impl WasmPlugin {
     /// Links `component` with the host interfaces its manifest grants and checks that it is a
     /// Plexus plugin. Instantiates once to prove it.
-    pub async fn new(
+    pub fn new(
         runtime: &Runtime,
         component: &Component,
         env: Arc<PluginEnv>,
@@ -300,7 +298,7 @@ impl WasmPlugin {
         }
         let mut linker: Linker<PluginState> = Linker::new(&engine);
         let not_a_plugin = |e: wasmtime::Error| LoadError::NotAPlugin(format!("{e:#}"));
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(not_a_plugin)?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(not_a_plugin)?;
         types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
         let caps = &env.capabilities.host;
         if caps.contains(&HostCap::Messaging) {
@@ -327,10 +325,10 @@ impl WasmPlugin {
             engine,
             pool: Mutex::new(Vec::new()),
             reuse: true,
+            uses_stdio: AtomicBool::new(false),
         };
         let warm = plugin
             .instantiate()
-            .await
             .map_err(|e| LoadError::NotAPlugin(e.to_string()))?;
         plugin.release(warm);
         Ok(plugin)
@@ -341,7 +339,7 @@ impl WasmPlugin {
         self.reuse = reuse;
     }
 
-    async fn instantiate(&self) -> Result<Warm, CallError> {
+    fn instantiate(&self) -> Result<Warm, CallError> {
         let limits = MemoryLimiter {
             max: usize::try_from(self.env.limits.memory_mb << 20).unwrap_or(usize::MAX),
             used: 0,
@@ -360,14 +358,13 @@ impl WasmPlugin {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
-        let bindings =
-            self.pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(|e| CallError::Instantiate {
-                    plugin: self.env.id.clone(),
-                    reason: format!("{e:#}"),
-                })?;
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| CallError::Instantiate {
+                plugin: self.env.id.clone(),
+                reason: format!("{e:#}"),
+            })?;
         Ok(Warm { store, bindings })
     }
 
@@ -379,13 +376,13 @@ impl WasmPlugin {
             + 1
     }
 
-    async fn acquire(&self) -> Result<Warm, CallError> {
+    fn acquire(&self) -> Result<Warm, CallError> {
         if self.reuse
             && let Some(warm) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop()
         {
             return Ok(warm);
         }
-        self.instantiate().await
+        self.instantiate()
     }
 
     fn release(&self, warm: Warm) {
@@ -401,8 +398,46 @@ impl WasmPlugin {
     }
 
     /// Calls a handler. A trap drops the instance (a trapped component cannot be re-entered).
-    pub async fn call(&self, input: &CallInput<'_>) -> CallOutput {
-        let mut warm = match self.acquire().await {
+    pub fn call(&self, input: &CallInput<'_>) -> CallOutput {
+        if self.uses_stdio.load(Ordering::Relaxed) {
+            return self.call_where_blocking_is_allowed(input);
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.call_once(input))) {
+            Ok(output) => output,
+            Err(_) => {
+                // wasmtime-wasi's synchronous stdio blocks on the tokio runtime, which panics on
+                // a runtime thread: the plugin wrote to stdout or stderr. A call has no side
+                // effects besides the effects it returns (discarded here with the instance), so
+                // run it again where blocking is allowed, and do so directly from now on.
+                self.uses_stdio.store(true, Ordering::Relaxed);
+                tracing::info!(plugin = %self.env.id, "plugin writes to stdio; its calls now run on a blocking-capable thread");
+                self.call_where_blocking_is_allowed(input)
+            }
+        }
+    }
+
+    /// Runs a call with tokio's permission to block (a plugin that uses WASI stdio).
+    fn call_where_blocking_is_allowed(&self, input: &CallInput<'_>) -> CallOutput {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let run = || {
+            if multi_thread {
+                tokio::task::block_in_place(|| self.call_once(input))
+            } else {
+                self.call_once(input)
+            }
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|_| {
+            CallOutput::failed(CallError::Trap {
+                plugin: self.env.id.clone(),
+                reason: "a host function panicked (WASI stdio needs a multi-threaded runtime)"
+                    .into(),
+            })
+        })
+    }
+
+    fn call_once(&self, input: &CallInput<'_>) -> CallOutput {
+        let mut warm = match self.acquire() {
             Ok(warm) => warm,
             Err(e) => return CallOutput::failed(e),
         };
@@ -426,8 +461,7 @@ impl WasmPlugin {
         warm.store.set_epoch_deadline(self.deadline_ticks());
         let result = warm
             .bindings
-            .call_handle(&mut warm.store, input.handler, &msg)
-            .await;
+            .call_handle(&mut warm.store, input.handler, &msg);
         let state = warm.store.data_mut();
         let effects = std::mem::take(&mut state.effects);
         let logs = std::mem::take(&mut state.logs);
