@@ -47,7 +47,11 @@ pub async fn serve<S>(
                 Next::Close(reason) => break Some(reason),
             },
             incoming = ws.next() => match incoming {
-                Some(Ok(Message::Text(text))) => router::handle_text(&hub, &mut conn, &text).await,
+                Some(Ok(Message::Text(text))) => {
+                    // Boxed: the handling future is large and lives only while a message is
+                    // handled, so an idle connection's task stays small.
+                    Box::pin(router::handle_text(&hub, &mut conn, &text)).await;
+                }
                 Some(Ok(Message::Binary(_))) => router::handle_binary(&conn),
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
                     // tungstenite queued the pong; send it now.
@@ -60,7 +64,7 @@ pub async fn serve<S>(
             },
         }
     };
-    router::leave_all(&hub, &mut conn).await;
+    Box::pin(router::leave_all(&hub, &mut conn)).await;
     hub.sessions.close(&conn.session.connection_id);
     // A client that stopped reading must not hold up shutdown: the goodbye has a deadline.
     let goodbye = async {
@@ -86,7 +90,7 @@ pub async fn serve<S>(
             }
         }
     };
-    let _ = tokio::time::timeout(CLOSE_GRACE, goodbye).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, Box::pin(goodbye)).await;
 }
 
 /// Writes every frame of `batch`, then flushes once.

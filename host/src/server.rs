@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
@@ -93,9 +93,7 @@ impl Server {
         )
         .await
         .map_err(StartError::Manifests)?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
+        let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr().context("reading the bound address")?;
         let hub = Arc::new(Hub {
             sessions: Sessions::default(),
@@ -107,7 +105,8 @@ impl Server {
         let tracker = TaskTracker::new();
         let mut ws_config = WebSocketConfig::default();
         ws_config.read_buffer_size = config.read_buffer_bytes;
-        ws_config.write_buffer_size = 0;
+        // Frames fed in one batch are written together (up to 16 KiB at a time), then flushed once.
+        ws_config.write_buffer_size = 16 * 1024;
         ws_config.max_message_size = Some(config.limits.max_message_bytes.saturating_mul(4));
         ws_config.max_frame_size = Some(config.limits.max_message_bytes.saturating_mul(4));
         let ctx = Arc::new(Ctx {
@@ -162,6 +161,21 @@ impl Server {
         self.tracker.close();
         self.tracker.wait().await;
     }
+}
+
+/// Connections the kernel queues before `accept`: a connect storm must not overflow it (the
+/// default of 128 makes clients retry their SYN after a second).
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Resolves once the host is shutting down.

@@ -25,7 +25,7 @@ mod bindings {
 use bindings::plexus::plugin::{config, kv, logging, messaging, rooms, types};
 
 /// How often the epoch advances; call deadlines are counted in these ticks.
-const EPOCH_TICK: Duration = Duration::from_millis(2);
+const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Instances kept warm per plugin version.
 const POOL_MAX: usize = 16;
 /// An instance whose linear memory grew past this share of its limit is not reused.
