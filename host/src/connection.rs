@@ -21,11 +21,8 @@ use crate::session::Identity;
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves one upgraded connection until it closes or the host shuts down.
-pub async fn serve<S>(
-    hub: Arc<Hub>,
-    mut ws: WebSocketStream<S>,
-    mut shutdown: watch::Receiver<bool>,
-) where
+pub async fn serve<S>(hub: Arc<Hub>, mut ws: WebSocketStream<S>, shutdown: watch::Receiver<bool>)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (session, mut rx) = hub
@@ -33,11 +30,16 @@ pub async fn serve<S>(
         .open(Identity::guest(), hub.limits.outbox_capacity);
     let mut conn = ConnState::new(session);
     router::welcome(&conn);
+    // Shutdown reaches a connection as a close request in its outbox (see
+    // `Sessions::close_all`), after the frames already queued. A session registered after the
+    // host began shutting down closes itself here.
+    if *shutdown.borrow() {
+        conn.session.outbox.close(CloseReason::Shutdown);
+    }
     let mut batch = VecDeque::new();
     let close: Option<CloseReason> = loop {
         tokio::select! {
             biased;
-            _ = crate::server::stopped(&mut shutdown) => break Some(CloseReason::Shutdown),
             next = rx.next(&mut batch) => match next {
                 Next::Frames => {
                     if write_batch(&mut ws, &mut batch).await.is_err() {

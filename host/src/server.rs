@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::task::TaskTracker;
 
 use crate::connection;
+use crate::error::CloseReason;
 use crate::manifest::ManifestError;
 use crate::plugin::wasm::Runtime;
 use crate::registry::{LoadOptions, Registry, ReloadEvent};
@@ -154,6 +155,9 @@ impl Server {
     /// Stops accepting, lets in-flight plugin calls finish, closes sockets with 1001.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        // Every connection finishes the message it is handling, writes what is queued, then
+        // closes with 1001.
+        self.hub.sessions.close_all(CloseReason::Shutdown);
         let _ = self.accept.await;
         if let Some(w) = self.watcher {
             let _ = w.await;

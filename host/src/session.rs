@@ -61,6 +61,13 @@ impl Sessions {
         self.by_connection.get(connection_id).map(|s| s.clone())
     }
 
+    /// Asks every open session to close once its queued frames are written.
+    pub fn close_all(&self, reason: crate::error::CloseReason) {
+        for session in self.by_connection.iter() {
+            session.outbox.close(reason);
+        }
+    }
+
     /// How many sessions are open.
     pub fn len(&self) -> usize {
         self.by_connection.len()

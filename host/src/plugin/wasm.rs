@@ -19,6 +19,8 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../plugin-sdk/wit",
         world: "plugin",
+        // The message handed to a plugin borrows the host's strings: no copies before lowering.
+        ownership: Borrowing { duplicate_if_necessary: true },
     });
 }
 
@@ -442,13 +444,13 @@ impl WasmPlugin {
             Err(e) => return CallOutput::failed(e),
         };
         let msg = types::Message {
-            type_: input.ty.to_owned(),
-            room: input.room.map(str::to_owned),
-            payload: input.payload.to_owned(),
-            sender: input.sender.to_owned(),
-            connection_id: input.connection_id.to_owned(),
-            message_id: input.message_id.map(str::to_owned),
-            metadata: input.metadata.map(str::to_owned),
+            type_: input.ty,
+            room: input.room,
+            payload: input.payload,
+            sender: input.sender,
+            connection_id: input.connection_id,
+            message_id: input.message_id,
+            metadata: input.metadata,
         };
         {
             let state = warm.store.data_mut();
@@ -461,7 +463,7 @@ impl WasmPlugin {
         warm.store.set_epoch_deadline(self.deadline_ticks());
         let result = warm
             .bindings
-            .call_handle(&mut warm.store, input.handler, &msg);
+            .call_handle(&mut warm.store, input.handler, msg);
         let state = warm.store.data_mut();
         let effects = std::mem::take(&mut state.effects);
         let logs = std::mem::take(&mut state.logs);
