@@ -1,3 +1,5 @@
+//! Tests of the chat plugin against the SDK's in-memory `MockHost`: commands, nicks, topics and events.
+
 use plexus_plugin_sdk::RawMessage;
 use plexus_plugin_sdk::testing::{Effect, MockHost};
 use serde_json::{Value, json};
