@@ -236,17 +236,12 @@ fn push_json_str(out: &mut String, s: &str) {
     }
 }
 
-/// Serializes a value as JSON text (for payloads the host builds itself).
-pub fn json(value: &serde_json::Value) -> String {
-    value.to_string()
-}
-
 /// A host-originated frame (no sender) with a payload built from a JSON value.
 pub fn host_frame(ty: &str, room: Option<&str>, payload: &serde_json::Value) -> Frame {
     Outbound {
         ty,
         room,
-        payload: &json(payload),
+        payload: &payload.to_string(),
         sender: None,
     }
     .encode()

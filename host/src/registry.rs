@@ -233,13 +233,8 @@ impl Registry {
             events,
             reload_lock: tokio::sync::Mutex::new(()),
         };
-        let (plugins, mut errors) = registry.load_all(&BTreeMap::new()).await;
+        let (plugins, parsed, mut errors) = registry.load_all(&BTreeMap::new()).await;
         // Route conflicts are checked over every manifest that parses, loaded or not.
-        let parsed: Vec<Manifest> = manifest::manifest_files(dir)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|f| manifest::load(f).ok())
-            .collect();
         errors.extend(manifest::check_set(&parsed));
         if !errors.is_empty() {
             errors.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
@@ -251,15 +246,21 @@ impl Registry {
     }
 
     /// Loads (or reuses) every manifest's plugin; blocking work runs off the async threads.
+    /// Returns the loaded plugins, every manifest that parsed (loaded or not), and the errors.
     async fn load_all(
         &self,
         previous: &BTreeMap<PathBuf, Arc<LoadedPlugin>>,
-    ) -> (BTreeMap<PathBuf, Arc<LoadedPlugin>>, Vec<ManifestError>) {
+    ) -> (
+        BTreeMap<PathBuf, Arc<LoadedPlugin>>,
+        Vec<Manifest>,
+        Vec<ManifestError>,
+    ) {
         let files = match manifest::manifest_files(&self.dir) {
             Ok(files) => files,
-            Err(e) => return (BTreeMap::new(), vec![e]),
+            Err(e) => return (BTreeMap::new(), Vec::new(), vec![e]),
         };
         let mut plugins = BTreeMap::new();
+        let mut parsed = Vec::new();
         let mut errors = Vec::new();
         for file in files {
             let text = match std::fs::read_to_string(&file) {
@@ -280,6 +281,7 @@ impl Registry {
                     continue;
                 }
             };
+            parsed.push(manifest.clone());
             let kv = self.kv.entry(manifest.id.clone()).or_default().clone();
             let prev = previous.get(&file);
             match load_one(
@@ -299,7 +301,7 @@ impl Registry {
                 Err(e) => errors.push(e),
             }
         }
-        (plugins, errors)
+        (plugins, parsed, errors)
     }
 
     /// Reloads the directory: changed plugins are rebuilt if stale, compiled, validated and
@@ -307,7 +309,7 @@ impl Registry {
     pub async fn reload(&self) -> Vec<ReloadEvent> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let old = self.table.load_full();
-        let (mut next, errors) = self.load_all(&old.plugins).await;
+        let (mut next, _, errors) = self.load_all(&old.plugins).await;
         let mut report = Vec::new();
         for e in errors {
             // Keep the previous version of a plugin whose new version failed.

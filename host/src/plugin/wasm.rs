@@ -37,7 +37,8 @@ const RECYCLE_MEMORY_SHARE: f64 = 0.5;
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
-    ticker: Arc<Ticker>,
+    /// Held for its `Drop`: the ticker thread stops when the last clone of the runtime goes.
+    _ticker: Arc<Ticker>,
 }
 
 struct Ticker {
@@ -72,7 +73,7 @@ impl Runtime {
             })?;
         Ok(Runtime {
             engine,
-            ticker: Arc::new(Ticker { stop }),
+            _ticker: Arc::new(Ticker { stop }),
         })
     }
 
@@ -82,7 +83,6 @@ impl Runtime {
 
     /// Compiles a component (slow: run it off the hot path).
     pub fn compile(&self, bytes: &[u8]) -> anyhow::Result<Component> {
-        let _keep = &self.ticker;
         Component::from_binary(&self.engine, bytes).map_err(wasm_err)
     }
 }
@@ -116,8 +116,6 @@ pub struct PluginState {
     table: ResourceTable,
     limits: MemoryLimiter,
     env: Arc<PluginEnv>,
-    /// The origin of the current call.
-    origin_connection: String,
     effects: Vec<Effect>,
     logs: Vec<(LogLevel, String)>,
     overflow: bool,
@@ -351,7 +349,6 @@ impl WasmPlugin {
             table: ResourceTable::new(),
             limits,
             env: self.env.clone(),
-            origin_connection: String::new(),
             effects: Vec::new(),
             logs: Vec::new(),
             overflow: false,
@@ -454,8 +451,6 @@ impl WasmPlugin {
         };
         {
             let state = warm.store.data_mut();
-            state.origin_connection.clear();
-            state.origin_connection.push_str(input.connection_id);
             state.effects.clear();
             state.logs.clear();
             state.overflow = false;
