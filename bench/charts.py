@@ -8,7 +8,8 @@ and writes into DIR:
 
   summary.md            tables of absolute figures and ratios (vs the tokio-tungstenite floor
                         and vs Socket.IO), ready to paste into docs/benchmarks.md
-  echo-latency.png      round-trip latency distribution, echo at 100 connections
+  echo-latency.png      round-trip latency distribution, echo at 100 connections, 1 in flight
+  echo-latency-k8.png   the same with 8 messages in flight per connection
   fanout-latency.png    publish-to-receive latency distribution, largest fan-out room
   echo-throughput.png   messages/s and server CPU per message against connection count
   cpu-per-op.png        server CPU per message / delivery / connection
@@ -339,9 +340,13 @@ def charts(cases, out):
 
     echo_keys = sorted(k for k in cases if k[0] == "echo")
     if echo_keys:
-        key = min(echo_keys, key=lambda k: (abs((k[1] or 0) - 100), k))
-        latency_chart(cases[key], f"Echo round-trip latency ({key[1]} connections, K={key[2]})",
-                      "echo-latency.png")
+        # One chart per number of messages in flight, at the connection count nearest 100.
+        for k_in_flight in sorted({k[2] for k in echo_keys}):
+            keys = [k for k in echo_keys if k[2] == k_in_flight]
+            key = min(keys, key=lambda k: (abs((k[1] or 0) - 100), k))
+            fname = "echo-latency.png" if k_in_flight == 1 else f"echo-latency-k{k_in_flight}.png"
+            latency_chart(cases[key], f"Echo round-trip latency ({key[1]} connections, "
+                          f"K={key[2]})", fname)
 
     fan_keys = sorted(k for k in cases if k[0] == "fanout")
     if fan_keys:
@@ -383,9 +388,10 @@ def charts(cases, out):
 
     # CPU per operation, one group of bars per case.
     bar_cases = []
-    if echo_keys:
-        key = min(echo_keys, key=lambda k: (abs((k[1] or 0) - 100), k))
-        bar_cases.append((f"echo, {key[1]} conns\n(µs/message)", cases[key]))
+    for k_in_flight in sorted({k[2] for k in echo_keys}):
+        keys = [k for k in echo_keys if k[2] == k_in_flight]
+        key = min(keys, key=lambda k: (abs((k[1] or 0) - 100), k))
+        bar_cases.append((f"echo, {key[1]} conns, K={k_in_flight}\n(µs/message)", cases[key]))
     if fan_keys:
         key = max(fan_keys, key=lambda k: (k[1] or 0, k))
         bar_cases.append((f"fan-out, {key[1]} members\n(µs/delivery)", cases[key]))

@@ -62,7 +62,7 @@ done
 if [ "$MODE" = quick ]; then
     : "${ROUNDS:=1}"
     DUR=3; WARMUP=1
-    ECHO_CONNS="100"
+    ECHO_CONNS="100"; ECHO_INFLIGHT="1 8"
     FANOUT_MEMBERS="1000"; FANOUT_RATES="100 1000"
     STORM_TARGET=2000; STORM_CONC=200
     IDLE_CONNS=10000; IDLE_DUR=1
@@ -70,7 +70,7 @@ if [ "$MODE" = quick ]; then
 else
     : "${ROUNDS:=3}"
     DUR=10; WARMUP=2
-    ECHO_CONNS="10 100 1000 5000"
+    ECHO_CONNS="10 100 1000 5000"; ECHO_INFLIGHT="1 8"
     FANOUT_MEMBERS="100 1000"; FANOUT_RATES="100 1000"
     STORM_TARGET=10000; STORM_CONC=200
     IDLE_CONNS=10000; IDLE_DUR=5
@@ -272,8 +272,12 @@ for ((round = 1; round <= ROUNDS; round++)); do
     mapfile -t ORDER < <(peers_for_round "$round")
     say "round $round of $ROUNDS: ${ORDER[*]}"
     for n in $ECHO_CONNS; do
-        for peer in "${ORDER[@]}"; do
-            run_case "$round" "$peer" "echo-n$n" echo -n "$n" -k 1 --size 64 --duration "$DUR"
+        # One message in flight per connection (request/response), then 8 (pipelined).
+        for k in $ECHO_INFLIGHT; do
+            for peer in "${ORDER[@]}"; do
+                run_case "$round" "$peer" "echo-n$n-k$k" echo -n "$n" -k "$k" --size 64 \
+                    --duration "$DUR"
+            done
         done
     done
     # 100 publications/s: a syscall per delivery; 1,000/s: frames queue per member and are

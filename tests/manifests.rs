@@ -18,6 +18,7 @@ const REQUIRED: &[&str] = &[
     "capability-not-granted",
     "bad-version",
     "reserved-type",
+    "unknown-handler",
     "ok",
 ];
 

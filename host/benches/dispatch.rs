@@ -17,6 +17,10 @@ use plexus::rooms::Rooms;
 use plexus::router::{ConnState, HostLimits, Hub};
 use plexus::session::{Identity, Sessions};
 
+/// The allocator the `plexus` binary uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const NATIVE_MANIFEST: &str = r#"
 manifest_version = 1
 [plugin]

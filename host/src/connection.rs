@@ -2,7 +2,9 @@
 //! outbox to the socket, batching queued frames into one flush.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::Arc;
+use std::task::Poll;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -17,6 +19,8 @@ use crate::protocol::Frame;
 use crate::router::{self, ConnState, Hub};
 use crate::session::Identity;
 
+/// Most client frames handled in a row before what they queued is written.
+const READ_BURST: u32 = 16;
 /// How long the last frames and the close handshake may take.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -37,18 +41,43 @@ where
         conn.session.outbox.close(CloseReason::Shutdown);
     }
     let mut batch = VecDeque::new();
+    // Client frames handled since the last write.
+    let mut burst = 0;
     let close: Option<CloseReason> = loop {
-        tokio::select! {
-            biased;
-            next = rx.next(&mut batch) => match next {
-                Next::Frames => {
-                    if write_batch(&mut ws, &mut batch).await.is_err() {
-                        break None;
-                    }
+        // Client frames that have already arrived are handled first, up to a burst, so that
+        // their answers go out in one write; then the queued frames; then sleep on both.
+        let event = poll_fn(|cx| {
+            if burst < READ_BURST
+                && let Poll::Ready(incoming) = ws.poll_next_unpin(cx)
+            {
+                burst += 1;
+                return Poll::Ready(Event::Client(incoming));
+            }
+            match rx.poll_next(cx, &mut batch) {
+                Poll::Ready(next) => {
+                    burst = 0;
+                    Poll::Ready(Event::Outbox(next))
                 }
-                Next::Close(reason) => break Some(reason),
-            },
-            incoming = ws.next() => match incoming {
+                Poll::Pending if burst >= READ_BURST => {
+                    // Nothing to write after all: read on.
+                    burst = 1;
+                    ws.poll_next_unpin(cx).map(Event::Client)
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        // Awake now: what this task queues while it handles a frame is written on the next
+        // turn of the loop, without waking itself.
+        rx.disarm();
+        match event {
+            Event::Outbox(Next::Frames) => {
+                if write_batch(&mut ws, &mut batch).await.is_err() {
+                    break None;
+                }
+            }
+            Event::Outbox(Next::Close(reason)) => break Some(reason),
+            Event::Client(incoming) => match incoming {
                 Some(Ok(Message::Text(text))) => {
                     // Boxed: the handling future is large and lives only while a message is
                     // handled, so an idle connection's task stays small.
@@ -93,6 +122,12 @@ where
         }
     };
     let _ = tokio::time::timeout(CLOSE_GRACE, Box::pin(goodbye)).await;
+}
+
+/// What wakes a connection's task.
+enum Event {
+    Outbox(Next),
+    Client(Option<Result<Message, WsError>>),
 }
 
 /// Writes every frame of `batch`, then flushes once.

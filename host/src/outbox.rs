@@ -1,12 +1,18 @@
 //! The per-session outbox: every host-to-client frame of a connection passes through it, in
 //! order. It is bounded; a client that does not read fast enough is closed as a slow consumer.
 //! The connection task takes everything queued at once, writes it, and flushes once.
+//!
+//! The receiver is woken through an [`AtomicWaker`] that it arms only when it is about to sleep:
+//! frames a connection queues for itself while it handles a message are written right after,
+//! without waking its own task.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use crate::error::CloseReason;
 use crate::protocol::Frame;
@@ -20,7 +26,11 @@ struct Queue {
 #[derive(Debug, Default)]
 struct Shared {
     queue: Mutex<Queue>,
-    ready: Notify,
+    /// The receiver's task while it sleeps waiting for frames.
+    ready: AtomicWaker,
+    /// Whether the queue holds frames or a close request: lets the receiver look without the
+    /// lock. Written under the lock.
+    signalled: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -70,16 +80,18 @@ impl Outbox {
         if queue.frames.len() >= self.capacity {
             queue.close = Some(CloseReason::SlowConsumer);
             queue.frames.clear();
+            self.shared.signalled.store(true, Ordering::Release);
             drop(queue);
             self.shared.closed.store(true, Ordering::Relaxed);
-            self.shared.ready.notify_one();
+            self.shared.ready.wake();
             return false;
         }
         let was_empty = queue.frames.is_empty();
         queue.frames.push_back(frame);
+        self.shared.signalled.store(true, Ordering::Release);
         drop(queue);
         if was_empty {
-            self.shared.ready.notify_one();
+            self.shared.ready.wake();
         }
         true
     }
@@ -90,9 +102,10 @@ impl Outbox {
         let mut queue = self.shared.lock();
         if queue.close.is_none() {
             queue.close = Some(reason);
+            self.shared.signalled.store(true, Ordering::Release);
             drop(queue);
             self.shared.closed.store(true, Ordering::Relaxed);
-            self.shared.ready.notify_one();
+            self.shared.ready.wake();
         }
     }
 
@@ -116,20 +129,41 @@ impl OutboxRx {
     /// or returns the close request once every frame queued before it was taken.
     /// Cancel-safe: frames stay queued until a call returns them.
     pub async fn next(&mut self, batch: &mut VecDeque<Frame>) -> Next {
-        loop {
-            if let Some(next) = self.try_next(batch) {
-                return next;
-            }
-            self.shared.ready.notified().await;
+        poll_fn(|cx| self.poll_next(cx, batch)).await
+    }
+
+    /// Like [`OutboxRx::next`], as a poll: when nothing is queued, arms the wake-up for `cx`
+    /// and returns `Pending`.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>, batch: &mut VecDeque<Frame>) -> Poll<Next> {
+        if let Some(next) = self.try_next(batch) {
+            return Poll::Ready(next);
         }
+        self.shared.ready.register(cx.waker());
+        // A frame pushed between the check and the registration did not see the waker.
+        match self.try_next(batch) {
+            Some(next) => Poll::Ready(next),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Disarms the wake-up armed by a `Pending` [`OutboxRx::poll_next`]: the receiver is awake
+    /// and will look at the queue again before it sleeps, so pushes need not wake it.
+    pub fn disarm(&self) {
+        drop(self.shared.ready.take());
     }
 
     /// Like [`OutboxRx::next`] without waiting.
     pub fn try_next(&mut self, batch: &mut VecDeque<Frame>) -> Option<Next> {
         debug_assert!(batch.is_empty());
+        if !self.shared.signalled.load(Ordering::Acquire) {
+            return None;
+        }
         let mut queue = self.shared.lock();
         if !queue.frames.is_empty() {
             std::mem::swap(batch, &mut queue.frames);
+            if queue.close.is_none() {
+                self.shared.signalled.store(false, Ordering::Release);
+            }
             return Some(Next::Frames);
         }
         queue.close.map(Next::Close)
@@ -191,6 +225,48 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(tx.push("x".into()));
         assert_eq!(waiter.await.unwrap(), ["x"]);
+    }
+
+    /// Counts the wake-ups of a task.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl futures_util::task::ArcWake for Wakes {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn only_a_sleeping_receiver_is_woken() {
+        let (tx, mut rx) = outbox(8);
+        let wakes = Arc::new(Wakes::default());
+        let waker = futures_util::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut batch = VecDeque::new();
+        // Asleep: a push wakes it, and the next look finds the frame.
+        assert!(rx.poll_next(&mut cx, &mut batch).is_pending());
+        assert!(tx.push("a".into()));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert_eq!(rx.poll_next(&mut cx, &mut batch), Poll::Ready(Next::Frames));
+        assert_eq!(batch, ["a"]);
+        batch.clear();
+        // Awake (disarmed): a push does not wake it; it finds the frame when it looks again.
+        assert!(rx.poll_next(&mut cx, &mut batch).is_pending());
+        rx.disarm();
+        assert!(tx.push("b".into()));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert_eq!(rx.try_next(&mut batch), Some(Next::Frames));
+        assert_eq!(batch, ["b"]);
+        batch.clear();
+        // A close request wakes a sleeping receiver too.
+        assert!(rx.poll_next(&mut cx, &mut batch).is_pending());
+        tx.close(CloseReason::Shutdown);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            rx.poll_next(&mut cx, &mut batch),
+            Poll::Ready(Next::Close(CloseReason::Shutdown))
+        );
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! The wire protocol v1: decoding client envelopes and encoding host frames. The only module
 //! that reads or writes the wire format (see `docs/protocol.md`).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -200,16 +199,23 @@ pub struct Outbound<'a> {
 impl Outbound<'_> {
     /// Serializes the frame, assigning it a fresh host `messageId` and a timestamp.
     pub fn encode(&self) -> Frame {
+        /// The envelope around the fields: keys, quotes, an id and a timestamp of 20 digits
+        /// each at most. Sized so that the buffer is allocated once.
+        const ENVELOPE: usize = 128;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let mut numbers = itoa::Buffer::new();
         let mut out = String::with_capacity(
-            64 + self.ty.len()
+            ENVELOPE
+                + self.ty.len()
                 + self.payload.len()
                 + self.room.map_or(0, str::len)
                 + self.sender.map_or(0, str::len),
         );
         out.push_str("{\"type\":");
         push_json_str(&mut out, self.ty);
-        let _ = write!(out, ",\"messageId\":\"h-{id}\"");
+        out.push_str(",\"messageId\":\"h-");
+        out.push_str(numbers.format(id));
+        out.push('"');
         if let Some(room) = self.room {
             out.push_str(",\"room\":");
             push_json_str(&mut out, room);
@@ -220,7 +226,12 @@ impl Outbound<'_> {
             out.push_str(",\"sender\":");
             push_json_str(&mut out, sender);
         }
-        let _ = write!(out, ",\"timestamp\":{}}}", now_ms());
+        out.push_str(",\"timestamp\":");
+        out.push_str(numbers.format(now_ms()));
+        out.push('}');
+        // A buffer whose length is its capacity becomes `Bytes` without a second allocation
+        // for the shared header (and the allocator shrinks a block in place).
+        out.shrink_to_fit();
         Utf8Bytes::from(out)
     }
 }

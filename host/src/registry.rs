@@ -196,6 +196,40 @@ async fn load_one(
             (Code::Wasm(plugin), version)
         }
     };
+    // Every route and event subscription must name a handler the code has.
+    let missing = |handler: &str| {
+        format!(
+            "plugin `{}` has no handler `{handler}` (it has: {})",
+            manifest.id,
+            code.handler_names().join(", ")
+        )
+    };
+    if let Some(route) = manifest
+        .routes
+        .iter()
+        .find(|r| !code.has_handler(&r.handler))
+    {
+        return Err(ManifestError {
+            file: manifest.file.clone(),
+            line: Some(route.line),
+            message: format!("route `{}`: {}", route.ty, missing(&route.handler)),
+        });
+    }
+    if let Some(event) = manifest
+        .events
+        .iter()
+        .find(|e| !code.has_handler(&e.handler))
+    {
+        return Err(ManifestError {
+            file: manifest.file.clone(),
+            line: None,
+            message: format!(
+                "event `{}`: {}",
+                event.event.name(),
+                missing(&event.handler)
+            ),
+        });
+    }
     Ok(Arc::new(LoadedPlugin {
         manifest,
         version,

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
@@ -303,13 +303,32 @@ fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Full<Bytes>> {
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
+        let (hub, shutdown, config) = (
+            task_ctx.hub.clone(),
+            task_ctx.shutdown.clone(),
             Some(task_ctx.ws_config),
-        )
-        .await;
-        connection::serve(task_ctx.hub.clone(), ws, task_ctx.shutdown.clone()).await;
+        );
+        // The socket itself, out of hyper's type-erased wrapper: every read and write of the
+        // connection's life skips a layer of dynamic dispatch. Bytes the client sent right
+        // behind its upgrade request are handed to the WebSocket first.
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let stream = parts.io.into_inner();
+                let ws = if parts.read_buf.is_empty() {
+                    WebSocketStream::from_raw_socket(stream, Role::Server, config).await
+                } else {
+                    let early = parts.read_buf.to_vec();
+                    WebSocketStream::from_partially_read(stream, early, Role::Server, config).await
+                };
+                connection::serve(hub, ws, shutdown).await;
+            }
+            Err(upgraded) => {
+                let ws =
+                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, config)
+                        .await;
+                connection::serve(hub, ws, shutdown).await;
+            }
+        }
     });
     let mut resp = text_response(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
     let headers = resp.headers_mut();

@@ -352,3 +352,20 @@ fn wit_conversions() {
     let err = crate::__private::to_wit(PluginError::new("a", "b"));
     assert_eq!((err.code.as_str(), err.message.as_str()), ("a", "b"));
 }
+
+#[test]
+fn handlers_are_listed_in_the_order_handle_numbers_them() {
+    assert_eq!(
+        PLEXUS_HANDLERS,
+        [
+            "greet",
+            "raw",
+            "shout",
+            "bad_result",
+            "failing",
+            "rooms",
+            "store",
+            "closure"
+        ]
+    );
+}

@@ -20,6 +20,13 @@ impl BuiltinPlugin {
         BuiltinPlugin { kind, env }
     }
 
+    /// The handler names of this builtin.
+    pub fn handlers(&self) -> &'static [&'static str] {
+        match self.kind {
+            Builtin::Echo => &["echo", "broadcast"],
+        }
+    }
+
     pub fn call(&self, input: &CallInput<'_>) -> CallOutput {
         let refuse = |code: &str, message: String| {
             CallOutput::failed(CallError::Refused {

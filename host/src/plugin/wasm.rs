@@ -261,6 +261,8 @@ struct Warm {
 pub struct WasmPlugin {
     pre: bindings::PluginPre<PluginState>,
     env: Arc<PluginEnv>,
+    /// The component's handler names (its `handlers` export); `handle` takes an index.
+    handlers: Vec<String>,
     engine: Engine,
     pool: Mutex<Vec<Warm>>,
     /// Reuse instances (the default); when false every call gets a fresh store.
@@ -319,19 +321,29 @@ impl WasmPlugin {
         let instance_pre: InstancePre<PluginState> =
             linker.instantiate_pre(component).map_err(not_a_plugin)?;
         let pre = bindings::PluginPre::new(instance_pre).map_err(not_a_plugin)?;
-        let plugin = WasmPlugin {
+        let mut plugin = WasmPlugin {
             pre,
             env,
+            handlers: Vec::new(),
             engine,
             pool: Mutex::new(Vec::new()),
             reuse: true,
             uses_stdio: AtomicBool::new(false),
         };
-        let warm = plugin
+        let mut warm = plugin
             .instantiate()
             .map_err(|e| LoadError::NotAPlugin(e.to_string()))?;
+        plugin.handlers = warm
+            .bindings
+            .call_handlers(&mut warm.store)
+            .map_err(|e| LoadError::NotAPlugin(format!("its `handlers` export trapped: {e:#}")))?;
         plugin.release(warm);
         Ok(plugin)
+    }
+
+    /// The handler names the component exports.
+    pub fn handlers(&self) -> &[String] {
+        &self.handlers
     }
 
     /// Makes every call use a fresh store (for measuring; slower).
@@ -436,6 +448,17 @@ impl WasmPlugin {
     }
 
     fn call_once(&self, input: &CallInput<'_>) -> CallOutput {
+        // Routes were checked against `handlers` at load; a few names, compared in place.
+        let Some(handler) = self.handlers.iter().position(|h| h == input.handler) else {
+            return CallOutput::failed(CallError::Refused {
+                code: "unknown_handler".into(),
+                message: format!(
+                    "plugin `{}` has no handler `{}`",
+                    self.env.id, input.handler
+                ),
+            });
+        };
+        let handler = u32::try_from(handler).unwrap_or(u32::MAX);
         let mut warm = match self.acquire() {
             Ok(warm) => warm,
             Err(e) => return CallOutput::failed(e),
@@ -456,9 +479,7 @@ impl WasmPlugin {
             state.overflow = false;
         }
         warm.store.set_epoch_deadline(self.deadline_ticks());
-        let result = warm
-            .bindings
-            .call_handle(&mut warm.store, input.handler, msg);
+        let result = warm.bindings.call_handle(&mut warm.store, handler, msg);
         let state = warm.store.data_mut();
         let effects = std::mem::take(&mut state.effects);
         let logs = std::mem::take(&mut state.logs);
