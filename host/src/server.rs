@@ -312,13 +312,18 @@ fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Full<Bytes>> {
         // connection's life skips a layer of dynamic dispatch. Bytes the client sent right
         // behind its upgrade request are handed to the WebSocket first.
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                let stream = parts.io.into_inner();
-                let ws = if parts.read_buf.is_empty() {
-                    WebSocketStream::from_raw_socket(stream, Role::Server, config).await
-                } else {
-                    let early = parts.read_buf.to_vec();
-                    WebSocketStream::from_partially_read(stream, early, Role::Server, config).await
+            Ok(hyper::upgrade::Parts { io, read_buf, .. }) => {
+                // `read_buf` shares hyper's whole read buffer: copy what it holds and let the
+                // buffer go before the connection's long life begins.
+                let early = (!read_buf.is_empty()).then(|| read_buf.to_vec());
+                drop(read_buf);
+                let stream = io.into_inner();
+                let ws = match early {
+                    None => WebSocketStream::from_raw_socket(stream, Role::Server, config).await,
+                    Some(early) => {
+                        WebSocketStream::from_partially_read(stream, early, Role::Server, config)
+                            .await
+                    }
                 };
                 connection::serve(hub, ws, shutdown).await;
             }
