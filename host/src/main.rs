@@ -8,8 +8,9 @@ use clap::{Parser, Subcommand};
 use plexus::{Config, Server, StartError, WatchMode};
 
 /// mimalloc: every message allocates a few short-lived buffers (the decoded envelope, the
-/// effects a plugin records, the encoded frame), and mimalloc's thread-local free lists serve
-/// them for a fraction of glibc malloc's cost (docs/benchmarks.md).
+/// effects a plugin records, the encoded frame); with mimalloc the router path costs about 10%
+/// less than with glibc malloc, and an idle connection about 10% less memory
+/// (docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
