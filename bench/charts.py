@@ -291,6 +291,13 @@ def summary(cases, meta):
     return "\n".join(lines) + "\n"
 
 
+def echo_near_100(echo_keys):
+    """(messages in flight, the echo case at the connection count nearest 100), per K."""
+    for k_in_flight in sorted({k[2] for k in echo_keys}):
+        keys = [k for k in echo_keys if k[2] == k_in_flight]
+        yield k_in_flight, min(keys, key=lambda k: (abs((k[1] or 0) - 100), k))
+
+
 def charts(cases, out):
     import matplotlib
 
@@ -341,9 +348,7 @@ def charts(cases, out):
     echo_keys = sorted(k for k in cases if k[0] == "echo")
     if echo_keys:
         # One chart per number of messages in flight, at the connection count nearest 100.
-        for k_in_flight in sorted({k[2] for k in echo_keys}):
-            keys = [k for k in echo_keys if k[2] == k_in_flight]
-            key = min(keys, key=lambda k: (abs((k[1] or 0) - 100), k))
+        for k_in_flight, key in echo_near_100(echo_keys):
             fname = "echo-latency.png" if k_in_flight == 1 else f"echo-latency-k{k_in_flight}.png"
             latency_chart(cases[key], f"Echo round-trip latency ({key[1]} connections, "
                           f"K={key[2]})", fname)
@@ -388,9 +393,7 @@ def charts(cases, out):
 
     # CPU per operation, one group of bars per case.
     bar_cases = []
-    for k_in_flight in sorted({k[2] for k in echo_keys}):
-        keys = [k for k in echo_keys if k[2] == k_in_flight]
-        key = min(keys, key=lambda k: (abs((k[1] or 0) - 100), k))
+    for k_in_flight, key in echo_near_100(echo_keys):
         bar_cases.append((f"echo, {key[1]} conns, K={k_in_flight}\n(µs/message)", cases[key]))
     if fan_keys:
         key = max(fan_keys, key=lambda k: (k[1] or 0, k))

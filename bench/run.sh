@@ -59,10 +59,12 @@ while [ $# -gt 0 ]; do
     shift
 done
 
+# Echo runs request/response (1 in flight per connection) and pipelined (8) in both modes.
+ECHO_INFLIGHT="1 8"
 if [ "$MODE" = quick ]; then
     : "${ROUNDS:=1}"
     DUR=3; WARMUP=1
-    ECHO_CONNS="100"; ECHO_INFLIGHT="1 8"
+    ECHO_CONNS="100"
     FANOUT_MEMBERS="1000"; FANOUT_RATES="100 1000"
     STORM_TARGET=2000; STORM_CONC=200
     IDLE_CONNS=10000; IDLE_DUR=1
@@ -70,7 +72,7 @@ if [ "$MODE" = quick ]; then
 else
     : "${ROUNDS:=3}"
     DUR=10; WARMUP=2
-    ECHO_CONNS="10 100 1000 5000"; ECHO_INFLIGHT="1 8"
+    ECHO_CONNS="10 100 1000 5000"
     FANOUT_MEMBERS="100 1000"; FANOUT_RATES="100 1000"
     STORM_TARGET=10000; STORM_CONC=200
     IDLE_CONNS=10000; IDLE_DUR=5

@@ -197,36 +197,25 @@ async fn load_one(
         }
     };
     // Every route and event subscription must name a handler the code has.
-    let missing = |handler: &str| {
-        format!(
-            "plugin `{}` has no handler `{handler}` (it has: {})",
-            manifest.id,
-            code.handler_names().join(", ")
-        )
-    };
-    if let Some(route) = manifest
-        .routes
-        .iter()
-        .find(|r| !code.has_handler(&r.handler))
-    {
-        return Err(ManifestError {
-            file: manifest.file.clone(),
-            line: Some(route.line),
-            message: format!("route `{}`: {}", route.ty, missing(&route.handler)),
-        });
-    }
-    if let Some(event) = manifest
+    let handlers = code.handler_names();
+    let subscriptions = manifest
         .events
         .iter()
-        .find(|e| !code.has_handler(&e.handler))
-    {
+        .map(|e| ("event", e.event.name(), &e.handler, None));
+    let unknown = manifest
+        .routes
+        .iter()
+        .map(|r| ("route", r.ty.as_str(), &r.handler, Some(r.line)))
+        .chain(subscriptions)
+        .find(|(.., handler, _)| !handlers.contains(&handler.as_str()));
+    if let Some((what, name, handler, line)) = unknown {
         return Err(ManifestError {
             file: manifest.file.clone(),
-            line: None,
+            line,
             message: format!(
-                "event `{}`: {}",
-                event.event.name(),
-                missing(&event.handler)
+                "{what} `{name}`: plugin `{}` has no handler `{handler}` (it has: {})",
+                manifest.id,
+                handlers.join(", ")
             ),
         });
     }

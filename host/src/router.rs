@@ -226,7 +226,7 @@ async fn run_call(
     input: &CallInput<'_>,
     depth: u8,
 ) -> Result<Option<String>, HandleError> {
-    let output = plugin.code.call(input).await;
+    let output = plugin.code.call(input);
     emit_logs(plugin, &output.logs);
     let ack = match output.result {
         Ok(ack) => ack,

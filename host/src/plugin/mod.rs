@@ -105,15 +105,7 @@ impl std::fmt::Debug for Code {
 }
 
 impl Code {
-    /// Whether the code has a handler named `name`.
-    pub fn has_handler(&self, name: &str) -> bool {
-        match self {
-            Code::Wasm(p) => p.handlers().iter().any(|h| h == name),
-            Code::Builtin(b) => b.handlers().contains(&name),
-        }
-    }
-
-    /// The handler names, for error messages.
+    /// The handler names; routes are checked against them at load.
     pub fn handler_names(&self) -> Vec<&str> {
         match self {
             Code::Wasm(p) => p.handlers().iter().map(String::as_str).collect(),
@@ -122,7 +114,7 @@ impl Code {
     }
 
     /// Runs one handler. Effects are returned, not applied.
-    pub async fn call(&self, input: &CallInput<'_>) -> CallOutput {
+    pub fn call(&self, input: &CallInput<'_>) -> CallOutput {
         match self {
             Code::Wasm(p) => p.call(input),
             Code::Builtin(b) => b.call(input),
