@@ -22,12 +22,12 @@
 //!     }
 //!     // Sent to the whole room after the handler returns Ok; `?` turns a refusal into
 //!     // a `forbidden` error.
-//!     ctx.broadcast(room, "chat.message", &json!({"text": msg.payload.text, "from": msg.sender}))?;
+//!     ctx.broadcast(room, "chat.message", &json!({"text": msg.payload.text, "from": msg.sender()}))?;
 //!     Ok(None) // or Ok(Some(json!({...}))): an object merged into the `sys.ack` payload
 //! }
 //!
 //! fn joined(ctx: &Ctx, msg: Message) -> HandlerResult {
-//!     ctx.reply("welcome", &json!({"room": msg.room}))?;
+//!     ctx.reply("welcome", &json!({"room": msg.room()}))?;
 //!     Ok(None)
 //! }
 //!
@@ -75,6 +75,8 @@ pub fn ack<T: serde::Serialize + ?Sized>(fields: &T) -> HandlerResult {
 
 /// Generated bindings of the `plugin` world (not part of the SDK's API).
 #[allow(unsafe_code)]
+// The generated export of `handle` takes the message record flattened: 12 parameters.
+#[allow(clippy::too_many_arguments)]
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
@@ -142,14 +144,15 @@ macro_rules! plugin {
                     PLEXUS_HANDLERS.iter().map(|h| ::std::string::String::from(*h)).collect()
                 }
 
-                fn handle(
-                    handler: u32,
-                    msg: $crate::__private::WitMessage,
-                ) -> ::core::result::Result<
+                fn handle(handler: u32, msg: $crate::__private::WitMessage) -> bool {
+                    $crate::__private::handle(PLEXUS_HANDLERS, handler, msg, plexus_dispatch)
+                }
+
+                fn take_result() -> ::core::result::Result<
                     ::core::option::Option<::std::string::String>,
                     $crate::__private::WitPluginError,
                 > {
-                    $crate::__private::handle(PLEXUS_HANDLERS, handler, msg, plexus_dispatch)
+                    $crate::__private::take_result()
                 }
             }
 
@@ -196,16 +199,19 @@ pub mod __private {
         }
     }
 
-    pub fn from_wit(msg: WitMessage) -> RawMessage {
-        RawMessage {
-            ty: msg.type_,
-            room: msg.room,
-            payload: msg.payload,
-            sender: msg.sender,
-            connection_id: msg.connection_id,
-            message_id: msg.message_id,
-            metadata: msg.metadata,
-        }
+    /// The message the host packed (see the WIT `message` record), unpacked.
+    pub fn from_wit(msg: WitMessage) -> Result<RawMessage, PluginError> {
+        let lens = crate::message::PackedLens {
+            ty: msg.type_len,
+            sender: msg.sender_len,
+            connection_id: msg.connection_id_len,
+            room: msg.room_len,
+            message_id: msg.message_id_len,
+            metadata: msg.metadata_len,
+        };
+        RawMessage::unpack(msg.text, lens).ok_or_else(|| {
+            PluginError::internal("the host delivered a message whose lengths do not fit its text")
+        })
     }
 
     pub fn to_wit(err: PluginError) -> WitPluginError {
@@ -215,17 +221,38 @@ pub mod __private {
         }
     }
 
+    type WitResult = Result<Option<String>, WitPluginError>;
+
+    std::thread_local! {
+        /// The result `take_result` hands over: set by a `handle` call that returned `false`.
+        static RESULT: std::cell::RefCell<Option<WitResult>> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// Runs handler number `handler`; `true` when it returned `Ok` with nothing for the ack,
+    /// otherwise its result waits for [`take_result`].
     #[inline]
     pub fn handle(
         handlers: &[&str],
         handler: u32,
         msg: WitMessage,
         dispatch: fn(&str, RawMessage) -> Result<Option<String>, PluginError>,
-    ) -> Result<Option<String>, WitPluginError> {
-        let Some(name) = usize::try_from(handler).ok().and_then(|i| handlers.get(i)) else {
-            return Err(to_wit(PluginError::unknown_handler(&format!("#{handler}"))));
+    ) -> bool {
+        let result = match usize::try_from(handler).ok().and_then(|i| handlers.get(i)) {
+            None => Err(to_wit(PluginError::unknown_handler(&format!("#{handler}")))),
+            Some(name) => from_wit(msg)
+                .and_then(|raw| dispatch(name, raw))
+                .map_err(to_wit),
         };
-        dispatch(name, from_wit(msg)).map_err(to_wit)
+        if let Ok(None) = result {
+            return true;
+        }
+        RESULT.with(|r| *r.borrow_mut() = Some(result));
+        false
+    }
+
+    /// The result of the last `handle` call that returned `false` (`Ok(None)` if none).
+    pub fn take_result() -> WitResult {
+        RESULT.with(|r| r.borrow_mut().take()).unwrap_or(Ok(None))
     }
 }
 

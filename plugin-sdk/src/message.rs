@@ -4,6 +4,117 @@ use serde::de::DeserializeOwned;
 
 use crate::PluginError;
 
+/// The fields of a message besides its payload, kept as the host packs them: one string and
+/// the offsets that split it (see the WIT `message` record). Read through the accessors of
+/// [`RawMessage`] and [`Message`]; nothing is copied per field.
+#[derive(Clone, PartialEq, Eq)]
+struct Envelope {
+    /// Type, sender, connection id, then room, message id and metadata when present.
+    text: String,
+    /// Where each of those six fields ends in `text` (an absent field is empty).
+    ends: [usize; 6],
+    /// Whether room, message id and metadata are present.
+    present: [bool; 3],
+}
+
+const TYPE: usize = 0;
+const SENDER: usize = 1;
+const CONNECTION_ID: usize = 2;
+const ROOM: usize = 3;
+const MESSAGE_ID: usize = 4;
+const METADATA: usize = 5;
+
+impl Envelope {
+    /// Splits `text` by the lengths of its fields; `None` unless they cover it exactly, on
+    /// character boundaries.
+    fn split(text: String, lens: [Option<u32>; 6]) -> Option<Envelope> {
+        let mut ends = [0usize; 6];
+        let mut at = 0usize;
+        for (end, len) in ends.iter_mut().zip(lens) {
+            at = at.checked_add(usize::try_from(len.unwrap_or(0)).ok()?)?;
+            if !text.is_char_boundary(at) {
+                return None;
+            }
+            *end = at;
+        }
+        if at != text.len() {
+            return None;
+        }
+        let present = [
+            lens[ROOM].is_some(),
+            lens[MESSAGE_ID].is_some(),
+            lens[METADATA].is_some(),
+        ];
+        Some(Envelope {
+            text,
+            ends,
+            present,
+        })
+    }
+
+    fn build(fields: [Option<&str>; 6]) -> Envelope {
+        let mut text = String::new();
+        let mut lens = [None; 6];
+        for (len, field) in lens.iter_mut().zip(fields) {
+            if let Some(field) = field {
+                text.push_str(field);
+                *len = Some(u32::try_from(field.len()).expect("a field shorter than 4 GiB"));
+            }
+        }
+        Envelope::split(text, lens).expect("fields split where they were joined")
+    }
+
+    fn get(&self, field: usize) -> &str {
+        let start = if field == 0 { 0 } else { self.ends[field - 1] };
+        &self.text[start..self.ends[field]]
+    }
+
+    fn get_optional(&self, field: usize) -> Option<&str> {
+        self.present[field - ROOM].then(|| self.get(field))
+    }
+
+    fn fields(&self) -> [Option<&str>; 6] {
+        [
+            Some(self.get(TYPE)),
+            Some(self.get(SENDER)),
+            Some(self.get(CONNECTION_ID)),
+            self.get_optional(ROOM),
+            self.get_optional(MESSAGE_ID),
+            self.get_optional(METADATA),
+        ]
+    }
+
+    fn with(&self, field: usize, value: Option<&str>) -> Envelope {
+        let mut fields = self.fields();
+        fields[field] = value;
+        Envelope::build(fields)
+    }
+}
+
+impl std::fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Envelope")
+            .field("ty", &self.get(TYPE))
+            .field("sender", &self.get(SENDER))
+            .field("connection_id", &self.get(CONNECTION_ID))
+            .field("room", &self.get_optional(ROOM))
+            .field("message_id", &self.get_optional(MESSAGE_ID))
+            .field("metadata", &self.get_optional(METADATA))
+            .finish()
+    }
+}
+
+/// The lengths, in bytes, that split a packed message's text (the WIT `message` record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PackedLens {
+    pub ty: u32,
+    pub sender: u32,
+    pub connection_id: u32,
+    pub room: Option<u32>,
+    pub message_id: Option<u32>,
+    pub metadata: Option<u32>,
+}
+
 /// A message exactly as the host delivered it: payload and metadata still JSON text.
 ///
 /// Handlers normally receive a decoded [`Message<T>`] instead; this type is what the
@@ -11,34 +122,25 @@ use crate::PluginError;
 /// build one (see [`testing`](crate::testing)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawMessage {
-    /// The envelope `type` the route matched, or the event name (e.g. `room.joined`).
-    pub ty: String,
-    /// The room the message names, if any.
-    pub room: Option<String>,
-    /// The payload as JSON text (`null` when the client sent none).
-    pub payload: String,
-    /// The identity the host assigned to the origin connection.
-    pub sender: String,
-    /// The origin connection.
-    pub connection_id: String,
-    /// The client's `messageId`, if it sent one.
-    pub message_id: Option<String>,
-    /// The envelope `metadata` as JSON text, if the client sent any.
-    pub metadata: Option<String>,
+    payload: String,
+    envelope: Envelope,
 }
 
 impl RawMessage {
     /// A message of type `ty` with the payload JSON text `payload`, from connection `c-test`
     /// whose identity is `guest-test`, naming no room.
     pub fn new(ty: impl Into<String>, payload: impl Into<String>) -> Self {
+        let ty = ty.into();
         Self {
-            ty: ty.into(),
-            room: None,
             payload: payload.into(),
-            sender: "guest-test".to_owned(),
-            connection_id: "c-test".to_owned(),
-            message_id: None,
-            metadata: None,
+            envelope: Envelope::build([
+                Some(&ty),
+                Some("guest-test"),
+                Some("c-test"),
+                None,
+                None,
+                None,
+            ]),
         }
     }
 
@@ -53,8 +155,8 @@ impl RawMessage {
 
     /// Sets the room.
     #[must_use]
-    pub fn room(mut self, room: impl Into<String>) -> Self {
-        self.room = Some(room.into());
+    pub fn with_room(mut self, room: impl Into<String>) -> Self {
+        self.envelope = self.envelope.with(ROOM, Some(&room.into()));
         self
     }
 
@@ -65,23 +167,88 @@ impl RawMessage {
         connection_id: impl Into<String>,
         sender: impl Into<String>,
     ) -> Self {
-        self.connection_id = connection_id.into();
-        self.sender = sender.into();
+        let envelope = self
+            .envelope
+            .with(CONNECTION_ID, Some(&connection_id.into()));
+        self.envelope = envelope.with(SENDER, Some(&sender.into()));
         self
     }
 
     /// Sets the client's `messageId`.
     #[must_use]
-    pub fn message_id(mut self, message_id: impl Into<String>) -> Self {
-        self.message_id = Some(message_id.into());
+    pub fn with_message_id(mut self, message_id: impl Into<String>) -> Self {
+        self.envelope = self.envelope.with(MESSAGE_ID, Some(&message_id.into()));
         self
     }
 
     /// Sets the metadata JSON text.
     #[must_use]
-    pub fn metadata(mut self, metadata: impl Into<String>) -> Self {
-        self.metadata = Some(metadata.into());
+    pub fn with_metadata(mut self, metadata: impl Into<String>) -> Self {
+        self.envelope = self.envelope.with(METADATA, Some(&metadata.into()));
         self
+    }
+
+    /// The envelope `type` the route matched, or the event name (e.g. `room.joined`).
+    pub fn ty(&self) -> &str {
+        self.envelope.get(TYPE)
+    }
+
+    /// The room the message names, if any.
+    pub fn room(&self) -> Option<&str> {
+        self.envelope.get_optional(ROOM)
+    }
+
+    /// The payload as JSON text (`null` when the client sent none).
+    pub fn payload(&self) -> &str {
+        &self.payload
+    }
+
+    /// The identity the host assigned to the origin connection.
+    pub fn sender(&self) -> &str {
+        self.envelope.get(SENDER)
+    }
+
+    /// The origin connection.
+    pub fn connection_id(&self) -> &str {
+        self.envelope.get(CONNECTION_ID)
+    }
+
+    /// The client's `messageId`, if it sent one.
+    pub fn message_id(&self) -> Option<&str> {
+        self.envelope.get_optional(MESSAGE_ID)
+    }
+
+    /// The envelope `metadata` as JSON text, if the client sent any.
+    pub fn metadata(&self) -> Option<&str> {
+        self.envelope.get_optional(METADATA)
+    }
+
+    /// Unpacks the WIT `message` record: `text` holds the payload, type, sender, connection id,
+    /// then room, message id and metadata when present, concatenated. The payload keeps
+    /// `text`'s allocation and the other fields share one more. `None` when the lengths do not
+    /// split `text` on character boundaries (a host bug, never a client's doing).
+    pub(crate) fn unpack(mut text: String, lens: PackedLens) -> Option<RawMessage> {
+        let lens = [
+            Some(lens.ty),
+            Some(lens.sender),
+            Some(lens.connection_id),
+            lens.room,
+            lens.message_id,
+            lens.metadata,
+        ];
+        let mut rest = 0usize;
+        for len in lens.into_iter().flatten() {
+            rest = rest.checked_add(usize::try_from(len).ok()?)?;
+        }
+        let payload_len = text.len().checked_sub(rest)?;
+        if !text.is_char_boundary(payload_len) {
+            return None;
+        }
+        let envelope = Envelope::split(text.split_off(payload_len), lens)?;
+        Some(RawMessage {
+            payload: text,
+            envelope,
+        })
     }
 }
 
@@ -90,28 +257,49 @@ impl RawMessage {
 /// `T` is any `serde::de::DeserializeOwned` type (a payload that does not decode makes the
 /// call fail with code `bad_payload` before the handler runs), `serde_json::Value` (the
 /// default) for any JSON, or [`RawPayload`] to get the JSON text without parsing it.
+/// The other fields are read through methods, which borrow from the message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message<T = serde_json::Value> {
-    /// The envelope `type` the route matched, or the event name (e.g. `room.joined`).
-    pub ty: String,
-    /// The room the message names, if any. See [`Message::require_room`].
-    pub room: Option<String>,
     /// The decoded payload.
     pub payload: T,
-    /// The identity the host assigned to the origin connection. Never client-supplied.
-    pub sender: String,
-    /// The origin connection.
-    pub connection_id: String,
-    /// The client's `messageId`, if it sent one.
-    pub message_id: Option<String>,
-    /// The envelope `metadata`, if the client sent any.
-    pub metadata: Option<serde_json::Value>,
+    envelope: Envelope,
+    metadata: Option<serde_json::Value>,
 }
 
 impl<T> Message<T> {
+    /// The envelope `type` the route matched, or the event name (e.g. `room.joined`).
+    pub fn ty(&self) -> &str {
+        self.envelope.get(TYPE)
+    }
+
+    /// The room the message names, if any. See [`Message::require_room`].
+    pub fn room(&self) -> Option<&str> {
+        self.envelope.get_optional(ROOM)
+    }
+
     /// The room the message names, or the `room_required` error.
     pub fn require_room(&self) -> Result<&str, PluginError> {
-        self.room.as_deref().ok_or_else(PluginError::room_required)
+        self.room().ok_or_else(PluginError::room_required)
+    }
+
+    /// The identity the host assigned to the origin connection. Never client-supplied.
+    pub fn sender(&self) -> &str {
+        self.envelope.get(SENDER)
+    }
+
+    /// The origin connection.
+    pub fn connection_id(&self) -> &str {
+        self.envelope.get(CONNECTION_ID)
+    }
+
+    /// The client's `messageId`, if it sent one.
+    pub fn message_id(&self) -> Option<&str> {
+        self.envelope.get_optional(MESSAGE_ID)
+    }
+
+    /// The envelope `metadata`, if the client sent any.
+    pub fn metadata(&self) -> Option<&serde_json::Value> {
+        self.metadata.as_ref()
     }
 
     /// Decodes a raw message: the payload with [`FromPayload`], the metadata as JSON.
@@ -119,20 +307,16 @@ impl<T> Message<T> {
     where
         T: FromPayload,
     {
-        let metadata = match raw.metadata {
+        let metadata = match raw.metadata() {
             None => None,
             Some(text) => Some(
-                serde_json::from_str(&text)
+                serde_json::from_str(text)
                     .map_err(|e| PluginError::bad_payload(format!("invalid metadata: {e}")))?,
             ),
         };
         Ok(Self {
             payload: T::from_payload(raw.payload)?,
-            ty: raw.ty,
-            room: raw.room,
-            sender: raw.sender,
-            connection_id: raw.connection_id,
-            message_id: raw.message_id,
+            envelope: raw.envelope,
             metadata,
         })
     }
@@ -188,5 +372,78 @@ impl FromPayload for RawPayload {
 impl AsRef<str> for RawPayload {
     fn as_ref(&self) -> &str {
         &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PackedLens, RawMessage};
+
+    fn lens(ty: u32, sender: u32, connection_id: u32) -> PackedLens {
+        PackedLens {
+            ty,
+            sender,
+            connection_id,
+            room: None,
+            message_id: None,
+            metadata: None,
+        }
+    }
+
+    #[test]
+    fn unpacks_every_field() {
+        let text = r#"{"é":1}chat.sendguest-1c-1lobbym-1{"t":2}"#.to_owned();
+        let msg = RawMessage::unpack(
+            text,
+            PackedLens {
+                room: Some(5),
+                message_id: Some(3),
+                metadata: Some(7),
+                ..lens(9, 7, 3)
+            },
+        )
+        .unwrap();
+        let built = RawMessage::new("chat.send", r#"{"é":1}"#)
+            .from_connection("c-1", "guest-1")
+            .with_room("lobby")
+            .with_message_id("m-1")
+            .with_metadata(r#"{"t":2}"#);
+        assert_eq!(msg, built);
+        assert_eq!(msg.payload(), r#"{"é":1}"#);
+        assert_eq!(msg.ty(), "chat.send");
+        assert_eq!(msg.sender(), "guest-1");
+        assert_eq!(msg.connection_id(), "c-1");
+        assert_eq!(msg.room(), Some("lobby"));
+        assert_eq!(msg.message_id(), Some("m-1"));
+        assert_eq!(msg.metadata(), Some(r#"{"t":2}"#));
+    }
+
+    #[test]
+    fn absent_and_empty_fields_differ() {
+        let absent = RawMessage::unpack("nullxgc".into(), lens(1, 1, 1)).unwrap();
+        assert_eq!(absent.payload(), "null");
+        assert_eq!(absent.room(), None);
+        let empty = RawMessage::unpack(
+            "nullxgc".into(),
+            PackedLens {
+                room: Some(0),
+                ..lens(1, 1, 1)
+            },
+        )
+        .unwrap();
+        assert_eq!(empty.room(), Some(""));
+    }
+
+    #[test]
+    fn lengths_that_do_not_fit_are_refused() {
+        // Longer than the text.
+        assert_eq!(RawMessage::unpack("abc".into(), lens(2, 2, 0)), None);
+        // Overflowing.
+        assert_eq!(
+            RawMessage::unpack("abc".into(), lens(u32::MAX, u32::MAX, 2)),
+            None
+        );
+        // Splitting `é` (two bytes) in the middle.
+        assert_eq!(RawMessage::unpack("1éxy".into(), lens(2, 1, 0)), None);
     }
 }

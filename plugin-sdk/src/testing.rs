@@ -176,8 +176,8 @@ impl MockHost {
         msg: RawMessage,
     ) -> Result<(Option<Value>, Vec<Effect>), PluginError> {
         with(|state| state.effects.clear());
-        let connection_id = msg.connection_id.clone();
-        let identity = msg.sender.clone();
+        let connection_id = msg.connection_id().to_owned();
+        let identity = msg.sender().to_owned();
         let result = dispatch(handler, msg);
         let effects = with(|state| std::mem::take(&mut state.effects));
         let ack = result?.map(|text| parse(&text, "ack"));

@@ -58,7 +58,7 @@ fn store(ctx: &Ctx, msg: Message<Value>) -> HandlerResult {
     ctx.send(
         "c-other",
         "count",
-        &json!({"count": count, "limit": limit, "meta": msg.metadata}),
+        &json!({"count": count, "limit": limit, "meta": msg.metadata()}),
     )?;
     Ok(None)
 }
@@ -116,27 +116,28 @@ fn undecodable_payload_is_bad_payload() {
 
 #[test]
 fn bad_metadata_is_bad_payload() {
-    let err = Message::<Value>::from_raw(RawMessage::new("t", "1").metadata("{")).unwrap_err();
+    let err = Message::<Value>::from_raw(RawMessage::new("t", "1").with_metadata("{")).unwrap_err();
     assert_eq!(err.code, codes::BAD_PAYLOAD);
-    let msg = Message::<Value>::from_raw(RawMessage::new("t", "1").metadata(r#"{"a":1}"#)).unwrap();
-    assert_eq!(msg.metadata, Some(json!({"a": 1})));
+    let msg =
+        Message::<Value>::from_raw(RawMessage::new("t", "1").with_metadata(r#"{"a":1}"#)).unwrap();
+    assert_eq!(msg.metadata(), Some(&json!({"a": 1})));
 }
 
 #[test]
 fn message_fields_are_passed_through() {
     let raw = RawMessage::new("chat.send", r#"{"name":"x"}"#)
-        .room("lobby")
+        .with_room("lobby")
         .from_connection("c-1", "guest-1")
-        .message_id("m-1");
+        .with_message_id("m-1");
     let msg = Message::<Greet>::from_raw(raw).unwrap();
-    assert_eq!(msg.ty, "chat.send");
-    assert_eq!(msg.room.as_deref(), Some("lobby"));
+    assert_eq!(msg.ty(), "chat.send");
+    assert_eq!(msg.room(), Some("lobby"));
     assert_eq!(msg.require_room().unwrap(), "lobby");
     assert_eq!(msg.payload.name, "x");
-    assert_eq!(msg.sender, "guest-1");
-    assert_eq!(msg.connection_id, "c-1");
-    assert_eq!(msg.message_id.as_deref(), Some("m-1"));
-    assert_eq!(msg.metadata, None);
+    assert_eq!(msg.sender(), "guest-1");
+    assert_eq!(msg.connection_id(), "c-1");
+    assert_eq!(msg.message_id(), Some("m-1"));
+    assert_eq!(msg.metadata(), None);
 }
 
 #[test]
@@ -191,7 +192,7 @@ fn room_required_and_broadcasts() {
         .call(
             plexus_dispatch,
             "shout",
-            RawMessage::new("s", "1").room("r"),
+            RawMessage::new("s", "1").with_room("r"),
         )
         .unwrap();
     assert_eq!(ack, None);
@@ -222,7 +223,7 @@ fn host_refusal_is_forbidden() {
         .call(
             plexus_dispatch,
             "shout",
-            RawMessage::new("s", "1").room("secret"),
+            RawMessage::new("s", "1").with_room("secret"),
         )
         .unwrap_err();
     assert_eq!(err.code, codes::FORBIDDEN);
@@ -273,7 +274,7 @@ fn joins_apply_to_the_mock_rooms() {
             plexus_dispatch,
             "rooms",
             RawMessage::new("x", "null")
-                .room("r")
+                .with_room("r")
                 .from_connection("c-1", "guest-1"),
         )
         .unwrap();
@@ -297,7 +298,7 @@ fn kv_config_logging() {
             .call(
                 plexus_dispatch,
                 "store",
-                RawMessage::new("x", "null").metadata(r#"{"t":1}"#),
+                RawMessage::new("x", "null").with_metadata(r#"{"t":1}"#),
             )
             .unwrap();
         assert_eq!(
@@ -333,24 +334,84 @@ fn kv_config_logging() {
 #[test]
 fn wit_conversions() {
     let wit = crate::__private::WitMessage {
-        type_: "t".into(),
-        room: Some("r".into()),
-        payload: "1".into(),
-        sender: "s".into(),
-        connection_id: "c".into(),
-        message_id: None,
-        metadata: Some("{}".into()),
+        text: "1tscr{}".into(),
+        type_len: 1,
+        sender_len: 1,
+        connection_id_len: 1,
+        room_len: Some(1),
+        message_id_len: None,
+        metadata_len: Some(2),
     };
-    let raw = crate::__private::from_wit(wit);
+    let raw = crate::__private::from_wit(wit).unwrap();
     assert_eq!(
         raw,
         RawMessage::new("t", "1")
-            .room("r")
+            .with_room("r")
             .from_connection("c", "s")
-            .metadata("{}")
+            .with_metadata("{}")
+    );
+    let bad = crate::__private::WitMessage {
+        text: "1".into(),
+        type_len: 1,
+        sender_len: 1,
+        connection_id_len: 1,
+        room_len: None,
+        message_id_len: None,
+        metadata_len: None,
+    };
+    assert_eq!(
+        crate::__private::from_wit(bad).unwrap_err().code,
+        codes::INTERNAL
     );
     let err = crate::__private::to_wit(PluginError::new("a", "b"));
     assert_eq!((err.code.as_str(), err.message.as_str()), ("a", "b"));
+}
+
+#[test]
+fn handle_says_true_only_for_an_empty_ok() {
+    use crate::__private::{WitMessage, handle, take_result};
+    let _host = MockHost::new();
+    let wit = || WitMessage {
+        text: "[1]tsc".into(),
+        type_len: 1,
+        sender_len: 1,
+        connection_id_len: 1,
+        room_len: None,
+        message_id_len: None,
+        metadata_len: None,
+    };
+    let index = |name: &str| PLEXUS_HANDLERS.iter().position(|h| *h == name).unwrap() as u32;
+    // `closure` replies and returns Ok(None): the fast path.
+    let three = WitMessage {
+        text: "3tsc".into(),
+        ..wit()
+    };
+    assert!(handle(
+        PLEXUS_HANDLERS,
+        index("closure"),
+        three,
+        plexus_dispatch
+    ));
+    assert_eq!(take_result().ok(), Some(None));
+    // `raw` returns ack fields: fetched once.
+    assert!(!handle(
+        PLEXUS_HANDLERS,
+        index("raw"),
+        wit(),
+        plexus_dispatch
+    ));
+    assert_eq!(take_result().ok(), Some(Some(r#"{"len":3}"#.to_owned())));
+    assert_eq!(take_result().ok(), Some(None));
+    // `failing` and an unknown index return errors.
+    assert!(!handle(
+        PLEXUS_HANDLERS,
+        index("failing"),
+        wit(),
+        plexus_dispatch
+    ));
+    assert_eq!(take_result().unwrap_err().code, "nope");
+    assert!(!handle(PLEXUS_HANDLERS, 99, wit(), plexus_dispatch));
+    assert_eq!(take_result().unwrap_err().code, codes::UNKNOWN_HANDLER);
 }
 
 #[test]

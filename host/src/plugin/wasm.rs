@@ -119,6 +119,8 @@ pub struct PluginState {
     effects: Vec<Effect>,
     logs: Vec<(LogLevel, String)>,
     overflow: bool,
+    /// The packed text of the message being handed over, kept to reuse its allocation.
+    packed: String,
 }
 
 impl WasiView for PluginState {
@@ -364,6 +366,7 @@ impl WasmPlugin {
             effects: Vec::new(),
             logs: Vec::new(),
             overflow: false,
+            packed: String::new(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -463,24 +466,23 @@ impl WasmPlugin {
             Ok(warm) => warm,
             Err(e) => return CallOutput::failed(e),
         };
-        let msg = types::Message {
-            type_: input.ty,
-            room: input.room,
-            payload: input.payload,
-            sender: input.sender,
-            connection_id: input.connection_id,
-            message_id: input.message_id,
-            metadata: input.metadata,
-        };
-        {
+        let mut packed = {
             let state = warm.store.data_mut();
             state.effects.clear();
             state.logs.clear();
             state.overflow = false;
-        }
+            std::mem::take(&mut state.packed)
+        };
+        let msg = pack(input, &mut packed);
         warm.store.set_epoch_deadline(self.deadline_ticks());
-        let result = warm.bindings.call_handle(&mut warm.store, handler, msg);
+        // `handle` says `true` for the common result, `Ok(None)`; anything else is fetched.
+        let result = match warm.bindings.call_handle(&mut warm.store, handler, msg) {
+            Ok(true) => Ok(Ok(None)),
+            Ok(false) => warm.bindings.call_take_result(&mut warm.store),
+            Err(trap) => Err(trap),
+        };
         let state = warm.store.data_mut();
+        state.packed = packed;
         let effects = std::mem::take(&mut state.effects);
         let logs = std::mem::take(&mut state.logs);
         let overflow = state.overflow;
@@ -529,6 +531,33 @@ impl WasmPlugin {
     }
 }
 
+/// Packs a message as the WIT `message` record lays it out: the text fields concatenated into
+/// `buf` (payload first), with the lengths that split them.
+fn pack<'a>(input: &CallInput<'_>, buf: &'a mut String) -> types::Message<'a> {
+    fn len(s: &str) -> u32 {
+        // Frames are limited far below 4 GiB; saturating keeps a bad length detectable.
+        u32::try_from(s.len()).unwrap_or(u32::MAX)
+    }
+    buf.clear();
+    for field in [input.payload, input.ty, input.sender, input.connection_id]
+        .into_iter()
+        .chain(input.room)
+        .chain(input.message_id)
+        .chain(input.metadata)
+    {
+        buf.push_str(field);
+    }
+    types::Message {
+        text: buf.as_str(),
+        type_len: len(input.ty),
+        sender_len: len(input.sender),
+        connection_id_len: len(input.connection_id),
+        room_len: input.room.map(len),
+        message_id_len: input.message_id.map(len),
+        metadata_len: input.metadata.map(len),
+    }
+}
+
 /// Enforces a plugin's memory limit and remembers how large its memory grew.
 struct MemoryLimiter {
     max: usize,
@@ -556,5 +585,41 @@ impl ResourceLimiter for MemoryLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CallInput, pack};
+
+    #[test]
+    fn pack_concatenates_payload_first_then_the_fields_present() {
+        let mut input = CallInput {
+            handler: "send",
+            ty: "chat.send",
+            room: Some("lobby"),
+            payload: r#"{"é":1}"#,
+            sender: "guest-1",
+            connection_id: "c-1",
+            message_id: None,
+            metadata: Some("{}"),
+        };
+        let mut buf = String::from("left over");
+        let msg = pack(&input, &mut buf);
+        assert_eq!(msg.text, r#"{"é":1}chat.sendguest-1c-1lobby{}"#);
+        assert_eq!(
+            (msg.type_len, msg.sender_len, msg.connection_id_len),
+            (9, 7, 3)
+        );
+        assert_eq!(
+            (msg.room_len, msg.message_id_len, msg.metadata_len),
+            (Some(5), None, Some(2))
+        );
+        // An empty field is present, with length 0; an absent one is `None`.
+        input.room = Some("");
+        input.metadata = None;
+        let msg = pack(&input, &mut buf);
+        assert_eq!(msg.text, r#"{"é":1}chat.sendguest-1c-1"#);
+        assert_eq!((msg.room_len, msg.metadata_len), (Some(0), None));
     }
 }

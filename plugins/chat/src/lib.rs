@@ -105,8 +105,8 @@ fn say(
     text: &str,
     action: bool,
 ) -> HandlerResult {
-    let nick = nick_of(ctx, &msg.connection_id, &msg.sender);
-    let mut payload = json!({"text": text, "nick": nick, "room": room, "identity": msg.sender});
+    let nick = nick_of(ctx, msg.connection_id(), msg.sender());
+    let mut payload = json!({"text": text, "nick": nick, "room": room, "identity": msg.sender()});
     if action {
         payload["action"] = Value::Bool(true);
     }
@@ -125,8 +125,8 @@ fn nick(ctx: &Ctx, msg: &Message<SendPayload>, room: &str, new: &str) -> Handler
             "a nick is one word of at most {MAX_NICK_LENGTH} characters"
         )));
     }
-    let old = nick_of(ctx, &msg.connection_id, &msg.sender);
-    ctx.kv_set(&nick_key(&msg.connection_id), new);
+    let old = nick_of(ctx, msg.connection_id(), msg.sender());
+    ctx.kv_set(&nick_key(msg.connection_id()), new);
     ctx.reply("chat.nick", &json!({"nick": new}))?;
     if old != new {
         let text = format!("{old} is now {new}");
@@ -148,7 +148,7 @@ fn topic(ctx: &Ctx, msg: &Message<SendPayload>, room: &str, text: &str) -> Handl
         )?;
         return Ok(None);
     }
-    let by = nick_of(ctx, &msg.connection_id, &msg.sender);
+    let by = nick_of(ctx, msg.connection_id(), msg.sender());
     let topic = Topic {
         topic: text.to_owned(),
         by,
@@ -191,7 +191,7 @@ fn joined(ctx: &Ctx, msg: Message<RawPayload>) -> HandlerResult {
 /// (A plain leave keeps it: the connection may still be in other rooms.)
 fn left(ctx: &Ctx, msg: Message) -> HandlerResult {
     if msg.payload.get("reason").and_then(Value::as_str) == Some("disconnect") {
-        ctx.kv_delete(&nick_key(&msg.connection_id));
+        ctx.kv_delete(&nick_key(msg.connection_id()));
     }
     Ok(None)
 }

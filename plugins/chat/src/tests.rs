@@ -15,7 +15,7 @@ fn say(
     let mut msg = RawMessage::json("chat.send", &json!({"text": text}))
         .from_connection(conn, format!("guest-{conn}"));
     if let Some(room) = room {
-        msg = msg.room(room);
+        msg = msg.with_room(room);
     }
     host.call(plexus_dispatch, "send", msg)
         .map(|(ack, effects)| {
@@ -63,14 +63,14 @@ fn payload_errors() {
     assert_eq!(code(say(&host, "c1", None, "hi")), "room_required");
     assert_eq!(code(say(&host, "c1", Some("r"), "")), "bad_payload");
     assert_eq!(code(say(&host, "c1", Some("r"), "  \n")), "bad_payload");
-    let no_text = RawMessage::json("chat.send", &json!({"txt": "x"})).room("r");
+    let no_text = RawMessage::json("chat.send", &json!({"txt": "x"})).with_room("r");
     assert_eq!(
         host.call(plexus_dispatch, "send", no_text)
             .unwrap_err()
             .code,
         "bad_payload"
     );
-    let null = RawMessage::new("chat.send", "null").room("r");
+    let null = RawMessage::new("chat.send", "null").with_room("r");
     assert_eq!(
         host.call(plexus_dispatch, "send", null).unwrap_err().code,
         "bad_payload"
@@ -253,7 +253,7 @@ fn joined_sends_the_topic() {
             "room.joined",
             &json!({"room": "r", "connectionId": "c9", "identity": "guest-c9"}),
         )
-        .room("r")
+        .with_room("r")
         .from_connection("c9", "guest-c9");
         host.call(plexus_dispatch, "joined", msg).unwrap().1
     };
@@ -276,7 +276,7 @@ fn left_forgets_the_nick_on_disconnect() {
         let payload =
             json!({"room": "r", "connectionId": "c1", "identity": "guest-c1", "reason": reason});
         let msg = RawMessage::json("room.left", &payload)
-            .room("r")
+            .with_room("r")
             .from_connection("c1", "guest-c1");
         host.call(plexus_dispatch, "left", msg).unwrap().1
     };

@@ -60,7 +60,7 @@ mod tests {
     #[test]
     fn broadcast_excludes_the_sender() {
         let host = MockHost::new();
-        let msg = RawMessage::json("echo.broadcast", &json!({"n": 1})).room("lobby");
+        let msg = RawMessage::json("echo.broadcast", &json!({"n": 1})).with_room("lobby");
         let (_, effects) = host.call(plexus_dispatch, "broadcast", msg).unwrap();
         assert_eq!(
             effects,
@@ -90,7 +90,7 @@ mod tests {
     fn broadcast_to_a_forbidden_room() {
         let host = MockHost::new();
         host.forbid_room("vip");
-        let msg = RawMessage::new("echo.broadcast", "1").room("vip");
+        let msg = RawMessage::new("echo.broadcast", "1").with_room("vip");
         let err = host.call(plexus_dispatch, "broadcast", msg).unwrap_err();
         assert_eq!(err.code, "forbidden");
     }
