@@ -21,11 +21,11 @@ BIN=$(cd "$ROOT" && cargo bench -p plexus --bench dispatch --no-run --message-fo
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
 [ -x "$BIN" ] || { echo "call-instructions.sh: no bench executable" >&2; exit 1; }
 OUT="$(mktemp -d)"
-trap 'rm -rf "$OUT"' EXIT
+trap '[ -n "${KEEP:-}" ] || rm -rf "$OUT"' EXIT
 # criterion writes its reports under the working directory's target/: keep them out of the tree.
 (cd "$OUT" && valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" \
     --toggle-collect='*WasmPlugin::call_once*' "$BIN" --bench plugin_call/wasm_reused_instance \
     --profile-time 3 >/dev/null 2>"$OUT/valgrind.log")
-callgrind_annotate --inclusive=yes "$OUT/cg.out" | tr -d , \
-    | awk '/=> .*WasmPlugin::call_once \(/ { n = $1; c = $NF; gsub(/[()x]/, "", c);
-           printf "%d instructions per call (%d calls)\n", n / c, c; exit }'
+callgrind_annotate --inclusive=yes "$OUT/cg.out" 2>/dev/null | tr -d , \
+    | awk '!done && /=> .*WasmPlugin::call_once \(/ { n = $1; c = $NF; gsub(/[()x]/, "", c);
+           printf "%d instructions per call (%d calls)\n", n / c, c; done = 1 }'

@@ -59,22 +59,28 @@ where
         // pipelined frames leave in one write. Otherwise the outbox comes first: a wake-up is
         // most often a frame queued by someone else, and the socket is looked at after it.
         let event = poll_fn(|cx| {
-            socket.task.register(cx.waker());
             let mut socket_cx = Context::from_waker(&socket_waker);
-            let in_burst = (1..READ_BURST).contains(&burst);
-            if in_burst && let Some(incoming) = socket.poll(&mut ws, &mut socket_cx) {
-                burst += 1;
-                return Poll::Ready(Event::Client(incoming));
+            loop {
+                let in_burst = (1..READ_BURST).contains(&burst);
+                if in_burst && let Some(incoming) = socket.poll(&mut ws, &mut socket_cx) {
+                    burst += 1;
+                    return Poll::Ready(Event::Client(incoming));
+                }
+                if let Poll::Ready(next) = rx.poll_next(cx, &mut batch) {
+                    burst = 0;
+                    return Poll::Ready(Event::Outbox(next));
+                }
+                if !in_burst && let Some(incoming) = socket.poll(&mut ws, &mut socket_cx) {
+                    burst = 1;
+                    return Poll::Ready(Event::Client(incoming));
+                }
+                // Going to sleep: only now does the socket's waker need this task's waker. A
+                // wake-up of the socket before it was registered left `ready` set: look again.
+                socket.task.register(cx.waker());
+                if !socket.ready.load(Ordering::Acquire) {
+                    return Poll::Pending;
+                }
             }
-            if let Poll::Ready(next) = rx.poll_next(cx, &mut batch) {
-                burst = 0;
-                return Poll::Ready(Event::Outbox(next));
-            }
-            if !in_burst && let Some(incoming) = socket.poll(&mut ws, &mut socket_cx) {
-                burst = 1;
-                return Poll::Ready(Event::Client(incoming));
-            }
-            Poll::Pending
         })
         .await;
         // Awake now: what this task queues while it handles a frame is written on the next
