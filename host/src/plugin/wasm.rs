@@ -30,6 +30,8 @@ use bindings::plexus::plugin::{config, kv, logging, messaging, rooms, types};
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Instances kept warm per plugin version.
 const POOL_MAX: usize = 16;
+/// The largest buffer for packing messages an idle instance keeps.
+const PACKED_KEEP: usize = 16 << 10;
 /// An instance whose linear memory grew past this share of its limit is not reused.
 const RECYCLE_MEMORY_SHARE: f64 = 0.5;
 
@@ -99,9 +101,22 @@ fn capability_of(import: &str) -> Option<HostCap> {
     HostCap::ALL.into_iter().find(|c| c.name() == name)
 }
 
+/// The version of the `plexus:plugin` package this host provides (`plugin-sdk/wit/plexus.wit`).
+pub const INTERFACE_VERSION: &str = "0.3.0";
+
+/// The `plexus:plugin` version an import names, when it names another than this host's.
+fn other_interface_version(import: &str) -> Option<&str> {
+    let (_, version) = import.strip_prefix("plexus:plugin/")?.split_once('@')?;
+    (version != INTERFACE_VERSION).then_some(version)
+}
+
 /// Why a component was refused at load.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    #[error(
+        "was built against plexus:plugin@{built}, and this host provides plexus:plugin@{INTERFACE_VERSION}; rebuild it with this repository's plugin-sdk"
+    )]
+    WrongVersion { built: String },
     #[error("imports `{import}`, which needs capability `{cap}`; grant it in [capabilities] host")]
     NotGranted { import: String, cap: &'static str },
     #[error("imports `{0}`, which this host does not provide")]
@@ -285,6 +300,11 @@ impl WasmPlugin {
         for (name, _) in component.component_type().imports(&engine) {
             if name.starts_with("wasi:") {
                 continue;
+            }
+            if let Some(built) = other_interface_version(name) {
+                return Err(LoadError::WrongVersion {
+                    built: built.to_owned(),
+                });
             }
             if name.starts_with("plexus:plugin/types") {
                 continue;
@@ -482,7 +502,10 @@ impl WasmPlugin {
             Err(trap) => Err(trap),
         };
         let state = warm.store.data_mut();
-        state.packed = packed;
+        // Kept for the next call unless a large message grew it.
+        if packed.capacity() <= PACKED_KEEP {
+            state.packed = packed;
+        }
         let effects = std::mem::take(&mut state.effects);
         let logs = std::mem::take(&mut state.logs);
         let overflow = state.overflow;
@@ -590,7 +613,25 @@ impl ResourceLimiter for MemoryLimiter {
 
 #[cfg(test)]
 mod tests {
-    use super::{CallInput, pack};
+    use super::{CallInput, INTERFACE_VERSION, other_interface_version, pack};
+
+    #[test]
+    fn the_interface_version_is_the_wit_package_version() {
+        let wit = include_str!("../../../plugin-sdk/wit/plexus.wit");
+        let package = format!("package plexus:plugin@{INTERFACE_VERSION};");
+        assert!(wit.lines().any(|l| l == package), "{package}");
+    }
+
+    #[test]
+    fn another_interface_version_is_named() {
+        let ours = format!("plexus:plugin/messaging@{INTERFACE_VERSION}");
+        assert_eq!(other_interface_version(&ours), None);
+        assert_eq!(
+            other_interface_version("plexus:plugin/types@0.2.0"),
+            Some("0.2.0")
+        );
+        assert_eq!(other_interface_version("wasi:io/streams@0.2.0"), None);
+    }
 
     #[test]
     fn pack_concatenates_payload_first_then_the_fields_present() {
