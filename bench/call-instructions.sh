@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# Instructions per WASM plugin call, counted by callgrind: repeatable where timings are not.
+# Instructions per message on the plugin path, counted by callgrind: repeatable where timings
+# are not.
 #
 #   bench/call-instructions.sh            # builds the criterion bench and the plugins first
 #   bench/call-instructions.sh --no-build
 #
-# Runs the criterion bench `plugin_call/wasm_reused_instance` (host/benches/dispatch.rs: the echo
-# plugin, a 92-byte payload, a warm instance) under `valgrind --tool=callgrind`, counting only
-# inside `WasmPlugin::call_once` (lowering, the guest's code, host functions, lifting), and
-# prints the instructions per call. Needs valgrind (Debian package `valgrind`).
+# Runs three benches of the criterion bench (host/benches/dispatch.rs) under
+# `valgrind --tool=callgrind` and prints the instructions per call of each:
+#
+# * `call`: `plugin_call/wasm_reused_instance`, counting only inside `WasmPlugin::call_once`
+#   (lowering the message, the guest's code, host functions, lifting): the plugin boundary;
+# * `route, wasm` and `route, native`: `dispatch/wasm` and `dispatch/native`, counting inside
+#   tokio's `Runtime::block_on` around `router::handle_text` (decode, route, the call or the
+#   native echo, effects, encode; the compiler inlines `handle_text` into `block_on`): the whole
+#   host path of a message but the socket, plus `block_on`'s own few hundred instructions.
+#
+# The message is the echo plugin's, with a 92-byte payload, on a warm instance. Needs valgrind
+# (Debian package `valgrind`).
 
 set -euo pipefail
 
@@ -22,10 +31,25 @@ BIN=$(cd "$ROOT" && cargo bench -p plexus --bench dispatch --no-run --message-fo
 [ -x "$BIN" ] || { echo "call-instructions.sh: no bench executable" >&2; exit 1; }
 OUT="$(mktemp -d)"
 trap '[ -n "${KEEP:-}" ] || rm -rf "$OUT"' EXIT
-# criterion writes its reports under the working directory's target/: keep them out of the tree.
-(cd "$OUT" && valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" \
-    --toggle-collect='*WasmPlugin::call_once*' "$BIN" --bench plugin_call/wasm_reused_instance \
-    --profile-time 3 >/dev/null 2>"$OUT/valgrind.log")
-callgrind_annotate --inclusive=yes "$OUT/cg.out" 2>/dev/null | tr -d , \
-    | awk '!done && /=> .*WasmPlugin::call_once \(/ { n = $1; c = $NF; gsub(/[()x]/, "", c);
-           printf "%d instructions per call (%d calls)\n", n / c, c; done = 1 }'
+
+# count LABEL BENCH SYMBOL: instructions per call of SYMBOL (a callgrind toggle pattern) while
+# the bench runs.
+count() {
+    local label="$1" bench="$2" symbol="$3" out="$OUT/${2//\//_}.cg"
+    # criterion writes its reports under the working directory's target/: keep them out of the
+    # tree.
+    (cd "$OUT" && valgrind --tool=callgrind --callgrind-out-file="$out" \
+        --toggle-collect="*$symbol*" "$BIN" --bench "^$bench\$" \
+        --profile-time 3 >/dev/null 2>"$out.log")
+    # The call arc with the most calls (set-up calls the same function a few times).
+    callgrind_annotate --inclusive=yes --tree=calling "$out" 2>/dev/null | tr -d , \
+        | awk -v label="$label" -v sym="$symbol" '
+            $3 == ">" && index($0, sym) && match($0, /\(([0-9]+)x\)/) {
+                c = substr($0, RSTART + 1, RLENGTH - 3) + 0
+                if (c > best) { best = c; n = $1 } }
+            END { printf "%-14s %6d instructions per call (%d calls)\n", label, n / best, best }'
+}
+
+count "call" plugin_call/wasm_reused_instance "WasmPlugin::call_once"
+count "route, wasm" dispatch/wasm "Runtime::block_on"
+count "route, native" dispatch/native "Runtime::block_on"

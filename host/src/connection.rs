@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-use futures_util::task::{ArcWake, AtomicWaker};
+use futures_util::task::ArcWake;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::error::CloseReason;
-use crate::outbox::Next;
+use crate::outbox::{Next, ReceiverWaker};
 use crate::protocol::Frame;
 use crate::router::{self, ConnState, Hub};
 use crate::session::Identity;
@@ -50,7 +50,7 @@ where
     // and that costs as much as a tenth of the delivery.
     let socket = Arc::new(SocketWake {
         ready: AtomicBool::new(true),
-        task: AtomicWaker::new(),
+        task: rx.receiver_waker(),
     });
     let socket_waker = futures_util::task::waker(socket.clone());
     let close: Option<CloseReason> = loop {
@@ -74,9 +74,9 @@ where
                     burst = 1;
                     return Poll::Ready(Event::Client(incoming));
                 }
-                // Going to sleep: only now does the socket's waker need this task's waker. A
-                // wake-up of the socket before it was registered left `ready` set: look again.
-                socket.task.register(cx.waker());
+                // Going to sleep, with this task's waker armed by the outbox's `poll_next`
+                // above: the socket's waker wakes the task through it. A wake-up of the socket
+                // before it was armed left `ready` set: look again.
                 if !socket.ready.load(Ordering::Acquire) {
                     return Poll::Pending;
                 }
@@ -145,8 +145,9 @@ struct SocketWake {
     /// The socket may have something to read: set by its wake-ups, and while frames are being
     /// read; cleared before a poll that may find nothing.
     ready: AtomicBool,
-    /// The connection's task.
-    task: AtomicWaker,
+    /// The connection's task, while it sleeps: the waker its outbox armed (one registration per
+    /// sleep for both wake-up sources).
+    task: ReceiverWaker,
 }
 
 impl ArcWake for SocketWake {

@@ -63,3 +63,44 @@ pub enum LogLevel {
 
 /// Most effects one call may record; a call recording more fails.
 pub const MAX_EFFECTS_PER_CALL: usize = 1024;
+
+/// The capacity above which an emptied effect list is not kept for reuse.
+const SPARE_KEEP: usize = 64;
+
+thread_local! {
+    /// An emptied effect list, kept for the next call on this thread: recording a call's first
+    /// effect then costs no allocation.
+    static SPARE: std::cell::Cell<Vec<Effect>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// An empty list to record one call's effects in (the last one given back on this thread, if
+/// any, with its capacity).
+pub fn list() -> Vec<Effect> {
+    SPARE.take()
+}
+
+/// Gives back a call's list once its effects are applied, for the next call on this thread.
+pub fn recycle(mut list: Vec<Effect>) {
+    if list.capacity() <= SPARE_KEEP {
+        list.clear();
+        SPARE.set(list);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Effect, list, recycle};
+
+    #[test]
+    fn a_recycled_list_comes_back_empty_with_its_capacity() {
+        let mut effects = list();
+        effects.push(Effect::Join { room: "r".into() });
+        let capacity = effects.capacity();
+        recycle(effects);
+        let again = list();
+        assert!(again.is_empty());
+        assert_eq!(again.capacity(), capacity);
+        // Taken: the next list is a new one.
+        assert_eq!(list().capacity(), 0);
+    }
+}

@@ -26,7 +26,9 @@ struct Queue {
 #[derive(Debug, Default)]
 struct Shared {
     queue: Mutex<Queue>,
-    /// The receiver's task while it sleeps waiting for frames.
+    /// The receiver's task while it sleeps: woken by a frame or a close request, and by the
+    /// holders of a [`ReceiverWaker`] (the connection's socket), so that it arms one waker for
+    /// everything it waits on.
     ready: AtomicWaker,
     /// Whether the queue holds frames or a close request: lets the receiver look without the
     /// lock. Written under the lock.
@@ -52,6 +54,20 @@ pub struct Outbox {
 #[derive(Debug)]
 pub struct OutboxRx {
     shared: Arc<Shared>,
+}
+
+/// Wakes an outbox's receiver for another reason than its outbox (its socket became readable),
+/// through the waker the receiver armed in [`OutboxRx::poll_next`]. Once the receiver is awake
+/// (disarmed), it is not woken: it looks at everything again before it sleeps.
+#[derive(Debug, Clone)]
+pub struct ReceiverWaker {
+    shared: Arc<Shared>,
+}
+
+impl ReceiverWaker {
+    pub fn wake(&self) {
+        self.shared.ready.wake();
+    }
 }
 
 /// Creates an outbox holding at most `capacity` undelivered frames.
@@ -143,6 +159,13 @@ impl OutboxRx {
         match self.try_next(batch) {
             Some(next) => Poll::Ready(next),
             None => Poll::Pending,
+        }
+    }
+
+    /// A waker for the receiver's other wake-ups; see [`ReceiverWaker`].
+    pub fn receiver_waker(&self) -> ReceiverWaker {
+        ReceiverWaker {
+            shared: self.shared.clone(),
         }
     }
 

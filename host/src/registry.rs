@@ -42,7 +42,10 @@ pub struct RouteTarget {
 /// An immutable snapshot of every route; replaced whole on reload.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    routes: HashMap<String, RouteTarget>,
+    /// Looked up once per message with the client's `type`. Hashed with foldhash (seeded per
+    /// table) instead of SipHash: a fifth of the cost, and the keys are the manifests', never
+    /// the clients'.
+    routes: foldhash::HashMap<String, RouteTarget>,
     events: HashMap<HostEvent, Vec<RouteTarget>>,
     /// Plugins by manifest file.
     plugins: BTreeMap<PathBuf, Arc<LoadedPlugin>>,
@@ -50,7 +53,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     fn new(plugins: BTreeMap<PathBuf, Arc<LoadedPlugin>>) -> RouteTable {
-        let mut routes = HashMap::new();
+        let mut routes = foldhash::HashMap::default();
         let mut events: HashMap<HostEvent, Vec<RouteTarget>> = HashMap::new();
         for plugin in plugins.values() {
             for r in &plugin.manifest.routes {

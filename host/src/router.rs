@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::effects::{Effect, LogLevel};
+use crate::effects::{self, Effect, LogLevel};
 use crate::error::{ErrorCode, HandleError};
 use crate::manifest::HostEvent;
 use crate::plugin::CallInput;
@@ -299,7 +299,8 @@ async fn apply(
     depth: u8,
 ) {
     let sender = conn.session.identity.0.clone();
-    for effect in effects {
+    let mut effects = effects;
+    for effect in effects.drain(..) {
         match effect {
             Effect::Reply { ty, payload } => {
                 let frame = Outbound {
@@ -356,6 +357,7 @@ async fn apply(
             }
         }
     }
+    effects::recycle(effects);
 }
 
 fn members_json(members: &[crate::rooms::MemberInfo]) -> serde_json::Value {

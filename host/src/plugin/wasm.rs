@@ -11,7 +11,7 @@ use wasmtime::{Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::{CallInput, CallOutput, PluginEnv};
-use crate::effects::{Effect, LogLevel, MAX_EFFECTS_PER_CALL};
+use crate::effects::{self, Effect, LogLevel, MAX_EFFECTS_PER_CALL};
 use crate::error::CallError;
 use crate::manifest::HostCap;
 
@@ -488,7 +488,7 @@ impl WasmPlugin {
         };
         let mut packed = {
             let state = warm.store.data_mut();
-            state.effects.clear();
+            state.effects = effects::list();
             state.logs.clear();
             state.overflow = false;
             std::mem::take(&mut state.packed)
