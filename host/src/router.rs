@@ -295,11 +295,10 @@ async fn apply(
     conn: &mut ConnState,
     plugin: &LoadedPlugin,
     origin_room: Option<&str>,
-    effects: Vec<Effect>,
+    mut effects: Vec<Effect>,
     depth: u8,
 ) {
     let sender = conn.session.identity.0.clone();
-    let mut effects = effects;
     for effect in effects.drain(..) {
         match effect {
             Effect::Reply { ty, payload } => {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::{CallInput, CallOutput, PluginEnv};
-use crate::effects::{self, Effect};
+use crate::effects::Effect;
 use crate::error::CallError;
 use crate::manifest::{Builtin, HostCap};
 
@@ -38,14 +38,10 @@ impl BuiltinPlugin {
             return refuse("forbidden", "capability `messaging` not granted".into());
         }
         match (self.kind, input.handler) {
-            (Builtin::Echo, "echo") => {
-                let mut recorded = effects::list();
-                recorded.push(Effect::Reply {
-                    ty: "echo".into(),
-                    payload: input.payload.into(),
-                });
-                CallOutput::effects(recorded)
-            }
+            (Builtin::Echo, "echo") => CallOutput::effect(Effect::Reply {
+                ty: "echo".into(),
+                payload: input.payload.into(),
+            }),
             (Builtin::Echo, "broadcast") => {
                 let Some(room) = input.room else {
                     return refuse("room_required", "broadcast needs a room".into());
@@ -53,14 +49,12 @@ impl BuiltinPlugin {
                 if !self.env.capabilities.allows_room(room) {
                     return refuse("forbidden", format!("room `{room}` not granted"));
                 }
-                let mut recorded = effects::list();
-                recorded.push(Effect::Broadcast {
+                CallOutput::effect(Effect::Broadcast {
                     room: room.into(),
                     ty: "echo.broadcast".into(),
                     payload: input.payload.into(),
                     include_sender: false,
-                });
-                CallOutput::effects(recorded)
+                })
             }
             (_, other) => refuse("unknown_handler", format!("no handler `{other}`")),
         }

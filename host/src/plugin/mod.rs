@@ -52,8 +52,11 @@ impl CallOutput {
         }
     }
 
-    /// A call that succeeded with these effects and no ack value.
-    pub fn effects(effects: Vec<Effect>) -> CallOutput {
+    /// A call that succeeded with one effect and no ack value (its list from
+    /// [`effects::list`](crate::effects::list), as a WASM call's).
+    pub fn effect(effect: Effect) -> CallOutput {
+        let mut effects = crate::effects::list();
+        effects.push(effect);
         CallOutput {
             effects,
             logs: Vec::new(),
