@@ -6,6 +6,7 @@
 #   bench/server-instructions.sh                       # target/release/plexus, bench/manifests/wasm
 #   bench/server-instructions.sh --manifests bench/manifests/native
 #   bench/server-instructions.sh --plexus /path/to/another/plexus --manifests DIR
+#   bench/server-instructions.sh --floor                # the tokio-tungstenite floor, for reference
 #
 # Starts the server under `valgrind --tool=callgrind`, warms it up with the load generator, zeroes
 # the counters, runs `loadgen echo -n 20 -k 1 --size 64` for 10 seconds, dumps the counters and
@@ -13,7 +14,8 @@
 # answered. The kernel's work (system calls, loopback TCP) is not counted. Under valgrind the
 # server is about 50 times slower, so the batching differs from a real run: compare builds with
 # this script, not with a real run. Needs valgrind and a release build (`cargo build --release
-# -p plexus -p plexus-bench`).
+# -p plexus -p plexus-bench`). With KEEP=DIR set, the callgrind files stay in DIR for
+# `callgrind_annotate`.
 
 set -euo pipefail
 
@@ -21,10 +23,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PLEXUS="$ROOT/target/release/plexus"
 MANIFESTS="$ROOT/bench/manifests/wasm"
 LOADGEN="$ROOT/target/release/loadgen"
+FLOOR=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --plexus) PLEXUS="$2"; shift ;;
         --manifests) MANIFESTS="$2"; shift ;;
+        --floor) FLOOR="$ROOT/target/release/floor" ;;
         *) echo "server-instructions.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -34,18 +38,26 @@ command -v valgrind >/dev/null || { echo "server-instructions.sh: valgrind is re
 
 OUT="$(mktemp -d)"
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" \
-    "$PLEXUS" serve --listen "127.0.0.1:$PORT" --manifests "$MANIFESTS" >"$OUT/server.log" 2>&1 &
+if [ -n "$FLOOR" ]; then
+    SERVER=("$FLOOR" --listen "127.0.0.1:$PORT")
+    DIALECT=(--dialect raw)
+    LABEL=floor
+else
+    SERVER=("$PLEXUS" serve --listen "127.0.0.1:$PORT" --manifests "$MANIFESTS")
+    DIALECT=()
+    LABEL=$(basename "$MANIFESTS")
+fi
+valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" "${SERVER[@]}" >"$OUT/server.log" 2>&1 &
 VG=$!
-trap 'kill "$VG" 2>/dev/null; wait "$VG" 2>/dev/null; rm -rf "$OUT"' EXIT
+trap 'kill "$VG" 2>/dev/null; wait "$VG" 2>/dev/null || true; if [ -n "${KEEP:-}" ]; then rm -rf "$KEEP"; mv "$OUT" "$KEEP"; else rm -rf "$OUT"; fi' EXIT
 for _ in $(seq 600); do
     (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
     kill -0 "$VG" 2>/dev/null || { cat "$OUT/server.log" >&2; exit 1; }
     sleep 0.2
 done
-"$LOADGEN" echo --addr "127.0.0.1:$PORT" -n 20 -k 1 --size 64 --duration 2 --warmup 1 >/dev/null
+"$LOADGEN" echo --addr "127.0.0.1:$PORT" "${DIALECT[@]}" -n 20 -k 1 --size 64 --duration 2 --warmup 1 >/dev/null
 callgrind_control --zero "$VG" >/dev/null 2>&1
-"$LOADGEN" echo --addr "127.0.0.1:$PORT" -n 20 -k 1 --size 64 --duration 10 --warmup 0 \
+"$LOADGEN" echo --addr "127.0.0.1:$PORT" "${DIALECT[@]}" -n 20 -k 1 --size 64 --duration 10 --warmup 0 \
     --json "$OUT/run.json" >/dev/null
 callgrind_control --dump "$VG" >/dev/null 2>&1
 OPS=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['ops'])" "$OUT/run.json")
@@ -54,4 +66,4 @@ for f in "$OUT"/cg.out.*; do
     n=$(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
     TOTAL=$((TOTAL + ${n:-0}))
 done
-echo "$((TOTAL / OPS)) instructions per message ($OPS messages, $(basename "$MANIFESTS"))"
+echo "$((TOTAL / OPS)) instructions per message ($OPS messages, $LABEL)"
