@@ -3,6 +3,7 @@
 //! returns the effects it recorded; it never touches sockets, rooms or the store itself.
 
 pub mod builtin;
+pub mod epoch;
 pub mod wasm;
 
 use std::collections::BTreeMap;

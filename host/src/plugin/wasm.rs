@@ -1,5 +1,5 @@
-//! WASM component plugins on wasmtime: the engine and its epoch ticker, capability-gated
-//! linking, a pool of reusable instances per plugin version, and the host functions, which only
+//! WASM component plugins on wasmtime: the engine (its epoch ticker is [`super::epoch`]),
+//! capability-gated linking, a pool of reusable instances per plugin version, and the host functions, which only
 //! record effects.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +10,7 @@ use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable
 use wasmtime::{Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::epoch::EpochTicker;
 use super::{CallInput, CallOutput, PluginEnv};
 use crate::effects::{self, Effect, LogLevel, MAX_EFFECTS_PER_CALL};
 use crate::error::CallError;
@@ -39,18 +40,8 @@ const RECYCLE_MEMORY_SHARE: f64 = 0.5;
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
-    /// Held for its `Drop`: the ticker thread stops when the last clone of the runtime goes.
-    _ticker: Arc<Ticker>,
-}
-
-struct Ticker {
-    stop: Arc<AtomicBool>,
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
+    /// Shared with every plugin loaded on this runtime; its thread stops when the last goes.
+    ticker: Arc<EpochTicker>,
 }
 
 impl Runtime {
@@ -60,23 +51,8 @@ impl Runtime {
         config.epoch_interruption(true);
         config.concurrency_support(false);
         let engine = Engine::new(&config).map_err(wasm_err)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (weak_engine, thread_stop) = (engine.weak(), stop.clone());
-        std::thread::Builder::new()
-            .name("plexus-epoch".into())
-            .spawn(move || {
-                while !thread_stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    match weak_engine.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
-                }
-            })?;
-        Ok(Runtime {
-            engine,
-            _ticker: Arc::new(Ticker { stop }),
-        })
+        let ticker = Arc::new(EpochTicker::start(&engine, EPOCH_TICK)?);
+        Ok(Runtime { engine, ticker })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -281,6 +257,7 @@ pub struct WasmPlugin {
     /// The component's handler names (its `handlers` export); `handle` takes an index.
     handlers: Vec<String>,
     engine: Engine,
+    ticker: Arc<EpochTicker>,
     pool: Mutex<Vec<Warm>>,
     /// Reuse instances (the default); when false every call gets a fresh store.
     reuse: bool,
@@ -348,10 +325,12 @@ impl WasmPlugin {
             env,
             handlers: Vec::new(),
             engine,
+            ticker: runtime.ticker.clone(),
             pool: Mutex::new(Vec::new()),
             reuse: true,
             uses_stdio: AtomicBool::new(false),
         };
+        plugin.ticker.cover(plugin.deadline_ticks());
         let mut warm = plugin
             .instantiate()
             .map_err(|e| LoadError::NotAPlugin(e.to_string()))?;
@@ -392,6 +371,7 @@ impl WasmPlugin {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
+        self.ticker.call_begins();
         let bindings = self
             .pre
             .instantiate(&mut store)
@@ -495,6 +475,7 @@ impl WasmPlugin {
         };
         let msg = pack(input, &mut packed);
         warm.store.set_epoch_deadline(self.deadline_ticks());
+        self.ticker.call_begins();
         // `handle` says `true` for the common result, `Ok(None)`; anything else is fetched.
         let result = match warm.bindings.call_handle(&mut warm.store, handler, msg) {
             Ok(true) => Ok(Ok(None)),
