@@ -1,6 +1,6 @@
 //! WASM component plugins on wasmtime: the engine (its epoch ticker is [`super::epoch`]),
-//! capability-gated linking, a pool of reusable instances per plugin version, and the host functions, which only
-//! record effects.
+//! capability-gated linking, a pool of reusable instances per plugin version, and the host
+//! functions, which only record effects.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -370,8 +370,7 @@ impl WasmPlugin {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks());
-        self.ticker.call_begins();
+        self.arm_deadline(&mut store);
         let bindings = self
             .pre
             .instantiate(&mut store)
@@ -380,6 +379,13 @@ impl WasmPlugin {
                 reason: format!("{e:#}"),
             })?;
         Ok(Warm { store, bindings })
+    }
+
+    /// Starts the plugin's deadline for what runs next in `store`, then tells the ticker, in
+    /// that order: the ticker may sleep only once every call it was told of is past its deadline.
+    fn arm_deadline(&self, store: &mut Store<PluginState>) {
+        store.set_epoch_deadline(self.deadline_ticks());
+        self.ticker.call_begins();
     }
 
     fn deadline_ticks(&self) -> u64 {
@@ -474,8 +480,7 @@ impl WasmPlugin {
             std::mem::take(&mut state.packed)
         };
         let msg = pack(input, &mut packed);
-        warm.store.set_epoch_deadline(self.deadline_ticks());
-        self.ticker.call_begins();
+        self.arm_deadline(&mut warm.store);
         // `handle` says `true` for the common result, `Ok(None)`; anything else is fetched.
         let result = match warm.bindings.call_handle(&mut warm.store, handler, msg) {
             Ok(true) => Ok(Ok(None)),
