@@ -268,26 +268,28 @@ def summary(cases, meta):
             rows = []
             for r in c.reports:
                 cnt = r.get("counts", {})
-                base = get(r, "extra", "baseline") or {}
-                around = get(r, "extra", "around_swaps") or {}
+                steady = get(r, "extra", "steady_state") or {}
                 rows.append([
                     os.path.basename(r["_path"]),
-                    cnt.get("swaps", 0),
-                    cnt.get("sent", 0),
+                    f"{cnt.get('swaps_taken', 0)} of {cnt.get('swaps', 0)}",
+                    f"{cnt.get('sent', 0):,}",
                     cnt.get("lost", 0),
                     cnt.get("duplicated", 0),
                     cnt.get("failed", 0),
+                    cnt.get("old_after_new", 0),
                     cnt.get("disconnects", 0),
-                    fmt(base.get("p999_us")),
-                    fmt(base.get("max_us")),
-                    fmt(around.get("p999_us")),
-                    fmt(around.get("max_us")),
-                    fmt(get(r, "extra", "longest_gap_around_swaps_ms")),
+                    fmt(steady.get("p99_us")),
                 ])
-            lines += [table(["run", "swaps", "messages", "lost", "duplicated", "failed",
-                             "disconnects", "baseline p99.9 µs", "baseline max µs",
-                             "around swaps p99.9 µs", "around swaps max µs",
-                             "longest gap around swaps ms"], rows), ""]
+            lines += [table(["run", "swaps taken", "messages", "lost", "duplicated", "failed",
+                             "old after new", "disconnects", "steady p99 µs"], rows), ""]
+            for r in c.reports:
+                t = get(r, "tables", "swaps")
+                if not t or not t.get("rows"):
+                    continue
+                lines += [f"Per swap, {os.path.basename(r['_path'])}:", ""]
+                cells = [["–" if v is None else (fmt(v) if isinstance(v, float) else v)
+                          for v in row] for row in t["rows"]]
+                lines += [table(t["columns"], cells), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -442,15 +444,15 @@ def charts(cases, out):
     for key in (k for k in cases if k[0] == "hotswap"):
         for peer, c in cases[key].items():
             r = c.reports[-1]
-            base = get(r, "extra", "baseline")
+            steady = get(r, "extra", "steady_state")
             around = get(r, "extra", "around_swaps")
             curves = {}
-            if base:
-                curves["baseline"] = base["percentiles"]
+            if steady:
+                curves["steady state"] = steady["percentiles"]
             if around:
-                curves["around swaps"] = around["percentiles"]
+                curves["100 ms around each swap"] = around["percentiles"]
             if curves:
-                latency_chart(None, f"Hot swap: echo latency around swaps ({name(peer)})",
+                latency_chart(None, f"Hot swap: latency around swaps ({name(peer)})",
                               "hotswap.png", labels=curves)
     return written
 

@@ -4,11 +4,13 @@
 #   bench/run.sh                 quick mode: one round, short windows (a few minutes in all)
 #   bench/run.sh --full          three rounds, longer windows, a connection-count sweep
 #   bench/run.sh --peers "floor ws socketio" --rounds 2 --out /tmp/results
+#   bench/run.sh --scenarios hotswap --peers plexus-wasm     one scenario only
 #
 # Peers: floor (tokio-tungstenite, bench/src/bin/floor.rs), ws and socketio (bench/peers/),
 # plexus-native (builtin echo) and plexus-wasm (the echo plugin). Each server runs pinned with
 # `taskset -c 1`, the generator with `taskset -c 0`; every server is started afresh for each
 # scenario, on a new port. Results: bench/results/<timestamp>/ (JSON per run, charts, summary.md).
+# Binaries come from $CARGO_TARGET_DIR (default target/), the plugins from plugins/target/.
 # Benchmarks, not tests: nothing here passes or fails on a timing.
 
 set -euo pipefail
@@ -19,6 +21,7 @@ ROOT="$(cd "$HERE/.." && pwd)"
 MODE=quick
 ROUNDS=""
 PEERS="floor ws socketio plexus-native plexus-wasm"
+SCENARIOS="echo fanout storm idle hotswap"
 OUT=""
 BUILD=1
 CHARTS=1
@@ -34,6 +37,8 @@ Options:
   --quick | --full      run length (default --quick)
   --rounds N            rounds (default: 1 quick, 3 full)
   --peers "LIST"        peers to run (default: floor ws socketio plexus-native plexus-wasm)
+  --scenarios "LIST"    scenarios to run (default: echo fanout storm idle hotswap; hotswap
+                        runs against plexus-wasm only)
   --out DIR             results directory (default: bench/results/<timestamp>)
   --no-build            use the binaries and node_modules already there
   --no-charts           skip the Python charts and summary
@@ -48,6 +53,7 @@ while [ $# -gt 0 ]; do
         --full) MODE=full ;;
         --rounds) ROUNDS="$2"; shift ;;
         --peers) PEERS="$2"; shift ;;
+        --scenarios) SCENARIOS="$2"; shift ;;
         --out) OUT="$2"; shift ;;
         --no-build) BUILD=0 ;;
         --no-charts) CHARTS=0 ;;
@@ -68,7 +74,7 @@ if [ "$MODE" = quick ]; then
     FANOUT_MEMBERS="1000"; FANOUT_RATES="100 1000"
     STORM_TARGET=2000; STORM_CONC=200
     IDLE_CONNS=10000; IDLE_DUR=1
-    HOTSWAP_DUR=8; HOTSWAP_EVERY=2000
+    HOTSWAP_DUR=10; HOTSWAP_EVERY=2000
 else
     : "${ROUNDS:=3}"
     DUR=10; WARMUP=2
@@ -130,13 +136,26 @@ stop_pid() {
 # ---------------------------------------------------------------- build
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-WASM="$ROOT/plugins/target/wasm32-wasip2/release/echo.wasm"
-PLEXUS="$ROOT/target/release/plexus"
-LOADGEN="$ROOT/target/release/loadgen"
-FLOOR="$ROOT/target/release/floor"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+PLUGINS="$ROOT/plugins/target/wasm32-wasip2/release"
+WASM="$PLUGINS/echo.wasm"
+SWAP_A="$PLUGINS/swap_a.wasm"
+SWAP_B="$PLUGINS/swap_b.wasm"
+PLEXUS="$TARGET_DIR/release/plexus"
+LOADGEN="$TARGET_DIR/release/loadgen"
+FLOOR="$TARGET_DIR/release/floor"
 
 has_peer() { case " $PEERS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 drop_peer() { PEERS="$(echo " $PEERS " | sed "s/ $1 / /" | xargs)"; }
+has_scenario() { case " $SCENARIOS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+for sc in $SCENARIOS; do
+    case "$sc" in
+        echo|fanout|storm|idle|hotswap) ;;
+        *) echo "run.sh: unknown scenario $sc (echo fanout storm idle hotswap)" >&2; exit 2 ;;
+    esac
+done
+HOTSWAP=0
+if has_scenario hotswap && has_peer plexus-wasm; then HOTSWAP=1; fi
 
 if [ "$BUILD" = 1 ]; then
     say "building plexus-bench (release)"
@@ -153,10 +172,11 @@ if [ "$BUILD" = 1 ]; then
         fi
     fi
     if has_peer plexus-wasm; then
-        say "building the echo plugin (wasm32-wasip2, release)"
-        if ! (cd "$ROOT/plugins" && cargo build --release --target wasm32-wasip2 -p echo) \
-            >"$OUT/logs/build-echo.log" 2>&1; then
-            say "the echo plugin does not build (see logs/build-echo.log): skipping plexus-wasm"
+        # The plugins' own workspace and target directory, whatever CARGO_TARGET_DIR says.
+        say "building the echo plugin and the swap-a and swap-b builds (wasm32-wasip2, release)"
+        if ! (cd "$ROOT/plugins" && env -u CARGO_TARGET_DIR cargo build --release \
+            --target wasm32-wasip2 -p echo -p swap-a -p swap-b) >"$OUT/logs/build-plugins.log" 2>&1; then
+            say "the plugins do not build (see logs/build-plugins.log): skipping plexus-wasm"
             drop_peer plexus-wasm
         fi
     fi
@@ -172,11 +192,16 @@ if has_peer plexus-wasm && [ ! -f "$WASM" ]; then
     say "no $WASM: skipping plexus-wasm"
     drop_peer plexus-wasm
 fi
+if [ "$HOTSWAP" = 1 ] && { ! has_peer plexus-wasm || [ ! -f "$SWAP_A" ] || [ ! -f "$SWAP_B" ]; }; then
+    say "no plexus-wasm peer or no $SWAP_A and $SWAP_B: skipping hotswap"
+    HOTSWAP=0
+fi
 read -r -a PEER_LIST <<<"$PEERS"
 [ "${#PEER_LIST[@]}" -gt 0 ] || { echo "run.sh: no peer to run" >&2; exit 1; }
 
 {
-    echo "mode=$MODE rounds=$ROUNDS peers=$PEERS"
+    echo "mode=$MODE rounds=$ROUNDS peers=$PEERS scenarios=$SCENARIOS"
+    echo "commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo +uncommitted)"
     echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ) host=$(uname -srm) cpus=$(nproc)"
     echo "rustc=$(rustc --version 2>/dev/null) node=$(node --version 2>/dev/null)"
     echo "server_cpu=$SERVER_CPU generator_cpu=$GEN_CPU"
@@ -273,7 +298,7 @@ peers_for_round() {
 for ((round = 1; round <= ROUNDS; round++)); do
     mapfile -t ORDER < <(peers_for_round "$round")
     say "round $round of $ROUNDS: ${ORDER[*]}"
-    for n in $ECHO_CONNS; do
+    has_scenario echo && for n in $ECHO_CONNS; do
         # One message in flight per connection (request/response), then 8 (pipelined).
         for k in $ECHO_INFLIGHT; do
             for peer in "${ORDER[@]}"; do
@@ -284,7 +309,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     done
     # 100 publications/s: a syscall per delivery; 1,000/s: frames queue per member and are
     # written in batches (1,000,000 deliveries/s offered into a 1,000-member room).
-    for m in $FANOUT_MEMBERS; do
+    has_scenario fanout && for m in $FANOUT_MEMBERS; do
         for rate in $FANOUT_RATES; do
             for peer in "${ORDER[@]}"; do
                 run_case "$round" "$peer" "fanout-m$m-r$rate" fanout -m "$m" --rate "$rate" \
@@ -292,54 +317,52 @@ for ((round = 1; round <= ROUNDS; round++)); do
             done
         done
     done
-    for peer in "${ORDER[@]}"; do
+    has_scenario storm && for peer in "${ORDER[@]}"; do
         run_case "$round" "$peer" "storm-$STORM_TARGET" connect-storm --target "$STORM_TARGET" \
             --concurrency "$STORM_CONC"
     done
-    for peer in "${ORDER[@]}"; do
+    has_scenario idle && for peer in "${ORDER[@]}"; do
         run_case "$round" "$peer" "idle-$IDLE_CONNS" idle-memory -n "$IDLE_CONNS" --settle 2 \
             --duration "$IDLE_DUR"
     done
 done
 
 # ---------------------------------------------------------------- hot swap (plexus-wasm)
-if has_peer plexus-wasm; then
+# Two builds that answer differently (`answer` -> {"n", "version": "a" | "b"}), swapped in turn
+# over the artifact that a manifest in the results directory serves; the generator reads
+# /healthz and the answers to see each swap taken.
+if [ "$HOTSWAP" = 1 ]; then
     HS="$OUT/hotswap"
     mkdir -p "$HS/manifests"
-    cp "$WASM" "$HS/echo.wasm"
-    cat >"$HS/manifests/echo.toml" <<'EOF'
-# Written by bench/run.sh: the echo plugin served from a copy that the hotswap scenario replaces.
+    cat >"$HS/manifests/answer.toml" <<'EOF'
+# Written by bench/run.sh: the swap-a and swap-b builds, served from a copy that the hotswap
+# scenario replaces.
 manifest_version = 1
 
 [plugin]
-id = "echo"
-description = "Echo plugin under hot swap (bench)"
+id = "answer"
+description = "Hot-swap benchmark: swap-a and swap-b in turn"
 
 [source]
-wasm = "../echo.wasm"
+wasm = "../answer.wasm"
 
 [[route]]
-type = "echo"
-handler = "echo"
-allow_outside_room = true
-
-[[route]]
-type = "echo.broadcast"
-handler = "broadcast"
+type = "answer"
+handler = "answer"
 
 [capabilities]
-host = ["messaging"]
-rooms = ["*"]
+host = ["messaging", "rooms", "kv", "logging", "config"]
 EOF
     for ((round = 1; round <= ROUNDS; round++)); do
+        cp "$SWAP_A" "$HS/answer.wasm"
         if start_peer plexus-wasm "hotswap-r$round" "$HS/manifests"; then
             say "round $round: plexus-wasm hotswap"
             mkdir -p "$OUT/raw/plexus-wasm"
             if ! taskset -c "$GEN_CPU" "$LOADGEN" hotswap --addr "127.0.0.1:$SERVER_PORT" \
                 --dialect plexus --label plexus-wasm --server-pid "$SERVER_PID" \
                 -n 50 -k 1 --warmup "$WARMUP" --duration "$HOTSWAP_DUR" \
-                --swap-files "$WASM" --swap-target "$HS/echo.wasm" \
-                --swap-every-ms "$HOTSWAP_EVERY" --swap-window-ms 1000 \
+                --swap-files "$SWAP_A,$SWAP_B" --swap-target "$HS/answer.wasm" --plugin answer \
+                --swap-every-ms "$HOTSWAP_EVERY" --spike-window-ms 100 \
                 --json "$OUT/raw/plexus-wasm/hotswap-r$round.json" \
                 2>>"$OUT/logs/loadgen.err" | tee -a "$OUT/report.txt"; then
                 echo "plexus-wasm hotswap round $round: loadgen failed" >>"$OUT/failures.txt"

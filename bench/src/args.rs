@@ -54,7 +54,8 @@ pub enum Scenario {
     ConnectStorm(StormArgs),
     /// Open N idle connections and report the server's resident memory per connection.
     IdleMemory(IdleArgs),
-    /// Echo through a Plexus route while the plugin behind it is swapped repeatedly.
+    /// Traffic through a Plexus route while the plugin behind it is swapped between builds that
+    /// answer differently; per swap: answers by each version, lost, duplicated, swap latency.
     Hotswap(HotswapArgs),
 }
 
@@ -230,27 +231,37 @@ pub struct HotswapArgs {
     /// Size of the JSON payload object, in bytes.
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// Shell command (`sh -c`) that swaps the plugin; run every --swap-every-ms.
-    #[arg(long, conflicts_with = "swap_files")]
-    pub swap_cmd: Option<String>,
-    /// Plugin files copied in turn onto --swap-target (write a temporary file, then rename).
-    /// With one file, each swap writes a fresh variant of it (a WebAssembly custom section
-    /// naming the swap is appended), so that every swap changes the bytes.
-    #[arg(long, value_delimiter = ',', requires = "swap_target")]
+    /// Builds of the plugin that answer observably differently (each answer names its
+    /// version), at least two; one of them is what --swap-target holds when the run starts.
+    /// Swap N writes the build after the one serving, in turn (write a temporary file, then
+    /// rename it over --swap-target).
+    #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
     pub swap_files: Vec<PathBuf>,
     /// The path the manifest's `wasm` points at.
     #[arg(long)]
-    pub swap_target: Option<PathBuf>,
-    /// Time between swaps, in ms.
+    pub swap_target: PathBuf,
+    /// The plugin's id, as `/healthz` lists it under `plugins`.
+    #[arg(long, default_value = "answer")]
+    pub plugin: String,
+    /// Time between swaps, in ms (a swap starts only once the previous one was taken or given
+    /// up, and only while a whole period of the measured window is left after it).
     #[arg(long, default_value_t = 3000)]
     pub swap_every_ms: u64,
-    /// Answers received from a swap's start until this long after it finished count as
-    /// "around the swap"; the rest are the baseline.
-    #[arg(long, default_value_t = 1000)]
-    pub swap_window_ms: u64,
-    /// Echo envelope type.
-    #[arg(long, default_value = "echo")]
-    pub echo_type: String,
+    /// A swap that the host has neither reported (`/healthz`) nor answered with by this many
+    /// ms after the artifact was written is not taken; the run then stops swapping.
+    #[arg(long, default_value_t = 5000)]
+    pub swap_deadline_ms: u64,
+    /// How often `/healthz` is read while a swap is pending, in ms.
+    #[arg(long, default_value_t = 2)]
+    pub poll_ms: u64,
+    /// The latency spike is the p99 of the answers received in this many ms centred on the
+    /// first answer by the new version, against the steady state (answers received outside
+    /// every swap, from the artifact's write to half this window after that first answer).
+    #[arg(long, default_value_t = 100)]
+    pub spike_window_ms: u64,
+    /// The message type sent, routed to the plugin, and the type of its answer.
+    #[arg(long, default_value = "answer")]
+    pub answer_type: String,
     /// A request with no terminal answer (ack or error) after this many ms is counted as timed
     /// out and replaced, so that a lost message does not stall its connection. An answer that
     /// comes later is counted as late; one that never comes as lost.

@@ -6,6 +6,7 @@
 
 pub mod args;
 pub mod conn;
+pub mod healthz;
 pub mod limits;
 pub mod proc_stats;
 pub mod proto;

@@ -50,16 +50,25 @@ pub fn echo_frame(dialect: Dialect, seq: u64, ts: u64, size: usize) -> String {
     s
 }
 
-/// A Plexus echo request with a `messageId` (`e<seq>`), answered by the echo and then a `sys.ack`.
-pub fn plexus_echo_with_id(echo_type: &str, seq: u64, ts: u64, size: usize) -> String {
+/// A Plexus request of type `ty` with a `messageId` (`e<seq>`) and the payload
+/// `{"n":<seq>,"pad":"..."}` padded to `size` bytes, answered by the plugin and then by a
+/// `sys.ack` naming it.
+pub fn plexus_numbered(ty: &str, seq: u64, size: usize) -> String {
     let mut s = String::with_capacity(size + 64);
-    let _ = write!(
-        s,
-        r#"{{"type":"{echo_type}","messageId":"e{seq}","payload":"#
-    );
-    push_payload(&mut s, seq, ts, size);
-    s.push('}');
+    let _ = write!(s, r#"{{"type":"{ty}","messageId":"e{seq}","payload":"#);
+    let start = s.len();
+    let _ = write!(s, r#"{{"n":{seq},"pad":""#);
+    let used = s.len() - start + 2;
+    for _ in used..size {
+        s.push('x');
+    }
+    s.push_str("\"}}");
     s
+}
+
+/// The number and the version an answer names: `{"n":<seq>,"version":"<v>"}` in its payload.
+pub fn numbered_answer(text: &str) -> Option<(u64, &str)> {
+    Some((scan_u64(text, "\"n\":")?, scan_str(text, "\"version\":")?))
 }
 
 /// A publication to the room.
@@ -231,9 +240,11 @@ mod tests {
             let json = p.strip_prefix("42").unwrap_or(&p);
             serde_json::from_str::<serde_json::Value>(json).unwrap();
         }
-        let f = plexus_echo_with_id("echo", 5, 6, 64);
+        let f = plexus_numbered("answer", 5, 64);
         let v: serde_json::Value = serde_json::from_str(&f).unwrap();
         assert_eq!(v["messageId"], "e5");
+        assert_eq!(v["payload"]["n"], 5);
+        assert_eq!(v["payload"].to_string().len(), 64);
     }
 
     #[test]
@@ -253,6 +264,9 @@ mod tests {
                 code: Some("plugin_failed")
             }
         );
+        let answer = r#"{"type":"answer","messageId":"h-4","payload":{"n":12,"version":"b"},"timestamp":17}"#;
+        assert_eq!(classify(d, answer, "answer"), Kind::Echo);
+        assert_eq!(numbered_answer(answer), Some((12, "b")));
         let b = r#"{"type":"echo.broadcast","room":"bench","payload":{"seq":1,"ts":2}}"#;
         assert_eq!(classify(d, b, "echo"), Kind::Broadcast);
         assert_eq!(

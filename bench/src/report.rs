@@ -5,14 +5,14 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::args::Common;
 use crate::proc_stats::{CpuMark, Memory};
 
 /// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
     pub count: u64,
     pub mean_us: f64,
@@ -145,8 +145,73 @@ pub struct Report {
     pub counts: BTreeMap<String, u64>,
     /// Error messages with how often they occurred.
     pub errors: BTreeMap<String, u64>,
-    /// Scenario-specific results (hot-swap windows, memory per connection, ...).
+    /// Scenario-specific results (memory per connection, delivered share, ...).
     pub extra: Map<String, Value>,
+    /// Scenario-specific tables (one row per hot swap, ...), printed as tables in the text
+    /// report.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tables: BTreeMap<String, Table>,
+}
+
+/// A table of the report: column names and rows of values (numbers, strings, or null for
+/// "not measured"), the same in the JSON and in the text report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Table {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+impl Table {
+    pub fn new(columns: &[&str]) -> Self {
+        Table {
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds a row; it must have one value per column.
+    pub fn row(&mut self, values: Vec<Value>) {
+        debug_assert_eq!(values.len(), self.columns.len(), "one value per column");
+        self.rows.push(values);
+    }
+
+    /// The table as aligned text, each line starting with `indent`.
+    pub fn text(&self, indent: &str) -> String {
+        let cell = |v: &Value| match v {
+            Value::Null => "-".to_string(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let cells: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| r.iter().map(cell).collect())
+            .collect();
+        let widths: Vec<usize> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                cells
+                    .iter()
+                    .filter_map(|r| r.get(i))
+                    .map(|s| s.chars().count())
+                    .chain([c.chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut s = String::new();
+        for line in std::iter::once(&self.columns).chain(&cells) {
+            let padded: Vec<String> = line
+                .iter()
+                .zip(&widths)
+                .map(|(c, &w)| format!("{c:>w$}"))
+                .collect();
+            let _ = writeln!(s, "{indent}{}", padded.join("  "));
+        }
+        s
+    }
 }
 
 impl Report {
@@ -180,6 +245,7 @@ impl Report {
             counts: BTreeMap::new(),
             errors: BTreeMap::new(),
             extra: Map::new(),
+            tables: BTreeMap::new(),
         }
     }
 
@@ -284,6 +350,13 @@ impl Report {
             let v = match v {
                 Value::Number(n) => n.to_string(),
                 Value::String(t) => t.clone(),
+                // A latency distribution reads as the main latency line does.
+                Value::Object(o) if o.contains_key("p99_us") && o.contains_key("percentiles") => {
+                    match Latency::deserialize(v) {
+                        Ok(l) => l.line(),
+                        Err(_) => v.to_string(),
+                    }
+                }
                 other => {
                     let t = other.to_string();
                     if t.len() > 300 {
@@ -295,10 +368,18 @@ impl Report {
             };
             let _ = writeln!(s, "   {k:<11} {v}");
         }
+        for (name, t) in &self.tables {
+            let _ = writeln!(s, "   {name}:");
+            s.push_str(&t.text("     "));
+        }
         for (e, n) in &self.errors {
             let _ = writeln!(s, "   error x{n}: {e}");
         }
         s
+    }
+
+    pub fn table(&mut self, name: &str, table: Table) {
+        self.tables.insert(name.to_string(), table);
     }
 
     pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
@@ -309,5 +390,22 @@ impl Report {
         }
         std::fs::write(path, serde_json::to_string_pretty(self)? + "\n")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn table_text_aligns_columns_and_shows_missing_values() {
+        let mut t = Table::new(&["swap", "taken", "first_new_ms"]);
+        t.row(vec![json!(1), json!("yes"), json!(212.5)]);
+        t.row(vec![json!(2), json!("no"), Value::Null]);
+        assert_eq!(
+            t.text("  "),
+            "  swap  taken  first_new_ms\n     1    yes         212.5\n     2     no             -\n"
+        );
     }
 }
