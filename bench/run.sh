@@ -201,7 +201,12 @@ read -r -a PEER_LIST <<<"$PEERS"
 
 {
     echo "mode=$MODE rounds=$ROUNDS peers=$PEERS scenarios=$SCENARIOS"
-    echo "commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo +uncommitted)"
+    if COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null); then
+        git -C "$ROOT" diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT+uncommitted"
+    else
+        COMMIT="unknown (not a git checkout)"
+    fi
+    echo "commit=$COMMIT"
     echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ) host=$(uname -srm) cpus=$(nproc)"
     echo "rustc=$(rustc --version 2>/dev/null) node=$(node --version 2>/dev/null)"
     echo "server_cpu=$SERVER_CPU generator_cpu=$GEN_CPU"

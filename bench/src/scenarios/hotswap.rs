@@ -120,6 +120,8 @@ struct SwapEvent {
     /// The write began (temporary file), and the rename returned.
     start: u64,
     written: u64,
+    /// The rename returned, in ms since the Unix epoch (to line up with the host's log).
+    written_unix_ms: u128,
     /// The version answering before the swap.
     old: u8,
     /// `/healthz`'s version for the plugin before the write, and the new one it reported.
@@ -351,10 +353,15 @@ impl Swapper {
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| format!("writing the plugin: {e}")));
             let written = now_ns();
+            let written_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
             let mut ev = SwapEvent {
                 file: next,
                 start,
                 written,
+                written_unix_ms,
                 old,
                 health_before: health_before.clone(),
                 health_after: None,
@@ -688,6 +695,7 @@ fn analyse(
             "swap": i + 1,
             "file": s.file,
             "write_ms": ms(s.written - s.start),
+            "written_unix_ms": s.written_unix_ms,
             "healthz_before": s.health_before,
             "healthz_after": s.health_after,
             "plugin": s.health_entry,
