@@ -204,11 +204,17 @@ async fn healthz_reports_status_and_plugin_versions() {
     let body: Value = serde_json::from_str(&resp.body).expect("a JSON body");
     assert_eq!(body["status"], "ok", "{body}");
     assert_eq!(body["protocolVersion"], "1.0", "{body}");
-    let version = body["plugins"]["echo"].as_str().unwrap_or_default();
-    assert!(
-        !version.is_empty(),
+    let version = body["plugins"]["echo"]["version"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(
+        version.len(),
+        12,
         "the echo plugin's version is listed: {body}"
     );
+    assert!(version.bytes().all(|b| b.is_ascii_hexdigit()), "{body}");
+    assert_eq!(body["plugins"]["echo"]["interface"], "0.3.1", "{body}");
+    assert_eq!(body["refused"], serde_json::json!([]), "{body}");
     assert_eq!(body["connections"], 1, "{body}");
 
     let resp = http_get(host.addr(), "/nowhere").await;

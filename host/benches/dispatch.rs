@@ -12,7 +12,7 @@ use plexus::manifest;
 use plexus::outbox::Next;
 use plexus::plugin::wasm::{Runtime, WasmPlugin};
 use plexus::plugin::{CallInput, PluginEnv};
-use plexus::registry::{LoadOptions, Registry};
+use plexus::registry::{LoadOptions, Registry, SwapPolicy};
 use plexus::rooms::Rooms;
 use plexus::router::{ConnState, HostLimits, Hub};
 use plexus::session::{Identity, Sessions};
@@ -43,6 +43,7 @@ fn hub(dir: &Path, rt: &tokio::runtime::Runtime) -> Arc<Hub> {
             Runtime::new().unwrap(),
             rooms.clone(),
             LoadOptions { build: true },
+            SwapPolicy::default(),
         )
         .await
         .unwrap_or_else(|e| panic!("loading {}: {e:?}", dir.display()));

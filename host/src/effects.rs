@@ -15,12 +15,14 @@ pub enum Effect {
         ty: String,
         payload: String,
     },
-    /// A message to every member of a room.
+    /// A message to every member of a room. A volatile one (typing indicators, cursors) is
+    /// dropped for a member whose outbox is half full instead of counting against it.
     Broadcast {
         room: String,
         ty: String,
         payload: String,
         include_sender: bool,
+        volatile: bool,
     },
     /// The origin joins a room.
     Join {

@@ -1,10 +1,12 @@
-//! The `plexus` command: `serve`, `dev` and `check`.
+//! The `plexus` command: `serve`, `dev`, `check` and `rollback`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use plexus::registry::SwapPolicy;
 use plexus::{Config, Server, StartError, WatchMode};
 
 /// mimalloc: every message allocates a few short-lived buffers (the decoded envelope, the
@@ -39,6 +41,19 @@ struct ServeArgs {
     /// Largest client message, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_message_bytes: usize,
+    /// Seconds the previous version of a plugin stays loaded after a swap, ready for a
+    /// rollback (0: none, and no automatic rollback).
+    #[arg(long, default_value_t = 60)]
+    keep_previous_secs: u64,
+    /// Seconds after a swap during which a failing new version is rolled back automatically.
+    #[arg(long, default_value_t = 30)]
+    probation_secs: u64,
+    /// Share of failed calls (0 to 1) in the probation window that rolls a version back.
+    #[arg(long, default_value_t = 0.5)]
+    rollback_failure_share: f64,
+    /// Calls a new version must have served before its failure share is judged.
+    #[arg(long, default_value_t = 10)]
+    rollback_min_calls: u64,
 }
 
 #[derive(Subcommand)]
@@ -55,6 +70,15 @@ enum Command {
         /// Do not build plugins whose artifacts are missing or stale.
         #[arg(long)]
         no_build: bool,
+    },
+    /// Roll a plugin back to its previous version on a running host (kept for
+    /// --keep-previous-secs after a swap). Asks the host's admin endpoint, served on loopback.
+    Rollback {
+        /// The plugin id.
+        plugin: String,
+        /// The host's address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        host: SocketAddr,
     },
 }
 
@@ -82,6 +106,7 @@ fn main() -> ExitCode {
                 manifests,
                 no_build,
             } => check(manifests, !no_build).await,
+            Command::Rollback { plugin, host } => rollback(&plugin, host).await,
         }
     })
 }
@@ -92,6 +117,12 @@ async fn serve(args: ServeArgs, watch: WatchMode) -> ExitCode {
     config.build = !args.no_build;
     config.watch = watch;
     config.limits.max_message_bytes = args.max_message_bytes;
+    config.swap = SwapPolicy {
+        keep_previous: Duration::from_secs(args.keep_previous_secs),
+        probation: Duration::from_secs(args.probation_secs),
+        max_failure_share: args.rollback_failure_share.clamp(0.0, 1.0),
+        min_calls: args.rollback_min_calls,
+    };
     let server = match Server::start(config).await {
         Ok(server) => server,
         Err(StartError::Manifests(errors)) => {
@@ -153,4 +184,47 @@ async fn check(manifests: PathBuf, build: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn rollback(plugin: &str, host: SocketAddr) -> ExitCode {
+    match post_rollback(plugin, host).await {
+        Ok((status, body)) if status.is_success() => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("error: the host answered {status}: {body}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: cannot reach the host at {host}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `POST /admin/rollback?plugin=PLUGIN` to the host; the status and the body.
+async fn post_rollback(
+    plugin: &str,
+    host: SocketAddr,
+) -> anyhow::Result<(hyper::StatusCode, String)> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(host).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let query: String = plugin
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            b => format!("%{b:02X}"),
+        })
+        .collect();
+    let req = hyper::Request::post(format!("/admin/rollback?plugin={query}"))
+        .header(hyper::header::HOST, host.to_string())
+        .body(Empty::<bytes::Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

@@ -112,6 +112,16 @@ impl Outbox {
         true
     }
 
+    /// Queues a volatile frame (a typing indicator, a cursor move): one a late or slow client
+    /// can do without. It is dropped, and the connection left open, when the outbox is half
+    /// full, so that a slow consumer loses these first. Returns whether it was queued.
+    pub fn push_volatile(&self, frame: Frame) -> bool {
+        if self.shared.lock().frames.len() >= self.capacity / 2 {
+            return false;
+        }
+        self.push(frame)
+    }
+
     /// Tells the connection to close once the frames already queued are written (the first
     /// reason wins).
     pub fn close(&self, reason: CloseReason) {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
+use crate::outbox::Outbox;
 use crate::protocol::Frame;
 use crate::session::Session;
 
@@ -58,6 +59,22 @@ impl Rooms {
 
     /// Queues `frame` to every member of `room` except `except`. Returns how many got it.
     pub fn broadcast(&self, room: &str, frame: &Frame, except: Option<&str>) -> usize {
+        self.fan_out(room, frame, except, Outbox::push)
+    }
+
+    /// Like [`Rooms::broadcast`] for a volatile frame, which a member whose outbox is half full
+    /// does not get (see [`Outbox::push_volatile`]).
+    pub fn broadcast_volatile(&self, room: &str, frame: &Frame, except: Option<&str>) -> usize {
+        self.fan_out(room, frame, except, Outbox::push_volatile)
+    }
+
+    fn fan_out(
+        &self,
+        room: &str,
+        frame: &Frame,
+        except: Option<&str>,
+        push: fn(&Outbox, Frame) -> bool,
+    ) -> usize {
         let Some(members) = self.rooms.get(room) else {
             return 0;
         };
@@ -66,7 +83,7 @@ impl Rooms {
             if except == Some(&**id) {
                 continue;
             }
-            if session.outbox.push(frame.clone()) {
+            if push(&session.outbox, frame.clone()) {
                 delivered += 1;
             }
         }

@@ -10,9 +10,9 @@ use serde_json::json;
 use crate::effects::{self, Effect, LogLevel};
 use crate::error::{ErrorCode, HandleError};
 use crate::manifest::HostEvent;
-use crate::plugin::CallInput;
+use crate::plugin::{CallInput, CallOutput};
 use crate::protocol::{self, Inbound, Outbound};
-use crate::registry::{LoadedPlugin, Registry};
+use crate::registry::{LoadedPlugin, Registry, Verdict};
 use crate::rooms::Rooms;
 use crate::session::{Session, Sessions};
 
@@ -226,8 +226,40 @@ async fn run_call(
     input: &CallInput<'_>,
     depth: u8,
 ) -> Result<Option<String>, HandleError> {
-    let output = plugin.code.call(input);
+    let output = {
+        let _in_flight = plugin.health.begin();
+        plugin.code.call(input)
+    };
     emit_logs(plugin, &output.logs);
+    let checked = check_output(plugin, input, output);
+    let failed = matches!(
+        &checked,
+        Err(HandleError::Host {
+            code: ErrorCode::PluginFailed,
+            ..
+        })
+    );
+    if let Verdict::RollBack { calls, failures } =
+        plugin.health.record(failed, hub.registry.policy())
+    {
+        hub.registry.request_rollback(
+            &plugin.manifest.id,
+            &plugin.version,
+            format!("{failures} of its first {calls} calls after the swap failed"),
+        );
+    }
+    let (ack, effects) = checked?;
+    apply(hub, conn, plugin, input.room, effects, depth).await;
+    Ok(ack)
+}
+
+/// The ack and the effects of a successful call whose effects are all well-formed, or the
+/// error to answer with.
+fn check_output(
+    plugin: &LoadedPlugin,
+    input: &CallInput<'_>,
+    output: CallOutput,
+) -> Result<(Option<String>, Vec<Effect>), HandleError> {
     let ack = match output.result {
         Ok(ack) => ack,
         Err(err) => {
@@ -272,8 +304,7 @@ async fn run_call(
             ));
         }
     }
-    apply(hub, conn, plugin, input.room, output.effects, depth).await;
-    Ok(ack)
+    Ok((ack, output.effects))
 }
 
 fn emit_logs(plugin: &LoadedPlugin, logs: &[(LogLevel, String)]) {
@@ -331,6 +362,7 @@ async fn apply(
                 ty,
                 payload,
                 include_sender,
+                volatile,
             } => {
                 let frame = Outbound {
                     ty: &ty,
@@ -340,7 +372,11 @@ async fn apply(
                 }
                 .encode();
                 let except = (!include_sender).then_some(&*conn.session.connection_id);
-                hub.rooms.broadcast(&room, &frame, except);
+                if volatile {
+                    hub.rooms.broadcast_volatile(&room, &frame, except);
+                } else {
+                    hub.rooms.broadcast(&room, &frame, except);
+                }
             }
             Effect::Join { room } => {
                 join_room(hub, conn, &room, depth + 1).await;

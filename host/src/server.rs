@@ -25,7 +25,7 @@ use crate::connection;
 use crate::error::CloseReason;
 use crate::manifest::ManifestError;
 use crate::plugin::wasm::Runtime;
-use crate::registry::{LoadOptions, Registry, ReloadEvent};
+use crate::registry::{LoadOptions, Registry, ReloadEvent, RollbackError, SwapPolicy};
 use crate::rooms::Rooms;
 use crate::router::{HostLimits, Hub};
 use crate::session::Sessions;
@@ -43,6 +43,8 @@ pub struct Config {
     /// Bytes tungstenite reads at a time per connection (its default, 128 KiB, costs that
     /// much memory per idle connection).
     pub read_buffer_bytes: usize,
+    /// Previous versions kept warm, probation and automatic rollback after a swap.
+    pub swap: SwapPolicy,
 }
 
 impl Config {
@@ -55,6 +57,7 @@ impl Config {
             watch: WatchMode::Artifacts,
             limits: HostLimits::default(),
             read_buffer_bytes: 4096,
+            swap: SwapPolicy::default(),
         }
     }
 }
@@ -77,6 +80,7 @@ pub struct Server {
     tracker: TaskTracker,
     accept: JoinHandle<()>,
     watcher: Option<JoinHandle<()>>,
+    supervisor: JoinHandle<()>,
 }
 
 impl Server {
@@ -91,6 +95,7 @@ impl Server {
             LoadOptions {
                 build: config.build,
             },
+            config.swap,
         )
         .await
         .map_err(StartError::Manifests)?;
@@ -117,6 +122,10 @@ impl Server {
             ws_config,
         });
         let accept = tokio::spawn(accept_loop(listener, ctx, shutdown_rx.clone()));
+        let supervisor = {
+            let (hub, mut stop) = (hub.clone(), shutdown_rx.clone());
+            tokio::spawn(async move { hub.registry.supervise(stopped(&mut stop)).await })
+        };
         let watcher = match config.watch {
             WatchMode::Off => None,
             mode => {
@@ -131,6 +140,7 @@ impl Server {
             tracker,
             accept,
             watcher,
+            supervisor,
         })
     }
 
@@ -152,6 +162,14 @@ impl Server {
         self.hub.registry.reload().await
     }
 
+    /// Rolls plugin `id` back to its previous version (kept warm for a while after a swap).
+    pub async fn rollback(&self, id: &str) -> Result<ReloadEvent, RollbackError> {
+        self.hub
+            .registry
+            .rollback(id, None, "requested by an operator", false)
+            .await
+    }
+
     /// Stops accepting, lets in-flight plugin calls finish, closes sockets with 1001.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -162,6 +180,7 @@ impl Server {
         if let Some(w) = self.watcher {
             let _ = w.await;
         }
+        let _ = self.supervisor.await;
         self.tracker.close();
         self.tracker.wait().await;
     }
@@ -196,7 +215,7 @@ struct Ctx {
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = crate::server::stopped(&mut shutdown) => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -213,7 +232,8 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, mut shutdown: watch::
         let mut stop = ctx.shutdown.clone();
         ctx.tracker.clone().spawn(async move {
             let service_ctx = ctx.clone();
-            let service = hyper::service::service_fn(move |req| handle(req, service_ctx.clone()));
+            let service =
+                hyper::service::service_fn(move |req| handle(req, service_ctx.clone(), peer));
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
@@ -234,30 +254,135 @@ fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<By
 async fn handle(
     req: Request<Incoming>,
     ctx: Arc<Ctx>,
+    peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => healthz(&ctx.hub),
         (&Method::GET, "/ws") => upgrade(req, ctx),
+        (&Method::POST, "/admin/rollback") => admin_rollback(&req, &ctx.hub, peer).await,
         (_, "/healthz" | "/ws") => text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
+        (_, "/admin/rollback") => text_response(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
     })
 }
 
-fn healthz(hub: &Hub) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({
-        "status": "ok",
-        "hostVersion": env!("CARGO_PKG_VERSION"),
-        "protocolVersion": crate::protocol::PROTOCOL_VERSION,
-        "connections": hub.sessions.len(),
-        "rooms": hub.rooms.len(),
-        "plugins": hub.registry.table().versions(),
-    });
-    let mut resp = text_response(StatusCode::OK, body.to_string());
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = text_response(status, body.to_string());
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn healthz(hub: &Hub) -> Response<Full<Bytes>> {
+    let plugins: serde_json::Map<String, serde_json::Value> = hub
+        .registry
+        .report()
+        .into_iter()
+        .map(|p| {
+            let previous = p.previous.map(|(version, until)| {
+                serde_json::json!({ "version": version, "keptUntil": unix_ms(until) })
+            });
+            let rollback = p.last_rollback.map(|r| {
+                serde_json::json!({
+                    "from": r.from,
+                    "to": r.to,
+                    "reason": r.reason,
+                    "automatic": r.automatic,
+                    "at": unix_ms(r.at),
+                })
+            });
+            let entry = serde_json::json!({
+                "version": p.version,
+                "interface": p.interface,
+                "loadedAt": unix_ms(p.loaded_at),
+                "calls": p.counts.calls,
+                "failures": p.counts.failures,
+                "inFlight": p.counts.in_flight,
+                "probation": p.on_probation,
+                "previous": previous,
+                "lastRollback": rollback,
+            });
+            (p.id, entry)
+        })
+        .collect();
+    let refused: Vec<serde_json::Value> = hub
+        .registry
+        .refused()
+        .into_iter()
+        .map(|r| {
+            serde_json::json!({
+                "file": r.error.file.display().to_string(),
+                "plugin": r.plugin,
+                "candidate": r.candidate,
+                "reason": r.error.to_string(),
+                "at": unix_ms(r.at),
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "status": "ok",
+        "hostVersion": env!("CARGO_PKG_VERSION"),
+        "protocolVersion": crate::protocol::PROTOCOL_VERSION,
+        "interfaceVersion": crate::plugin::wasm::INTERFACE_VERSION,
+        "connections": hub.sessions.len(),
+        "rooms": hub.rooms.len(),
+        "plugins": plugins,
+        "refused": refused,
+        "reloads": hub.registry.reloads(),
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+/// `POST /admin/rollback?plugin=ID`: rolls a plugin back to its previous version. Served only
+/// to clients on the host's own machine (a loopback address).
+async fn admin_rollback(
+    req: &Request<Incoming>,
+    hub: &Hub,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    if !peer.ip().is_loopback() {
+        return text_response(
+            StatusCode::FORBIDDEN,
+            "admin endpoints are served on loopback only\n",
+        );
+    }
+    let plugin = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("plugin="))
+            .map(str::to_owned)
+    });
+    let Some(plugin) = plugin.filter(|p| !p.is_empty()) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({ "error": "give the plugin: /admin/rollback?plugin=ID" }),
+        );
+    };
+    match hub
+        .registry
+        .rollback(&plugin, None, "requested by an operator", false)
+        .await
+    {
+        Ok(ReloadEvent::RolledBack { from, to, .. }) => json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "plugin": plugin, "from": from, "to": to }),
+        ),
+        Ok(_) => text_response(StatusCode::INTERNAL_SERVER_ERROR, "unexpected outcome\n"),
+        Err(e) => {
+            let status = match e {
+                RollbackError::UnknownPlugin(_) => StatusCode::NOT_FOUND,
+                _ => StatusCode::CONFLICT,
+            };
+            json_response(status, &serde_json::json!({ "error": e.to_string() }))
+        }
+    }
 }
 
 fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {

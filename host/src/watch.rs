@@ -1,5 +1,6 @@
 //! Watching for new plugin versions: manifests, component artifacts and (in `dev` mode) plugin
-//! sources. A change, once writes settle, triggers a registry reload.
+//! sources. A change of content (not a read: the host's own reads never trigger a reload), once
+//! the changes settle and every file written in place is closed, triggers a registry reload.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -24,8 +25,38 @@ pub enum WatchMode {
     Sources,
 }
 
-/// How long writes must pause before a reload starts.
+/// How long changes must pause before a reload starts.
 const SETTLE: Duration = Duration::from_millis(150);
+/// How long a file written in place may stay open for writing before it is loaded anyway (for
+/// platforms that report no close; inotify does).
+const WRITE_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// What a filesystem event means for the watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Not a change of content: a file opened or read (the host's own reads among them), or
+    /// its metadata changed.
+    None,
+    /// Content is being written in place: the file may be incomplete until it is closed.
+    Writing,
+    /// A write finished (the file was closed after writing).
+    Written,
+    /// A complete change: a rename into place, a removal.
+    Done,
+}
+
+fn classify(kind: &notify::EventKind) -> Change {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Change::Written,
+        EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_)) => Change::None,
+        EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+            Change::Writing
+        }
+        _ => Change::Done,
+    }
+}
 
 /// Starts watching; the task ends when `shutdown` turns true.
 pub fn spawn(
@@ -50,11 +81,32 @@ pub fn spawn(
                 _ = crate::server::stopped(&mut shutdown) => return,
                 event = rx.recv() => match event { Some(e) => e, None => return },
             };
-            if !event.paths.iter().any(|p| targets.concerns(&dir, p)) {
+            // Files written in place and not closed yet.
+            let mut writing = HashSet::new();
+            if !targets.note(&dir, &event, &mut writing) {
                 continue;
             }
-            // Let the writes settle: wait until no relevant event came for SETTLE.
-            while let Ok(Some(_)) = tokio::time::timeout(SETTLE, rx.recv()).await {}
+            // Let the changes settle: wait until none came for SETTLE and every file written in
+            // place was closed (so that a half-written component is never loaded).
+            let first = tokio::time::Instant::now();
+            loop {
+                let wait = if writing.is_empty() {
+                    SETTLE
+                } else {
+                    (first + WRITE_WAIT_MAX).saturating_duration_since(tokio::time::Instant::now())
+                };
+                match tokio::time::timeout(wait, rx.recv()).await {
+                    Ok(Some(event)) => {
+                        targets.note(&dir, &event, &mut writing);
+                    }
+                    Ok(None) => return,
+                    Err(_) if writing.is_empty() => break,
+                    Err(_) => {
+                        tracing::warn!(files = ?writing, "files still open for writing after {WRITE_WAIT_MAX:?}; loading them as they are");
+                        break;
+                    }
+                }
+            }
             hub.registry.reload().await;
             targets = Targets::of(&hub, mode);
             targets.watch_new(&mut watcher, &mut watched);
@@ -83,6 +135,31 @@ impl Targets {
             }
         }
         Targets { artifacts, builds }
+    }
+
+    /// Takes note of an event: updates the files open for writing, and says whether it changes
+    /// something the host loads.
+    fn note(
+        &self,
+        manifests: &Path,
+        event: &notify::Event,
+        writing: &mut HashSet<PathBuf>,
+    ) -> bool {
+        let change = classify(&event.kind);
+        let mut relevant = false;
+        for path in event.paths.iter().filter(|p| self.concerns(manifests, p)) {
+            match change {
+                Change::None => continue,
+                Change::Writing => {
+                    writing.insert(path.clone());
+                }
+                Change::Written | Change::Done => {
+                    writing.remove(path);
+                }
+            }
+            relevant = true;
+        }
+        relevant
     }
 
     fn concerns(&self, manifests: &Path, path: &Path) -> bool {

@@ -139,6 +139,24 @@ impl Ctx {
         host_result(host::broadcast(room, ty, payload_json, false))
     }
 
+    /// Sends a volatile message of type `ty` to every member of `room` (the origin connection
+    /// too when `include_sender`): a typing indicator, a cursor move, a tick, which a member
+    /// can do without. A member too slow to keep up does not get it, and is not closed for it.
+    pub fn broadcast_volatile<P: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        ty: &str,
+        payload: &P,
+        include_sender: bool,
+    ) -> Result<(), PluginError> {
+        host_result(host::broadcast_volatile(
+            room,
+            ty,
+            &to_json(payload)?,
+            include_sender,
+        ))
+    }
+
     // ---- rooms ----
 
     /// Makes the origin connection join `room` (applied after the handler returns `Ok`).

@@ -33,6 +33,16 @@ mod wasm {
         messaging::broadcast(room, ty, payload, include_sender)
     }
 
+    #[inline]
+    pub(crate) fn broadcast_volatile(
+        room: &str,
+        ty: &str,
+        payload: &str,
+        include_sender: bool,
+    ) -> Result<(), String> {
+        messaging::broadcast_volatile(room, ty, payload, include_sender)
+    }
+
     pub(crate) fn join(room: &str) -> Result<(), String> {
         rooms::join(room)
     }

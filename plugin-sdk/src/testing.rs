@@ -23,8 +23,8 @@
 //!
 //! The state is thread-local (each `#[test]` runs on its own thread); [`MockHost::new`]
 //! resets it. As in the host, effects are discarded when the handler fails, and joins and
-//! leaves are applied to the mock's rooms when it succeeds. Unlike effects, key-value writes
-//! are kept either way.
+//! leaves are applied to the mock's rooms when it succeeds; key-value writes too are applied
+//! only when it succeeds (a handler reads its own writes meanwhile).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,6 +64,17 @@ pub enum Effect {
         /// Whether the origin connection receives it too.
         include_sender: bool,
     },
+    /// `Ctx::broadcast_volatile`.
+    BroadcastVolatile {
+        /// The room.
+        room: String,
+        /// The message type.
+        ty: String,
+        /// The payload, parsed.
+        payload: Value,
+        /// Whether the origin connection receives it too.
+        include_sender: bool,
+    },
     /// `Ctx::join`.
     Join {
         /// The room.
@@ -79,6 +90,8 @@ pub enum Effect {
 #[derive(Default)]
 struct State {
     kv: BTreeMap<String, String>,
+    /// The running call's key-value writes (`None`: deleted), applied when it succeeds.
+    kv_pending: BTreeMap<String, Option<String>>,
     config: BTreeMap<String, String>,
     rooms: BTreeMap<String, Vec<Member>>,
     forbidden: BTreeSet<String>,
@@ -147,7 +160,7 @@ impl MockHost {
         with(|state| state.forbidden.insert(room.to_owned()));
     }
 
-    /// The stored value of `key`.
+    /// The stored value of `key` (what successful calls wrote).
     pub fn kv_get(&self, key: &str) -> Option<String> {
         with(|state| state.kv.get(key).cloned())
     }
@@ -165,7 +178,7 @@ impl MockHost {
     /// Runs `dispatch` (the `plexus_dispatch` function of a plugin) for `handler` on `msg`.
     ///
     /// On success returns the ack object (parsed) and the effects; on failure the error (the
-    /// effects are discarded, as the host does).
+    /// effects and the key-value writes are discarded, as the host does).
     ///
     /// # Panics
     /// If the handler returned, or sent a payload that is, not valid JSON.
@@ -175,12 +188,28 @@ impl MockHost {
         handler: &str,
         msg: RawMessage,
     ) -> Result<(Option<Value>, Vec<Effect>), PluginError> {
-        with(|state| state.effects.clear());
+        with(|state| {
+            state.effects.clear();
+            state.kv_pending.clear();
+        });
         let connection_id = msg.connection_id().to_owned();
         let identity = msg.sender().to_owned();
         let result = dispatch(handler, msg);
-        let effects = with(|state| std::mem::take(&mut state.effects));
+        let (effects, writes) = with(|state| {
+            (
+                std::mem::take(&mut state.effects),
+                std::mem::take(&mut state.kv_pending),
+            )
+        });
         let ack = result?.map(|text| parse(&text, "ack"));
+        with(|state| {
+            for (key, value) in writes {
+                match value {
+                    Some(value) => state.kv.insert(key, value),
+                    None => state.kv.remove(&key),
+                };
+            }
+        });
         for effect in &effects {
             match effect {
                 Effect::Join { room } => self.add_member(room, &connection_id, &identity),
@@ -269,6 +298,28 @@ pub(crate) mod host {
         })
     }
 
+    pub(crate) fn broadcast_volatile(
+        room: &str,
+        ty: &str,
+        payload: &str,
+        include_sender: bool,
+    ) -> Result<(), String> {
+        let payload = parse(payload, "payload");
+        with(|s| {
+            check_room(s, room)?;
+            push(
+                s,
+                Effect::BroadcastVolatile {
+                    room: room.to_owned(),
+                    ty: ty.to_owned(),
+                    payload,
+                    include_sender,
+                },
+            );
+            Ok(())
+        })
+    }
+
     pub(crate) fn join(room: &str) -> Result<(), String> {
         with(|s| {
             check_room(s, room)?;
@@ -303,15 +354,18 @@ pub(crate) mod host {
     }
 
     pub(crate) fn kv_get(key: &str) -> Option<String> {
-        with(|s| s.kv.get(key).cloned())
+        with(|s| match s.kv_pending.get(key) {
+            Some(pending) => pending.clone(),
+            None => s.kv.get(key).cloned(),
+        })
     }
 
     pub(crate) fn kv_set(key: &str, value: &str) {
-        with(|s| s.kv.insert(key.to_owned(), value.to_owned()));
+        with(|s| s.kv_pending.insert(key.to_owned(), Some(value.to_owned())));
     }
 
     pub(crate) fn kv_delete(key: &str) {
-        with(|s| s.kv.remove(key));
+        with(|s| s.kv_pending.insert(key.to_owned(), None));
     }
 
     pub(crate) fn config(key: &str) -> Option<String> {

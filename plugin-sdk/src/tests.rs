@@ -39,7 +39,9 @@ fn bad_result(_: &Ctx, _: Message<RawPayload>) -> HandlerResult {
 
 fn failing(ctx: &Ctx, _: Message<RawPayload>) -> HandlerResult {
     ctx.reply("lost", &1)?;
-    ctx.kv_set("kept", "yes");
+    ctx.kv_set("written", "yes");
+    // A call reads its own writes, even one that fails afterwards.
+    assert_eq!(ctx.kv_get("written").as_deref(), Some("yes"));
     Err(PluginError::new("nope", "refused"))
 }
 
@@ -247,14 +249,14 @@ fn result_must_be_an_object() {
 }
 
 #[test]
-fn errors_discard_effects_but_not_kv() {
+fn errors_discard_effects_and_kv_writes_as_the_host_does() {
     let host = MockHost::new();
     let err = host
         .call(plexus_dispatch, "failing", RawMessage::new("x", "null"))
         .unwrap_err();
     assert_eq!(err, PluginError::new("nope", "refused"));
     assert_eq!(err.to_string(), "nope: refused");
-    assert_eq!(host.kv_get("kept").as_deref(), Some("yes"));
+    assert_eq!(host.kv_get("written"), None);
     let (_, effects) = host
         .call(
             plexus_dispatch,

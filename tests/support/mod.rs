@@ -187,6 +187,45 @@ timeout_ms = 50
     )
 }
 
+/// A manifest of plugin `answer` serving the hot-swap fixtures (`swap-a`, `swap-b`,
+/// `swap-broken`) from `answer.wasm` next to it: `routes` and `events` as (type or event,
+/// handler), the host interfaces `caps`, and the call time limit.
+pub fn swap_manifest(
+    routes: &[(&str, &str)],
+    events: &[(&str, &str)],
+    caps: &[&str],
+    timeout_ms: u64,
+) -> String {
+    let mut text = String::from(
+        "manifest_version = 1\n\n[plugin]\nid = \"answer\"\n\n[source]\nwasm = \"answer.wasm\"\n",
+    );
+    for (ty, handler) in routes {
+        text.push_str(&format!(
+            "\n[[route]]\ntype = \"{ty}\"\nhandler = \"{handler}\"\n"
+        ));
+    }
+    for (event, handler) in events {
+        text.push_str(&format!(
+            "\n[[event]]\non = \"{event}\"\nhandler = \"{handler}\"\n"
+        ));
+    }
+    let caps: Vec<String> = caps.iter().map(|c| format!("\"{c}\"")).collect();
+    text.push_str(&format!(
+        "\n[capabilities]\nhost = [{}]\nrooms = [\"*\"]\n\n[limits]\ntimeout_ms = {timeout_ms}\n",
+        caps.join(", ")
+    ));
+    text
+}
+
+/// A host on a temp dir holding `answer.toml` (`manifest`) and `answer.wasm`, a copy of the
+/// fixture `fixture` (`swap-a`, ...), after `tweak` adjusted the configuration.
+pub async fn swap_host(fixture: &str, manifest: &str, tweak: impl FnOnce(&mut Config)) -> Host {
+    let dir = TempDir::new();
+    std::fs::copy(wasm(fixture), dir.path().join("answer.wasm")).expect("copying the fixture");
+    dir.write("answer.toml", manifest);
+    Host::start_in(dir, tweak).await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Temporary directories
 // ---------------------------------------------------------------------------------------------
@@ -293,6 +332,69 @@ impl Host {
 
     pub fn reloads(&self) -> broadcast::Receiver<ReloadEvent> {
         self.server.subscribe_reloads()
+    }
+
+    /// `GET /healthz`, parsed.
+    pub async fn healthz(&self) -> Value {
+        let resp = http_get(self.addr(), "/healthz").await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        serde_json::from_str(&resp.body).expect("/healthz is JSON")
+    }
+
+    /// The version of plugin `id` that `/healthz` reports serving.
+    pub async fn version_of(&self, id: &str) -> String {
+        let health = self.healthz().await;
+        health["plugins"][id]["version"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no version of `{id}` in {health}"))
+            .to_owned()
+    }
+}
+
+/// The log lines of this test process, captured (installed once per process, the first time a
+/// test asks). Lines of concurrent tests mix: look for what names your own files.
+pub fn logs() -> &'static LogCapture {
+    static CAPTURE: OnceLock<LogCapture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture = LogCapture::default();
+        let writer = capture.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("info,wasmtime=warn,cranelift=warn")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .try_init()
+            .expect("no other log subscriber in this test process");
+        capture
+    })
+}
+
+/// Log output collected in memory.
+#[derive(Debug, Clone, Default)]
+pub struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    /// The lines logged so far that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        let bytes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -50,6 +50,7 @@ impl BuiltinPlugin {
                     return refuse("forbidden", format!("room `{room}` not granted"));
                 }
                 CallOutput::effect(Effect::Broadcast {
+                    volatile: false,
                     room: room.into(),
                     ty: "echo.broadcast".into(),
                     payload: input.payload.into(),

@@ -4,6 +4,7 @@
 
 pub mod builtin;
 pub mod epoch;
+pub mod stdio;
 pub mod wasm;
 
 use std::collections::BTreeMap;
@@ -114,6 +115,15 @@ impl Code {
         match self {
             Code::Wasm(p) => p.handlers().iter().map(String::as_str).collect(),
             Code::Builtin(b) => b.handlers().to_vec(),
+        }
+    }
+
+    /// The `plexus:plugin` interface version a component was built against (`None` for a
+    /// builtin, or a component importing no Plexus interface).
+    pub fn interface(&self) -> Option<&str> {
+        match self {
+            Code::Wasm(p) => p.interface(),
+            Code::Builtin(_) => None,
         }
     }
 

@@ -2,7 +2,6 @@
 //! capability-gated linking, a pool of reusable instances per plugin version, and the host
 //! functions, which only record effects.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,6 +10,7 @@ use wasmtime::{Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::epoch::EpochTicker;
+use super::stdio::{self, LogStdio, Which};
 use super::{CallInput, CallOutput, PluginEnv};
 use crate::effects::{self, Effect, LogLevel, MAX_EFFECTS_PER_CALL};
 use crate::error::CallError;
@@ -78,21 +78,59 @@ fn capability_of(import: &str) -> Option<HostCap> {
 }
 
 /// The version of the `plexus:plugin` package this host provides (`plugin-sdk/wit/plexus.wit`).
-pub const INTERFACE_VERSION: &str = "0.3.0";
+pub const INTERFACE_VERSION: &str = "0.3.1";
 
-/// The `plexus:plugin` version an import names, when it names another than this host's.
-fn other_interface_version(import: &str) -> Option<&str> {
+/// A `major.minor.patch` version.
+type Semver = (u64, u64, u64);
+
+fn parse_semver(v: &str) -> Option<Semver> {
+    let mut parts = v.split('.').map(|p| p.parse::<u64>().ok());
+    let version = (parts.next()??, parts.next()??, parts.next()??);
+    parts.next().is_none().then_some(version)
+}
+
+/// How a plugin's `plexus:plugin` version relates to this host's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compat {
+    /// The same version, or an earlier one on the same compatible track: linked.
+    Runs,
+    /// A later version on the same track: it may import what this host lacks.
+    Newer,
+    /// Another track (a breaking change between them), or not a version.
+    Incompatible,
+}
+
+/// The semver rule of Cargo and wasmtime: versions are on one compatible track when their
+/// major numbers match and, while the major is 0, their minor numbers too.
+fn compat(built: &str) -> Compat {
+    let (Some(b), Some(h)) = (parse_semver(built), parse_semver(INTERFACE_VERSION)) else {
+        return Compat::Incompatible;
+    };
+    let same_track = b.0 == h.0 && (h.0 != 0 || b.1 == h.1);
+    match (same_track, b <= h) {
+        (true, true) => Compat::Runs,
+        (true, false) => Compat::Newer,
+        (false, _) => Compat::Incompatible,
+    }
+}
+
+/// The `plexus:plugin` version an import names, if it is a Plexus import with a version.
+fn interface_version(import: &str) -> Option<&str> {
     let (_, version) = import.strip_prefix("plexus:plugin/")?.split_once('@')?;
-    (version != INTERFACE_VERSION).then_some(version)
+    Some(version)
 }
 
 /// Why a component was refused at load.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(
-        "was built against plexus:plugin@{built}, and this host provides plexus:plugin@{INTERFACE_VERSION}; rebuild it with this repository's plugin-sdk"
+        "was built against plexus:plugin@{built}, which this host (plexus:plugin@{INTERFACE_VERSION}) cannot run: the interface changed incompatibly between them; rebuild it with a plugin-sdk of this host's version"
     )]
-    WrongVersion { built: String },
+    Incompatible { built: String },
+    #[error(
+        "was built against plexus:plugin@{built}, newer than this host's plexus:plugin@{INTERFACE_VERSION}; upgrade the host, or rebuild the plugin with this host's plugin-sdk"
+    )]
+    Newer { built: String },
     #[error("imports `{import}`, which needs capability `{cap}`; grant it in [capabilities] host")]
     NotGranted { import: String, cap: &'static str },
     #[error("imports `{0}`, which this host does not provide")]
@@ -168,6 +206,25 @@ impl messaging::Host for PluginState {
             ty,
             payload,
             include_sender,
+            volatile: false,
+        });
+        Ok(())
+    }
+
+    fn broadcast_volatile(
+        &mut self,
+        room: String,
+        ty: String,
+        payload: String,
+        include_sender: bool,
+    ) -> Result<(), String> {
+        self.check_room(&room)?;
+        self.record(Effect::Broadcast {
+            room,
+            ty,
+            payload,
+            include_sender,
+            volatile: true,
         });
         Ok(())
     }
@@ -256,13 +313,13 @@ pub struct WasmPlugin {
     env: Arc<PluginEnv>,
     /// The component's handler names (its `handlers` export); `handle` takes an index.
     handlers: Vec<String>,
+    /// The `plexus:plugin` version the component was built against (its imports name it).
+    interface: Option<String>,
     engine: Engine,
     ticker: Arc<EpochTicker>,
     pool: Mutex<Vec<Warm>>,
     /// Reuse instances (the default); when false every call gets a fresh store.
     reuse: bool,
-    /// The plugin wrote to stdio once: run its calls where tokio allows blocking.
-    uses_stdio: AtomicBool,
 }
 
 impl WasmPlugin {
@@ -274,14 +331,30 @@ impl WasmPlugin {
         env: Arc<PluginEnv>,
     ) -> Result<WasmPlugin, LoadError> {
         let engine = runtime.engine().clone();
+        let mut interface: Option<(Semver, String)> = None;
         for (name, _) in component.component_type().imports(&engine) {
             if name.starts_with("wasi:") {
                 continue;
             }
-            if let Some(built) = other_interface_version(name) {
-                return Err(LoadError::WrongVersion {
-                    built: built.to_owned(),
-                });
+            if let Some(built) = interface_version(name) {
+                match compat(built) {
+                    Compat::Runs => {}
+                    Compat::Newer => {
+                        return Err(LoadError::Newer {
+                            built: built.to_owned(),
+                        });
+                    }
+                    Compat::Incompatible => {
+                        return Err(LoadError::Incompatible {
+                            built: built.to_owned(),
+                        });
+                    }
+                }
+                if let Some(v) = parse_semver(built)
+                    && interface.as_ref().is_none_or(|(seen, _)| v > *seen)
+                {
+                    interface = Some((v, built.to_owned()));
+                }
             }
             if name.starts_with("plexus:plugin/types") {
                 continue;
@@ -300,6 +373,7 @@ impl WasmPlugin {
         let mut linker: Linker<PluginState> = Linker::new(&engine);
         let not_a_plugin = |e: wasmtime::Error| LoadError::NotAPlugin(format!("{e:#}"));
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(not_a_plugin)?;
+        stdio::link(&mut linker).map_err(not_a_plugin)?;
         types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
         let caps = &env.capabilities.host;
         if caps.contains(&HostCap::Messaging) {
@@ -324,11 +398,11 @@ impl WasmPlugin {
             pre,
             env,
             handlers: Vec::new(),
+            interface: interface.map(|(_, v)| v),
             engine,
             ticker: runtime.ticker.clone(),
             pool: Mutex::new(Vec::new()),
             reuse: true,
-            uses_stdio: AtomicBool::new(false),
         };
         plugin.ticker.cover(plugin.deadline_ticks());
         let mut warm = plugin
@@ -347,6 +421,11 @@ impl WasmPlugin {
         &self.handlers
     }
 
+    /// The `plexus:plugin` version the component was built against.
+    pub fn interface(&self) -> Option<&str> {
+        self.interface.as_deref()
+    }
+
     /// Makes every call use a fresh store (for measuring; slower).
     pub fn set_reuse_instances(&mut self, reuse: bool) {
         self.reuse = reuse;
@@ -358,7 +437,10 @@ impl WasmPlugin {
             used: 0,
         };
         let state = PluginState {
-            wasi: WasiCtx::builder().build(),
+            wasi: WasiCtx::builder()
+                .stdout(LogStdio::new(&self.env.id, Which::Stdout))
+                .stderr(LogStdio::new(&self.env.id, Which::Stderr))
+                .build(),
             table: ResourceTable::new(),
             limits,
             env: self.env.clone(),
@@ -417,43 +499,17 @@ impl WasmPlugin {
         }
     }
 
-    /// Calls a handler. A trap drops the instance (a trapped component cannot be re-entered).
+    /// Calls a handler, once. A trap drops the instance (a trapped component cannot be
+    /// re-entered); so does a panic in a host function (a WASI call that would wait, such as a
+    /// sleep, cannot on a runtime thread), which fails the call.
     pub fn call(&self, input: &CallInput<'_>) -> CallOutput {
-        if self.uses_stdio.load(Ordering::Relaxed) {
-            return self.call_where_blocking_is_allowed(input);
-        }
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.call_once(input))) {
-            Ok(output) => output,
-            Err(_) => {
-                // wasmtime-wasi's synchronous stdio blocks on the tokio runtime, which panics on
-                // a runtime thread: the plugin wrote to stdout or stderr. A call has no side
-                // effects besides the effects it returns (discarded here with the instance), so
-                // run it again where blocking is allowed, and do so directly from now on.
-                self.uses_stdio.store(true, Ordering::Relaxed);
-                tracing::info!(plugin = %self.env.id, "plugin writes to stdio; its calls now run on a blocking-capable thread");
-                self.call_where_blocking_is_allowed(input)
-            }
-        }
-    }
-
-    /// Runs a call with tokio's permission to block (a plugin that uses WASI stdio).
-    fn call_where_blocking_is_allowed(&self, input: &CallInput<'_>) -> CallOutput {
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let run = || {
-            if multi_thread {
-                tokio::task::block_in_place(|| self.call_once(input))
-            } else {
-                self.call_once(input)
-            }
-        };
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|_| {
-            CallOutput::failed(CallError::Trap {
-                plugin: self.env.id.clone(),
-                reason: "a host function panicked (WASI stdio needs a multi-threaded runtime)"
-                    .into(),
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.call_once(input)))
+            .unwrap_or_else(|_| {
+                CallOutput::failed(CallError::Trap {
+                    plugin: self.env.id.clone(),
+                    reason: "a host function panicked (a WASI call that waits, such as a sleep, cannot run in a plugin call)".into(),
+                })
             })
-        })
     }
 
     fn call_once(&self, input: &CallInput<'_>) -> CallOutput {
@@ -599,7 +655,7 @@ impl ResourceLimiter for MemoryLimiter {
 
 #[cfg(test)]
 mod tests {
-    use super::{CallInput, INTERFACE_VERSION, other_interface_version, pack};
+    use super::{CallInput, Compat, INTERFACE_VERSION, compat, interface_version, pack};
 
     #[test]
     fn the_interface_version_is_the_wit_package_version() {
@@ -609,14 +665,31 @@ mod tests {
     }
 
     #[test]
-    fn another_interface_version_is_named() {
+    fn the_interface_version_of_an_import() {
         let ours = format!("plexus:plugin/messaging@{INTERFACE_VERSION}");
-        assert_eq!(other_interface_version(&ours), None);
+        assert_eq!(interface_version(&ours), Some(INTERFACE_VERSION));
         assert_eq!(
-            other_interface_version("plexus:plugin/types@0.2.0"),
+            interface_version("plexus:plugin/types@0.2.0"),
             Some("0.2.0")
         );
-        assert_eq!(other_interface_version("wasi:io/streams@0.2.0"), None);
+        assert_eq!(interface_version("wasi:io/streams@0.2.0"), None);
+        assert_eq!(interface_version("plexus:plugin/types"), None);
+    }
+
+    #[test]
+    fn earlier_versions_of_the_same_track_run() {
+        assert_eq!(
+            INTERFACE_VERSION, "0.3.1",
+            "update these cases with the version"
+        );
+        assert_eq!(compat("0.3.0"), Compat::Runs);
+        assert_eq!(compat("0.3.1"), Compat::Runs);
+        assert_eq!(compat("0.3.2"), Compat::Newer);
+        assert_eq!(compat("0.2.9"), Compat::Incompatible);
+        assert_eq!(compat("0.4.0"), Compat::Incompatible);
+        assert_eq!(compat("1.3.0"), Compat::Incompatible);
+        assert_eq!(compat("0.3.1-rc1"), Compat::Incompatible);
+        assert_eq!(compat("banana"), Compat::Incompatible);
     }
 
     #[test]

@@ -1,16 +1,22 @@
 //! The plugin registry: loads every manifest of a directory into plugin versions, builds the
 //! route table, and swaps a new table in atomically on reload. A message in flight keeps the
-//! table (and so the plugin version) it started with.
+//! table (and so the plugin version) it started with. It also keeps the book of every swap:
+//! refused candidates, the previous version of each plugin (warm, for a rollback) and rollbacks.
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+pub mod health;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use tokio::sync::broadcast;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, broadcast, mpsc};
+
+pub use health::{Health, HealthCounts, SwapPolicy, Verdict};
 
 use crate::builder;
 use crate::manifest::{self, HostEvent, Manifest, ManifestError, Source};
@@ -23,12 +29,15 @@ use crate::rooms::Rooms;
 #[derive(Debug)]
 pub struct LoadedPlugin {
     pub manifest: Manifest,
-    /// A label for this version: a hash of the manifest and the component bytes.
+    /// A label for this version: the start of the SHA-256 of the manifest text and the
+    /// component bytes, the same on every host for the same files.
     pub version: String,
     pub code: Code,
     /// The plugin's key-value store, shared by all its versions.
     pub kv: KvStore,
     pub loaded_at: SystemTime,
+    /// Calls, failures and calls in flight of this version, and its probation after a swap.
+    pub health: Health,
 }
 
 /// Where a message type goes.
@@ -109,8 +118,92 @@ pub enum ReloadEvent {
     Swapped { plugin: String, version: String },
     /// The plugin's manifest was removed; its routes are gone.
     Removed { plugin: String },
-    /// A new version was refused; the previous version (if any) keeps serving.
+    /// A new version was refused; the previous version (if any) keeps serving. Reported once
+    /// per candidate (the same files refused for the same reason are not reported again).
     Rejected { file: PathBuf, reason: String },
+    /// The plugin's version `from` was rolled back to its previous version `to`.
+    RolledBack {
+        plugin: String,
+        from: String,
+        to: String,
+        reason: String,
+    },
+}
+
+/// A candidate version the registry refused, kept until its files change.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub error: ManifestError,
+    /// The plugin id, when the manifest parsed.
+    pub plugin: Option<String>,
+    /// The version label of the refused candidate, when its files could be read.
+    pub candidate: Option<String>,
+    pub at: SystemTime,
+}
+
+/// A rollback that happened.
+#[derive(Debug, Clone)]
+pub struct Rollback {
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+    pub automatic: bool,
+    pub at: SystemTime,
+}
+
+/// A previous version kept warm after a swap.
+#[derive(Debug, Clone)]
+struct Kept {
+    plugin: Arc<LoadedPlugin>,
+    until: Instant,
+}
+
+/// What the registry remembers about swaps.
+#[derive(Debug, Default)]
+struct Book {
+    refused: BTreeMap<PathBuf, Refusal>,
+    previous: HashMap<String, Kept>,
+    rollbacks: HashMap<String, Rollback>,
+}
+
+/// A plugin as `/healthz` reports it.
+#[derive(Debug, Clone)]
+pub struct PluginReport {
+    pub id: String,
+    pub version: String,
+    /// The `plexus:plugin` interface version the component was built against.
+    pub interface: Option<String>,
+    pub loaded_at: SystemTime,
+    pub counts: HealthCounts,
+    pub on_probation: bool,
+    /// The previous version, while it is kept warm, and until when.
+    pub previous: Option<(String, SystemTime)>,
+    pub last_rollback: Option<Rollback>,
+}
+
+/// Why a rollback was not done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RollbackError {
+    #[error("no plugin `{0}` is loaded")]
+    UnknownPlugin(String),
+    #[error(
+        "no previous version of plugin `{plugin}` is kept (a previous version stays warm for {keep_secs} s after a swap)"
+    )]
+    NoPrevious { plugin: String, keep_secs: u64 },
+    #[error("plugin `{plugin}` no longer runs version {version}")]
+    Stale { plugin: String, version: String },
+    #[error(
+        "the previous version of plugin `{plugin}` conflicts with the current routes: {reason}"
+    )]
+    Conflict { plugin: String, reason: String },
+}
+
+/// A request to roll a failing version back, sent by the call path.
+#[derive(Debug, Clone)]
+pub struct RollbackRequest {
+    pub plugin: String,
+    pub version: String,
+    pub reason: String,
 }
 
 /// Options for loading plugins.
@@ -130,6 +223,15 @@ pub struct Registry {
     options: LoadOptions,
     events: broadcast::Sender<ReloadEvent>,
     reload_lock: tokio::sync::Mutex<()>,
+    policy: SwapPolicy,
+    book: Mutex<Book>,
+    /// Reloads run so far (explicit or by the watcher).
+    reloads: AtomicU64,
+    /// Rollbacks the call path asks for; taken by the host's supervisor task.
+    rollback_tx: mpsc::UnboundedSender<RollbackRequest>,
+    rollback_rx: Mutex<Option<mpsc::UnboundedReceiver<RollbackRequest>>>,
+    /// Woken when a previous version is kept, so that the supervisor re-arms its expiry.
+    kept_changed: Notify,
 }
 
 impl std::fmt::Debug for Registry {
@@ -140,30 +242,50 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-fn fingerprint(text: &str, bytes: &[u8]) -> String {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    bytes.hash(&mut h);
-    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+/// The version label of a manifest text and its component bytes: the first 12 hex digits of
+/// their SHA-256 (the text's length first, so that no two pairs share an input).
+pub fn fingerprint(text: &str, bytes: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update((text.len() as u64).to_le_bytes());
+    h.update(text.as_bytes());
+    h.update(bytes);
+    let digest = h.finalize();
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The plugin a manifest file describes, loaded, or why not. Building and compiling run on
-/// the blocking pool, off the connection tasks.
+/// The files a version is made of, for messages.
+fn files_of(manifest: &Manifest) -> String {
+    match &manifest.source {
+        Source::Wasm { path, .. } => format!("{} and {}", manifest.file.display(), path.display()),
+        Source::Builtin(_) => manifest.file.display().to_string(),
+    }
+}
+
+/// Why loading one manifest failed, with the candidate's version label when it was computed.
+type LoadFailure = (ManifestError, Option<String>);
+
+/// The plugin a manifest file describes, loaded, or why not. Reading, building and compiling
+/// run on the blocking pool, off the connection tasks. A candidate already refused (the same
+/// files) is refused again without compiling it.
 async fn load_one(
-    runtime: &Runtime,
-    rooms: &Arc<Rooms>,
-    kv: KvStore,
+    registry: &Registry,
     manifest: Manifest,
     text: &str,
-    options: &LoadOptions,
     previous: Option<&Arc<LoadedPlugin>>,
-) -> Result<Arc<LoadedPlugin>, ManifestError> {
+    refused: Option<&Refusal>,
+) -> Result<Arc<LoadedPlugin>, LoadFailure> {
     let fail = |message: String| ManifestError {
         file: manifest.file.clone(),
         line: None,
         message: format!("plugin `{}`: {message}", manifest.id),
     };
-    let env = Arc::new(PluginEnv::new(&manifest, kv.clone(), rooms.clone()));
+    let (runtime, options) = (&registry.runtime, &registry.options);
+    let kv = registry.kv_store(&manifest.id);
+    let env = Arc::new(PluginEnv::new(
+        &manifest,
+        kv.clone(),
+        registry.rooms.clone(),
+    ));
     let (code, version) = match &manifest.source {
         Source::Builtin(kind) => (
             Code::Builtin(BuiltinPlugin::new(*kind, env)),
@@ -177,25 +299,40 @@ async fn load_one(
                 let build = build.clone();
                 blocking(move || builder::run(&build))
                     .await
-                    .map_err(&fail)?;
+                    .map_err(|e| (fail(e), None))?;
             }
-            let bytes = std::fs::read(path)
-                .map_err(|e| fail(format!("cannot read component {}: {e}", path.display())))?;
+            let read = path.clone();
+            let bytes = blocking(move || {
+                std::fs::read(&read)
+                    .map_err(|e| format!("cannot read component {}: {e}", read.display()))
+            })
+            .await
+            .map_err(|e| (fail(e), None))?;
             let version = fingerprint(text, &bytes);
             if let Some(previous) = previous
                 && previous.version == version
             {
                 return Ok(previous.clone());
             }
+            if let Some(refused) = refused
+                && refused.candidate.as_deref() == Some(version.as_str())
+            {
+                return Err((refused.error.clone(), Some(version)));
+            }
             let compiler = runtime.clone();
             let component =
                 blocking(move || compiler.compile(&bytes).map_err(|e| format!("{e:#}")))
                     .await
                     .map_err(|e| {
-                        fail(format!("{} is not a valid component: {e}", path.display()))
+                        let e = fail(format!("{} is not a valid component: {e}", path.display()));
+                        (e, Some(version.clone()))
                     })?;
-            let plugin = WasmPlugin::new(runtime, &component, env)
-                .map_err(|e| fail(format!("{} {e}", path.display())))?;
+            let plugin = WasmPlugin::new(runtime, &component, env).map_err(|e| {
+                (
+                    fail(format!("{} {e}", path.display())),
+                    Some(version.clone()),
+                )
+            })?;
             (Code::Wasm(plugin), version)
         }
     };
@@ -212,15 +349,20 @@ async fn load_one(
         .chain(subscriptions)
         .find(|(.., handler, _)| !handlers.contains(&handler.as_str()));
     if let Some((what, name, handler, line)) = unknown {
-        return Err(ManifestError {
+        let error = ManifestError {
             file: manifest.file.clone(),
             line,
             message: format!(
-                "{what} `{name}`: plugin `{}` has no handler `{handler}` (it has: {})",
+                "{what} `{name}`: plugin `{}` has no handler `{handler}` (it has: {}){}",
                 manifest.id,
-                handlers.join(", ")
+                handlers.join(", "),
+                match &manifest.source {
+                    Source::Wasm { path, .. } => format!(" in component {}", path.display()),
+                    Source::Builtin(_) => String::new(),
+                }
             ),
-        });
+        };
+        return Err((error, Some(version)));
     }
     Ok(Arc::new(LoadedPlugin {
         manifest,
@@ -228,16 +370,28 @@ async fn load_one(
         code,
         kv,
         loaded_at: SystemTime::now(),
+        health: Health::default(),
     }))
 }
 
-/// Runs blocking work (a build, a compilation) on the blocking pool.
+/// Runs blocking work (a build, a compilation, a file read) on the blocking pool.
 async fn blocking<T: Send + 'static, E: From<String> + Send + 'static>(
     work: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, E> {
     tokio::task::spawn_blocking(work)
         .await
         .unwrap_or_else(|join| Err(E::from(format!("the work panicked: {join}"))))
+}
+
+/// What loading a manifests directory gave.
+#[derive(Debug, Default)]
+struct Loaded {
+    plugins: BTreeMap<PathBuf, Arc<LoadedPlugin>>,
+    /// Every manifest that parsed, loaded or not.
+    parsed: Vec<Manifest>,
+    failures: Vec<LoadFailure>,
+    /// Every manifest file found.
+    files: HashSet<PathBuf>,
 }
 
 impl Registry {
@@ -247,8 +401,10 @@ impl Registry {
         runtime: Runtime,
         rooms: Arc<Rooms>,
         options: LoadOptions,
+        policy: SwapPolicy,
     ) -> Result<Registry, Vec<ManifestError>> {
         let (events, _) = broadcast::channel(64);
+        let (rollback_tx, rollback_rx) = mpsc::unbounded_channel();
         let registry = Registry {
             table: ArcSwap::from_pointee(RouteTable::default()),
             runtime,
@@ -258,102 +414,122 @@ impl Registry {
             options,
             events,
             reload_lock: tokio::sync::Mutex::new(()),
+            policy,
+            book: Mutex::new(Book::default()),
+            reloads: AtomicU64::new(0),
+            rollback_tx,
+            rollback_rx: Mutex::new(Some(rollback_rx)),
+            kept_changed: Notify::new(),
         };
-        let (plugins, parsed, mut errors) = registry.load_all(&BTreeMap::new()).await;
+        let loaded = registry.load_all(&BTreeMap::new()).await;
+        let mut errors: Vec<ManifestError> = loaded.failures.into_iter().map(|(e, _)| e).collect();
         // Route conflicts are checked over every manifest that parses, loaded or not.
-        errors.extend(manifest::check_set(&parsed));
+        errors.extend(manifest::check_set(&loaded.parsed));
         if !errors.is_empty() {
             errors.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
             errors.dedup();
             return Err(errors);
         }
-        registry.table.store(Arc::new(RouteTable::new(plugins)));
+        registry
+            .table
+            .store(Arc::new(RouteTable::new(loaded.plugins)));
         Ok(registry)
     }
 
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Loads (or reuses) every manifest's plugin; blocking work runs off the async threads.
-    /// Returns the loaded plugins, every manifest that parsed (loaded or not), and the errors.
-    async fn load_all(
-        &self,
-        previous: &BTreeMap<PathBuf, Arc<LoadedPlugin>>,
-    ) -> (
-        BTreeMap<PathBuf, Arc<LoadedPlugin>>,
-        Vec<Manifest>,
-        Vec<ManifestError>,
-    ) {
-        let files = match manifest::manifest_files(&self.dir) {
-            Ok(files) => files,
-            Err(e) => return (BTreeMap::new(), Vec::new(), vec![e]),
-        };
-        let mut plugins = BTreeMap::new();
-        let mut parsed = Vec::new();
-        let mut errors = Vec::new();
-        for file in files {
-            let text = match std::fs::read_to_string(&file) {
-                Ok(text) => text,
+    async fn load_all(&self, previous: &BTreeMap<PathBuf, Arc<LoadedPlugin>>) -> Loaded {
+        let dir = self.dir.clone();
+        let files =
+            match blocking(move || manifest::manifest_files(&dir).map_err(|e| e.to_string())).await
+            {
+                Ok(files) => files,
                 Err(e) => {
-                    errors.push(ManifestError {
+                    let error = ManifestError {
+                        file: self.dir.clone(),
+                        line: None,
+                        message: e,
+                    };
+                    return Loaded {
+                        failures: vec![(error, None)],
+                        ..Loaded::default()
+                    };
+                }
+            };
+        let mut loaded = Loaded::default();
+        for file in files {
+            loaded.files.insert(file.clone());
+            let read = file.clone();
+            let text = match blocking(move || {
+                std::fs::read_to_string(&read).map_err(|e| format!("cannot read: {e}"))
+            })
+            .await
+            {
+                Ok(text) => text,
+                Err(message) => {
+                    let error = ManifestError {
                         file,
                         line: None,
-                        message: format!("cannot read: {e}"),
-                    });
+                        message,
+                    };
+                    loaded.failures.push((error, None));
                     continue;
                 }
             };
             let manifest = match manifest::parse(&file, &text) {
                 Ok(m) => m,
                 Err(errs) => {
-                    errors.extend(errs);
+                    let candidate = fingerprint(&text, b"");
+                    loaded
+                        .failures
+                        .extend(errs.into_iter().map(|e| (e, Some(candidate.clone()))));
                     continue;
                 }
             };
-            parsed.push(manifest.clone());
-            let kv = self.kv.entry(manifest.id.clone()).or_default().clone();
-            let prev = previous.get(&file);
-            match load_one(
-                &self.runtime,
-                &self.rooms,
-                kv,
-                manifest,
-                &text,
-                &self.options,
-                prev,
-            )
-            .await
-            {
+            loaded.parsed.push(manifest.clone());
+            let refused = self.book().refused.get(&file).cloned();
+            match load_one(self, manifest, &text, previous.get(&file), refused.as_ref()).await {
                 Ok(plugin) => {
-                    plugins.insert(file, plugin);
+                    loaded.plugins.insert(file, plugin);
                 }
-                Err(e) => errors.push(e),
+                Err(failure) => loaded.failures.push(failure),
             }
         }
-        (plugins, parsed, errors)
+        loaded
     }
 
     /// Reloads the directory: changed plugins are rebuilt if stale, compiled, validated and
     /// swapped in; a plugin that fails keeps its previous version. Returns what happened.
     pub async fn reload(&self) -> Vec<ReloadEvent> {
         let _one_at_a_time = self.reload_lock.lock().await;
+        self.reloads.fetch_add(1, Ordering::Relaxed);
         let old = self.table.load_full();
-        let (mut next, _, errors) = self.load_all(&old.plugins).await;
-        let mut report = Vec::new();
-        for e in errors {
+        let loaded = self.load_all(&old.plugins).await;
+        let mut next = loaded.plugins;
+        let mut failures = loaded.failures;
+        for (e, _) in &failures {
             // Keep the previous version of a plugin whose new version failed.
             if let Some(prev) = old.plugins.get(&e.file) {
                 next.insert(e.file.clone(), prev.clone());
             }
-            report.push(ReloadEvent::Rejected {
-                file: e.file.clone(),
-                reason: e.to_string(),
-            });
         }
-        // A new version that claims a route another plugin has is refused.
+        // A new version that claims a route another plugin has is refused. The serving
+        // (unchanged) plugins are checked first, so that a conflict is laid on the newcomer.
         loop {
-            let conflicts = manifest::check_set(next.values().map(|p| &p.manifest));
+            let unchanged = |file: &PathBuf, p: &Arc<LoadedPlugin>| {
+                old.plugins.get(file).is_some_and(|o| Arc::ptr_eq(o, p))
+            };
+            let mut ordered: Vec<(&PathBuf, &Arc<LoadedPlugin>)> = next.iter().collect();
+            ordered.sort_by_key(|(file, p)| !unchanged(file, p));
+            let conflicts = manifest::check_set(ordered.into_iter().map(|(_, p)| &p.manifest));
             let Some(conflict) = conflicts.into_iter().next() else {
                 break;
             };
             let file = conflict.file.clone();
+            let candidate = next.get(&file).map(|p| p.version.clone());
             match old.plugins.get(&file) {
                 Some(prev) if !Arc::ptr_eq(prev, &next[&file]) => {
                     next.insert(file.clone(), prev.clone());
@@ -362,30 +538,81 @@ impl Registry {
                     next.remove(&file);
                 }
             }
+            failures.push((conflict, candidate));
+        }
+        let mut report = Vec::new();
+        let now = Instant::now();
+        let mut book = self.book();
+        // Refusals: each reported once per candidate and reason; forgotten once the file loads
+        // or is gone.
+        let failed: HashSet<&PathBuf> = failures.iter().map(|(e, _)| &e.file).collect();
+        book.refused.retain(|file, _| failed.contains(file));
+        for (error, candidate) in failures {
+            let file = error.file.clone();
+            let again = book
+                .refused
+                .get(&file)
+                .is_some_and(|r| r.error == error && r.candidate == candidate);
+            if again {
+                continue;
+            }
+            let plugin = next
+                .get(&file)
+                .or_else(|| old.plugins.get(&file))
+                .map(|p| p.manifest.id.clone());
             report.push(ReloadEvent::Rejected {
-                file,
-                reason: conflict.to_string(),
+                file: file.clone(),
+                reason: error.to_string(),
             });
+            book.refused.insert(
+                file,
+                Refusal {
+                    error,
+                    plugin,
+                    candidate,
+                    at: SystemTime::now(),
+                },
+            );
         }
         for (file, plugin) in &next {
-            if old
-                .plugins
-                .get(file)
-                .is_none_or(|p| !Arc::ptr_eq(p, plugin))
-            {
+            let Some(prev) = old.plugins.get(file) else {
                 report.push(ReloadEvent::Swapped {
                     plugin: plugin.manifest.id.clone(),
                     version: plugin.version.clone(),
                 });
+                continue;
+            };
+            if Arc::ptr_eq(prev, plugin) {
+                continue;
+            }
+            report.push(ReloadEvent::Swapped {
+                plugin: plugin.manifest.id.clone(),
+                version: plugin.version.clone(),
+            });
+            // The version it replaces stays warm for a rollback, and the new one is on probation.
+            let id = plugin.manifest.id.clone();
+            book.rollbacks.remove(&id);
+            if prev.manifest.id == id && !self.policy.keep_previous.is_zero() {
+                plugin.health.start_probation(&self.policy);
+                book.previous.insert(
+                    id,
+                    Kept {
+                        plugin: prev.clone(),
+                        until: now + self.policy.keep_previous,
+                    },
+                );
+                self.kept_changed.notify_one();
             }
         }
         for (file, plugin) in &old.plugins {
             if !next.contains_key(file) {
+                book.previous.remove(&plugin.manifest.id);
                 report.push(ReloadEvent::Removed {
                     plugin: plugin.manifest.id.clone(),
                 });
             }
         }
+        drop(book);
         let changed = report
             .iter()
             .any(|e| !matches!(e, ReloadEvent::Rejected { .. }));
@@ -393,20 +620,233 @@ impl Registry {
             self.table.store(Arc::new(RouteTable::new(next)));
         }
         for event in &report {
-            match event {
-                ReloadEvent::Swapped { plugin, version } => {
-                    tracing::info!(%plugin, %version, "plugin version swapped in");
-                }
-                ReloadEvent::Removed { plugin } => tracing::info!(%plugin, "plugin removed"),
-                ReloadEvent::Rejected { reason, .. } => {
-                    tracing::error!(
-                        "plugin version rejected, previous version keeps serving: {reason}"
-                    );
-                }
-            }
-            let _ = self.events.send(event.clone());
+            self.announce(event);
         }
         report
+    }
+
+    /// Logs a reload outcome and tells the subscribers.
+    fn announce(&self, event: &ReloadEvent) {
+        match event {
+            ReloadEvent::Swapped { plugin, version } => {
+                tracing::info!(%plugin, %version, "plugin version swapped in");
+            }
+            ReloadEvent::Removed { plugin } => tracing::info!(%plugin, "plugin removed"),
+            ReloadEvent::Rejected { reason, .. } => {
+                tracing::error!(
+                    "plugin version refused, the serving version keeps serving: {reason}"
+                );
+            }
+            ReloadEvent::RolledBack {
+                plugin,
+                from,
+                to,
+                reason,
+            } => {
+                tracing::warn!(%plugin, %from, %to, "plugin version rolled back: {reason}");
+            }
+        }
+        let _ = self.events.send(event.clone());
+    }
+
+    /// Rolls plugin `id` back to the version it replaced, while that version is kept warm. With
+    /// `expected`, only if `expected` is the version serving. The version rolled back from is
+    /// refused until its files change.
+    pub async fn rollback(
+        &self,
+        id: &str,
+        expected: Option<&str>,
+        reason: &str,
+        automatic: bool,
+    ) -> Result<ReloadEvent, RollbackError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let old = self.table.load_full();
+        let Some((file, current)) = old.plugins.iter().find(|(_, p)| p.manifest.id == id) else {
+            return Err(RollbackError::UnknownPlugin(id.to_owned()));
+        };
+        if let Some(expected) = expected
+            && current.version != expected
+        {
+            return Err(RollbackError::Stale {
+                plugin: id.to_owned(),
+                version: expected.to_owned(),
+            });
+        }
+        let now = Instant::now();
+        let kept = self
+            .book()
+            .previous
+            .get(id)
+            .filter(|k| k.until > now)
+            .cloned();
+        let Some(kept) = kept else {
+            return Err(RollbackError::NoPrevious {
+                plugin: id.to_owned(),
+                keep_secs: self.policy.keep_previous.as_secs(),
+            });
+        };
+        let mut next = old.plugins.clone();
+        next.insert(file.clone(), kept.plugin.clone());
+        if let Some(conflict) = manifest::check_set(next.values().map(|p| &p.manifest))
+            .into_iter()
+            .next()
+        {
+            return Err(RollbackError::Conflict {
+                plugin: id.to_owned(),
+                reason: conflict.to_string(),
+            });
+        }
+        self.table.store(Arc::new(RouteTable::new(next)));
+        let event = ReloadEvent::RolledBack {
+            plugin: id.to_owned(),
+            from: current.version.clone(),
+            to: kept.plugin.version.clone(),
+            reason: reason.to_owned(),
+        };
+        {
+            let mut book = self.book();
+            book.previous.remove(id);
+            book.refused.insert(
+                file.clone(),
+                Refusal {
+                    error: ManifestError {
+                        file: file.clone(),
+                        line: None,
+                        message: format!(
+                            "plugin `{id}`: version {} ({}) was rolled back ({reason}); it stays refused until its files change",
+                            current.version,
+                            files_of(&current.manifest),
+                        ),
+                    },
+                    plugin: Some(id.to_owned()),
+                    candidate: Some(current.version.clone()),
+                    at: SystemTime::now(),
+                },
+            );
+            book.rollbacks.insert(
+                id.to_owned(),
+                Rollback {
+                    from: current.version.clone(),
+                    to: kept.plugin.version.clone(),
+                    reason: reason.to_owned(),
+                    automatic,
+                    at: SystemTime::now(),
+                },
+            );
+        }
+        self.announce(&event);
+        Ok(event)
+    }
+
+    /// Runs until `stop` resolves: carries out the rollbacks the call path asks for, and lets
+    /// the previous versions go when their time is up.
+    pub async fn supervise(&self, stop: impl std::future::Future<Output = ()>) {
+        let Some(mut requests) = self.take_rollback_requests() else {
+            return;
+        };
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            let next_expiry = self.expire_previous();
+            let expiry = async {
+                match next_expiry {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut stop => return,
+                request = requests.recv() => {
+                    let Some(r) = request else { return };
+                    if let Err(e) = self.rollback(&r.plugin, Some(&r.version), &r.reason, true).await {
+                        tracing::warn!(plugin = %r.plugin, version = %r.version, "automatic rollback not done: {e}");
+                    }
+                }
+                () = self.previous_kept() => {}
+                () = expiry => {}
+            }
+        }
+    }
+
+    /// Asks for version `version` of plugin `plugin` to be rolled back (from the call path,
+    /// which cannot wait for the reload lock). The host's supervisor does it.
+    pub fn request_rollback(&self, plugin: &str, version: &str, reason: String) {
+        let _ = self.rollback_tx.send(RollbackRequest {
+            plugin: plugin.to_owned(),
+            version: version.to_owned(),
+            reason,
+        });
+    }
+
+    /// The receiver of rollback requests; the first caller gets it.
+    pub fn take_rollback_requests(&self) -> Option<mpsc::UnboundedReceiver<RollbackRequest>> {
+        self.rollback_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Drops the previous versions whose time is up; returns when the next one expires.
+    pub fn expire_previous(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut book = self.book();
+        book.previous.retain(|_, k| k.until > now);
+        book.previous.values().map(|k| k.until).min()
+    }
+
+    /// Resolves when a previous version was kept since the last call.
+    pub async fn previous_kept(&self) {
+        self.kept_changed.notified().await;
+    }
+
+    /// The key-value store of plugin `id` (shared by all its versions), for inspection and
+    /// administration by the embedding program.
+    pub fn kv_store(&self, id: &str) -> KvStore {
+        self.kv.entry(id.to_owned()).or_default().clone()
+    }
+
+    /// The swap policy.
+    pub fn policy(&self) -> &SwapPolicy {
+        &self.policy
+    }
+
+    /// How many reloads ran so far.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
+    }
+
+    /// Every plugin serving, for `/healthz`.
+    pub fn report(&self) -> Vec<PluginReport> {
+        let table = self.table.load();
+        let book = self.book();
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        table
+            .plugins()
+            .map(|p| {
+                let id = &p.manifest.id;
+                let previous = book.previous.get(id).filter(|k| k.until > now).map(|k| {
+                    (
+                        k.plugin.version.clone(),
+                        wall + k.until.saturating_duration_since(now),
+                    )
+                });
+                PluginReport {
+                    id: id.clone(),
+                    version: p.version.clone(),
+                    interface: p.code.interface().map(str::to_owned),
+                    loaded_at: p.loaded_at,
+                    counts: p.health.counts(),
+                    on_probation: p.health.on_probation(),
+                    previous,
+                    last_rollback: book.rollbacks.get(id).cloned(),
+                }
+            })
+            .collect()
+    }
+
+    /// The candidates currently refused, by file.
+    pub fn refused(&self) -> Vec<Refusal> {
+        self.book().refused.values().cloned().collect()
     }
 
     /// The current route table. Hold it for the whole of one message.
@@ -455,6 +895,13 @@ pub async fn check(
             message: format!("{e:#}"),
         }]
     })?;
-    let registry = Registry::load(dir, runtime, Arc::new(Rooms::default()), options).await?;
+    let registry = Registry::load(
+        dir,
+        runtime,
+        Arc::new(Rooms::default()),
+        options,
+        SwapPolicy::default(),
+    )
+    .await?;
     Ok(registry.table().versions())
 }
