@@ -206,6 +206,7 @@ async fn every_kind_of_refused_version_is_refused_while_the_serving_one_answers(
     let a = read(wasm("swap-a"));
     let b = read(wasm("swap-b"));
     let manifest = answer_manifest();
+    // Named to sort before `answer.toml`: the refusal must fall on it, the newcomer, even so.
     let claim = support::echo_manifest().replace("type = \"echo\"", "type = \"answer\"");
     // (what, the file it writes, its bytes, what the reason says)
     let kinds: Vec<(&str, &str, Vec<u8>, &str)> = vec![
@@ -253,7 +254,7 @@ async fn every_kind_of_refused_version_is_refused_while_the_serving_one_answers(
         ),
         (
             "a manifest claiming another plugin's route",
-            "claim.toml",
+            "0-claim.toml",
             claim.into_bytes(),
             "`answer`",
         ),
