@@ -345,3 +345,47 @@ async fn plugin_output_does_not_fail_the_call() {
     }
     c.echo_round_trip().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_is_the_hosts_a_plugin_cannot_set_its_ref() {
+    let host = host().await;
+    let mut c = host.client().await;
+    c.send(json!({"type": "faulty.forge-ref", "messageId": "mine"}))
+        .await;
+    let raw = match c.next_message().await {
+        Some(Message::Text(text)) => text.to_string(),
+        other => panic!("expected the ack, got {other:?}"),
+    };
+    assert_eq!(raw.matches("\"ref\"").count(), 1, "one `ref`: {raw}");
+    let ack: serde_json::Value = serde_json::from_str(&raw).expect("JSON");
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    assert_eq!(ack["payload"], json!({"ref": "mine", "x": 1}), "{ack}");
+    c.echo_round_trip().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_sends_its_request_is_disconnected() {
+    use tokio::io::AsyncReadExt;
+    let host = Host::start_with(&[("echo.toml", echo_manifest())], |c| {
+        c.request_head_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    // Connects, sends half a request head, then nothing.
+    let mut tcp = tokio::net::TcpStream::connect(host.addr())
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    // The host closes it (the safety net of `within` is far longer than the timeout).
+    let read = support::within(
+        "the host to close the connection",
+        tcp.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(read.is_ok() || buf.is_empty(), "{read:?}");
+    // Others are still served.
+    let mut c = host.client().await;
+    c.echo_round_trip().await;
+}

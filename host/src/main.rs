@@ -54,6 +54,9 @@ struct ServeArgs {
     /// Calls a new version must have served before its failure share is judged.
     #[arg(long, default_value_t = 10)]
     rollback_min_calls: u64,
+    /// Seconds a client may take to send its HTTP request head after connecting.
+    #[arg(long, default_value_t = 10)]
+    request_head_timeout_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -117,6 +120,7 @@ async fn serve(args: ServeArgs, watch: WatchMode) -> ExitCode {
     config.build = !args.no_build;
     config.watch = watch;
     config.limits.max_message_bytes = args.max_message_bytes;
+    config.request_head_timeout = Duration::from_secs(args.request_head_timeout_secs.max(1));
     config.swap = SwapPolicy {
         keep_previous: Duration::from_secs(args.keep_previous_secs),
         probation: Duration::from_secs(args.probation_secs),

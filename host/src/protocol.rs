@@ -259,6 +259,9 @@ pub fn host_frame(ty: &str, room: Option<&str>, payload: &serde_json::Value) -> 
 }
 
 /// `sys.ack` for `message_id`, with `extra` (a JSON object's text, if any) merged in.
+///
+/// `extra` is the compact JSON text of a non-empty object without `ref` (the router makes it
+/// so); its fields follow `ref`.
 pub fn ack(message_id: &str, extra: Option<&str>) -> Frame {
     let mut payload = String::with_capacity(16 + message_id.len());
     payload.push_str("{\"ref\":");

@@ -296,15 +296,24 @@ fn check_output(
             _ => {}
         }
     }
-    if let Some(ack) = &ack {
-        let is_object = serde_json::from_str::<serde_json::Value>(ack).is_ok_and(|v| v.is_object());
-        if !is_object {
-            return Err(bad(
-                "the handler's return value must be a JSON object".into()
-            ));
-        }
-    }
+    let ack = match ack {
+        None => None,
+        Some(text) => ack_fields(&text).map_err(bad)?,
+    };
     Ok((ack, output.effects))
+}
+
+/// The fields a handler adds to its `sys.ack`, as compact JSON object text, or `None` when
+/// there are none. The host builds the ack: `ref` is always the host's, so a `ref` of the
+/// plugin's is dropped.
+fn ack_fields(text: &str) -> Result<Option<String>, String> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(mut fields)) => {
+            fields.remove("ref");
+            Ok((!fields.is_empty()).then(|| serde_json::Value::Object(fields).to_string()))
+        }
+        _ => Err("the handler's return value must be a JSON object".into()),
+    }
 }
 
 fn emit_logs(plugin: &LoadedPlugin, logs: &[(LogLevel, String)]) {
@@ -519,4 +528,21 @@ pub fn welcome(conn: &ConnState) {
         "hostVersion": env!("CARGO_PKG_VERSION"),
     });
     conn.push(protocol::host_frame("sys.welcome", None, &payload));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ack_fields;
+
+    #[test]
+    fn ack_fields_are_a_compact_object_without_ref() {
+        assert_eq!(ack_fields(" { } "), Ok(None));
+        assert_eq!(ack_fields(r#"{"ref": "x"}"#), Ok(None));
+        assert_eq!(
+            ack_fields(r#"{ "ref": "x", "n" : 1 }"#),
+            Ok(Some(r#"{"n":1}"#.to_owned()))
+        );
+        assert!(ack_fields("[1]").is_err());
+        assert!(ack_fields("{").is_err());
+    }
 }

@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -45,6 +46,9 @@ pub struct Config {
     pub read_buffer_bytes: usize,
     /// Previous versions kept warm, probation and automatic rollback after a swap.
     pub swap: SwapPolicy,
+    /// How long a client may take to send its HTTP request head (the WebSocket upgrade request
+    /// included) after connecting; then the connection is closed.
+    pub request_head_timeout: Duration,
 }
 
 impl Config {
@@ -58,6 +62,7 @@ impl Config {
             limits: HostLimits::default(),
             read_buffer_bytes: 4096,
             swap: SwapPolicy::default(),
+            request_head_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -120,6 +125,7 @@ impl Server {
             shutdown: shutdown_rx.clone(),
             tracker: tracker.clone(),
             ws_config,
+            request_head_timeout: config.request_head_timeout,
         });
         let accept = tokio::spawn(accept_loop(listener, ctx, shutdown_rx.clone()));
         let supervisor = {
@@ -211,6 +217,7 @@ struct Ctx {
     shutdown: watch::Receiver<bool>,
     tracker: TaskTracker,
     ws_config: WebSocketConfig,
+    request_head_timeout: Duration,
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
@@ -234,7 +241,10 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, mut shutdown: watch::
             let service_ctx = ctx.clone();
             let service =
                 hyper::service::service_fn(move |req| handle(req, service_ctx.clone(), peer));
+            // A client that connects and never finishes its request head is dropped.
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ctx.request_head_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::select! {

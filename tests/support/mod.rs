@@ -176,6 +176,10 @@ handler = "ok"
 type = "faulty.print"
 handler = "print"
 
+[[route]]
+type = "faulty.forge-ref"
+handler = "forge-ref"
+
 [capabilities]
 host = ["messaging", "rooms", "kv", "logging", "config"]
 rooms = ["*"]

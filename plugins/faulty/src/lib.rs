@@ -7,6 +7,8 @@
 //! * `bad-json`: replies with a payload that is not JSON text (through the SDK's raw reply,
 //!   which passes the text verbatim); the host must refuse the effect.
 //! * `ok`: replies `faulty.ok` with the payload it got.
+//! * `forge-ref`: succeeds with ack fields that include a `ref` of its own, which the host
+//!   must not let through.
 //! * `print`: writes to stdout and stderr through WASI, then replies `faulty.printed`: plugin
 //!   output must not fail the call.
 
@@ -41,6 +43,11 @@ fn ok(ctx: &Ctx, msg: Message<RawPayload>) -> HandlerResult {
     Ok(None)
 }
 
+fn forge_ref(_ctx: &Ctx, _msg: Message<RawPayload>) -> HandlerResult {
+    // The ack's `ref` is the host's: a plugin cannot answer for another message.
+    Ok(Some(serde_json::json!({"ref": "forged", "x": 1})))
+}
+
 fn print(ctx: &Ctx, msg: Message<RawPayload>) -> HandlerResult {
     println!("faulty: printing {}", msg.payload.as_str());
     eprintln!("faulty: and to stderr");
@@ -55,4 +62,5 @@ plugin! {
     "bad-json" => bad_json,
     "ok" => ok,
     "print" => print,
+    "forge-ref" => forge_ref,
 }
