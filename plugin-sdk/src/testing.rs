@@ -282,19 +282,11 @@ pub(crate) mod host {
         payload: &str,
         include_sender: bool,
     ) -> Result<(), String> {
-        let payload = parse(payload, "payload");
-        with(|s| {
-            check_room(s, room)?;
-            push(
-                s,
-                Effect::Broadcast {
-                    room: room.to_owned(),
-                    ty: ty.to_owned(),
-                    payload,
-                    include_sender,
-                },
-            );
-            Ok(())
+        record_broadcast(room, payload, |room, payload| Effect::Broadcast {
+            room,
+            ty: ty.to_owned(),
+            payload,
+            include_sender,
         })
     }
 
@@ -304,18 +296,23 @@ pub(crate) mod host {
         payload: &str,
         include_sender: bool,
     ) -> Result<(), String> {
+        record_broadcast(room, payload, |room, payload| Effect::BroadcastVolatile {
+            room,
+            ty: ty.to_owned(),
+            payload,
+            include_sender,
+        })
+    }
+
+    fn record_broadcast(
+        room: &str,
+        payload: &str,
+        effect: impl FnOnce(String, serde_json::Value) -> Effect,
+    ) -> Result<(), String> {
         let payload = parse(payload, "payload");
         with(|s| {
             check_room(s, room)?;
-            push(
-                s,
-                Effect::BroadcastVolatile {
-                    room: room.to_owned(),
-                    ty: ty.to_owned(),
-                    payload,
-                    include_sender,
-                },
-            );
+            push(s, effect(room.to_owned(), payload));
             Ok(())
         })
     }

@@ -170,6 +170,25 @@ impl PluginState {
         }
     }
 
+    fn record_broadcast(
+        &mut self,
+        room: String,
+        ty: String,
+        payload: String,
+        include_sender: bool,
+        volatile: bool,
+    ) -> Result<(), String> {
+        self.check_room(&room)?;
+        self.record(Effect::Broadcast {
+            room,
+            ty,
+            payload,
+            include_sender,
+            volatile,
+        });
+        Ok(())
+    }
+
     fn check_room(&self, room: &str) -> Result<(), String> {
         if self.env.capabilities.allows_room(room) {
             Ok(())
@@ -200,15 +219,7 @@ impl messaging::Host for PluginState {
         payload: String,
         include_sender: bool,
     ) -> Result<(), String> {
-        self.check_room(&room)?;
-        self.record(Effect::Broadcast {
-            room,
-            ty,
-            payload,
-            include_sender,
-            volatile: false,
-        });
-        Ok(())
+        self.record_broadcast(room, ty, payload, include_sender, false)
     }
 
     fn broadcast_volatile(
@@ -218,15 +229,7 @@ impl messaging::Host for PluginState {
         payload: String,
         include_sender: bool,
     ) -> Result<(), String> {
-        self.check_room(&room)?;
-        self.record(Effect::Broadcast {
-            room,
-            ty,
-            payload,
-            include_sender,
-            volatile: true,
-        });
-        Ok(())
+        self.record_broadcast(room, ty, payload, include_sender, true)
     }
 }
 
