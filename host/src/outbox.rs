@@ -231,6 +231,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn volatile_frames_are_dropped_from_half_full_without_closing() {
+        let (tx, mut rx) = outbox(4);
+        assert!(tx.push_volatile("v1".into()));
+        assert!(tx.push("a".into()));
+        // Half full: a volatile frame is dropped, the connection stays open.
+        assert!(!tx.push_volatile("v2".into()));
+        assert!(!tx.is_closed());
+        assert!(tx.push("b".into()));
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.next(&mut batch).await, Next::Frames);
+        assert_eq!(batch, ["v1", "a", "b"]);
+        // Once drained, volatile frames flow again.
+        assert!(tx.push_volatile("v3".into()));
+    }
+
+    #[tokio::test]
     async fn frames_queued_before_a_close_are_delivered_first() {
         let (tx, mut rx) = outbox(8);
         assert!(tx.push("a".into()));
