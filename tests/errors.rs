@@ -389,3 +389,28 @@ async fn a_client_that_never_sends_its_request_is_disconnected() {
     let mut c = host.client().await;
     c.echo_round_trip().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_value_writes_past_the_limits_fail_the_call_clearly() {
+    let host = host().await;
+    let mut c = host.client().await;
+    for (what, says) in [
+        (
+            "value",
+            "value of 2097152 bytes under key `huge` (the limit is 1048576)",
+        ),
+        ("key", "key of 2048 bytes (the limit is 1024)"),
+    ] {
+        let id = format!("kv-{what}");
+        let (before, err) = c
+            .request(json!({"type": "faulty.kv-huge", "messageId": id, "payload": what}))
+            .await;
+        assert!(before.is_empty(), "nothing of the call applies: {before:?}");
+        assert_error(&err, "plugin_failed", Some(&id));
+        let message = err["payload"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{message}");
+    }
+    // Nothing was stored.
+    assert!(host.server.hub().registry.kv_store("faulty").is_empty());
+    c.echo_round_trip().await;
+}

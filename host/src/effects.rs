@@ -42,6 +42,20 @@ pub enum Effect {
 }
 
 impl Effect {
+    /// The bytes this effect carries.
+    pub fn size(&self) -> usize {
+        match self {
+            Effect::Reply { ty, payload } => ty.len() + payload.len(),
+            Effect::Send { to, ty, payload } => to.len() + ty.len() + payload.len(),
+            Effect::Broadcast {
+                room, ty, payload, ..
+            } => room.len() + ty.len() + payload.len(),
+            Effect::Join { room } | Effect::Leave { room } => room.len(),
+            Effect::KvSet { key, value } => key.len() + value.len(),
+            Effect::KvDelete { key } => key.len(),
+        }
+    }
+
     /// The JSON payload text this effect carries, if any (checked before it reaches the wire).
     pub fn payload(&self) -> Option<&str> {
         match self {
@@ -65,6 +79,13 @@ pub enum LogLevel {
 
 /// Most effects one call may record; a call recording more fails.
 pub const MAX_EFFECTS_PER_CALL: usize = 1024;
+/// Most bytes the effects of one call may carry (types, rooms, payloads, keys and values); a
+/// call recording more fails.
+pub const MAX_EFFECT_BYTES_PER_CALL: usize = 4 << 20;
+/// The longest key of a plugin's key-value store, in bytes.
+pub const MAX_KV_KEY_BYTES: usize = 1024;
+/// The largest value of a plugin's key-value store, in bytes.
+pub const MAX_KV_VALUE_BYTES: usize = 1 << 20;
 
 /// The capacity above which an emptied effect list is not kept for reuse.
 const SPARE_KEEP: usize = 64;

@@ -180,6 +180,10 @@ handler = "print"
 type = "faulty.forge-ref"
 handler = "forge-ref"
 
+[[route]]
+type = "faulty.kv-huge"
+handler = "kv-huge"
+
 [capabilities]
 host = ["messaging", "rooms", "kv", "logging", "config"]
 rooms = ["*"]

@@ -12,7 +12,10 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::epoch::EpochTicker;
 use super::stdio::{self, LogStdio, Which};
 use super::{CallInput, CallOutput, PluginEnv};
-use crate::effects::{self, Effect, LogLevel, MAX_EFFECTS_PER_CALL};
+use crate::effects::{
+    self, Effect, LogLevel, MAX_EFFECT_BYTES_PER_CALL, MAX_EFFECTS_PER_CALL, MAX_KV_KEY_BYTES,
+    MAX_KV_VALUE_BYTES,
+};
 use crate::error::CallError;
 use crate::manifest::HostCap;
 
@@ -147,7 +150,10 @@ pub struct PluginState {
     env: Arc<PluginEnv>,
     effects: Vec<Effect>,
     logs: Vec<(LogLevel, String)>,
-    overflow: bool,
+    /// Why this call's effects are refused (the first reason), if they are.
+    refused: Option<String>,
+    /// The bytes this call's effects carry.
+    effect_bytes: usize,
     /// The packed text of the message being handed over, kept to reuse its allocation.
     packed: String,
 }
@@ -163,11 +169,26 @@ impl WasiView for PluginState {
 
 impl PluginState {
     fn record(&mut self, effect: Effect) {
+        if self.refused.is_some() {
+            return;
+        }
+        self.effect_bytes += effect.size();
         if self.effects.len() >= MAX_EFFECTS_PER_CALL {
-            self.overflow = true;
+            self.refuse(format!(
+                "more than {MAX_EFFECTS_PER_CALL} effects in one call"
+            ));
+        } else if self.effect_bytes > MAX_EFFECT_BYTES_PER_CALL {
+            self.refuse(format!(
+                "effects of more than {MAX_EFFECT_BYTES_PER_CALL} bytes in one call"
+            ));
         } else {
             self.effects.push(effect);
         }
+    }
+
+    /// Refuses this call's effects: the call fails with `reason` (the first one given).
+    fn refuse(&mut self, reason: String) {
+        self.refused.get_or_insert(reason);
     }
 
     fn record_broadcast(
@@ -275,7 +296,19 @@ impl kv::Host for PluginState {
     }
 
     fn set(&mut self, key: String, value: String) {
-        self.record(Effect::KvSet { key, value });
+        if key.len() > MAX_KV_KEY_BYTES {
+            self.refuse(format!(
+                "a key-value key of {} bytes (the limit is {MAX_KV_KEY_BYTES})",
+                key.len()
+            ));
+        } else if value.len() > MAX_KV_VALUE_BYTES {
+            self.refuse(format!(
+                "a key-value value of {} bytes under key `{key}` (the limit is {MAX_KV_VALUE_BYTES})",
+                value.len()
+            ));
+        } else {
+            self.record(Effect::KvSet { key, value });
+        }
     }
 
     fn delete(&mut self, key: String) {
@@ -449,7 +482,8 @@ impl WasmPlugin {
             env: self.env.clone(),
             effects: Vec::new(),
             logs: Vec::new(),
-            overflow: false,
+            refused: None,
+            effect_bytes: 0,
             packed: String::new(),
         };
         let mut store = Store::new(&self.engine, state);
@@ -535,7 +569,8 @@ impl WasmPlugin {
             let state = warm.store.data_mut();
             state.effects = effects::list();
             state.logs.clear();
-            state.overflow = false;
+            state.refused = None;
+            state.effect_bytes = 0;
             std::mem::take(&mut state.packed)
         };
         let msg = pack(input, &mut packed);
@@ -553,17 +588,16 @@ impl WasmPlugin {
         }
         let effects = std::mem::take(&mut state.effects);
         let logs = std::mem::take(&mut state.logs);
-        let overflow = state.overflow;
+        let refused = state.refused.take();
         let result = match result {
             Ok(Ok(ack)) => {
                 self.release(warm);
-                if overflow {
-                    Err(CallError::BadEffect {
+                match refused {
+                    Some(reason) => Err(CallError::BadEffect {
                         plugin: self.env.id.clone(),
-                        reason: format!("more than {MAX_EFFECTS_PER_CALL} effects in one call"),
-                    })
-                } else {
-                    Ok(ack)
+                        reason,
+                    }),
+                    None => Ok(ack),
                 }
             }
             Ok(Err(e)) => {

@@ -9,6 +9,8 @@
 //! * `ok`: replies `faulty.ok` with the payload it got.
 //! * `forge-ref`: succeeds with ack fields that include a `ref` of its own, which the host
 //!   must not let through.
+//! * `kv-huge`: stores a 2 MiB value (payload `"value"`) or under a 2 KiB key (payload
+//!   `"key"`), past the host's key-value limits.
 //! * `print`: writes to stdout and stderr through WASI, then replies `faulty.printed`: plugin
 //!   output must not fail the call.
 
@@ -48,6 +50,16 @@ fn forge_ref(_ctx: &Ctx, _msg: Message<RawPayload>) -> HandlerResult {
     Ok(Some(serde_json::json!({"ref": "forged", "x": 1})))
 }
 
+fn kv_huge(ctx: &Ctx, msg: Message<RawPayload>) -> HandlerResult {
+    let what = msg.payload.parse::<String>().unwrap_or_default();
+    match what.as_str() {
+        "key" => ctx.kv_set(&"k".repeat(2048), "v"),
+        _ => ctx.kv_set("huge", &"v".repeat(2 << 20)),
+    }
+    ctx.reply_raw("faulty.stored", "true");
+    Ok(None)
+}
+
 fn print(ctx: &Ctx, msg: Message<RawPayload>) -> HandlerResult {
     println!("faulty: printing {}", msg.payload.as_str());
     eprintln!("faulty: and to stderr");
@@ -63,4 +75,5 @@ plugin! {
     "ok" => ok,
     "print" => print,
     "forge-ref" => forge_ref,
+    "kv-huge" => kv_huge,
 }
