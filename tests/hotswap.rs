@@ -295,7 +295,7 @@ async fn a_call_in_flight_during_a_swap_finishes_on_its_version_and_the_next_goe
         &[("answer", "answer"), ("slow", "slow")],
         &[],
         &["messaging", "kv"],
-        20_000,
+        10_000,
     );
     let host = support::swap_host("swap-a", &manifest, |_| {}).await;
     let registry = &host.server.hub().registry;

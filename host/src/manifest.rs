@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+/// The longest time limit a manifest may give a call, in milliseconds: a call runs on one of
+/// the host's runtime threads, which it keeps for that long.
+pub const MAX_TIMEOUT_MS: u64 = 10_000;
+
 /// The manifest format version this host reads.
 pub const MANIFEST_VERSION: u32 = 1;
 
@@ -400,10 +404,10 @@ pub fn parse(file: &Path, text: &str) -> Result<Manifest, Vec<ManifestError>> {
             .unwrap_or(Limits::default().timeout_ms),
         memory_mb: raw.limits.memory_mb.unwrap_or(Limits::default().memory_mb),
     };
-    if limits.timeout_ms == 0 || limits.timeout_ms > 60_000 {
+    if limits.timeout_ms == 0 || limits.timeout_ms > MAX_TIMEOUT_MS {
         errors.push(err(
             None,
-            "[limits] timeout_ms must be between 1 and 60000".into(),
+            format!("[limits] timeout_ms must be between 1 and {MAX_TIMEOUT_MS}"),
         ));
     }
     if limits.memory_mb == 0 || limits.memory_mb > 4096 {
@@ -519,6 +523,18 @@ timeout_ms = 50
 [config]
 k = "v"
 "#;
+
+    #[test]
+    fn the_time_limit_has_a_ceiling() {
+        let at = GOOD.replace("timeout_ms = 50", "timeout_ms = 10000");
+        assert!(parse(Path::new("m/chat.toml"), &at).is_ok());
+        let past = GOOD.replace("timeout_ms = 50", "timeout_ms = 10001");
+        let errors = parse(Path::new("m/chat.toml"), &past).unwrap_err();
+        assert!(
+            errors[0].message.contains("between 1 and 10000"),
+            "{errors:?}"
+        );
+    }
 
     #[test]
     fn parses_a_good_manifest() {

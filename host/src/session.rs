@@ -13,10 +13,11 @@ use crate::outbox::{Outbox, OutboxRx, outbox};
 pub struct Identity(pub Arc<str>);
 
 impl Identity {
-    /// An anonymous guest identity.
+    /// An anonymous guest identity: 128 random bits, so that two guests never share one (with
+    /// 32 bits, two of a few tens of thousands of guests would).
     pub fn guest() -> Identity {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        Identity(format!("guest-{}", &id[..8]).into())
+        let bits: u128 = rand::random();
+        Identity(format!("guest-{bits:032x}").into())
     }
 }
 
@@ -75,5 +76,19 @@ impl Sessions {
 
     pub fn is_empty(&self) -> bool {
         self.by_connection.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Identity;
+
+    #[test]
+    fn guest_identities_carry_128_random_bits() {
+        let a = Identity::guest();
+        let hex = a.0.strip_prefix("guest-").expect("the guest- prefix");
+        assert_eq!(hex.len(), 32, "{a:?}");
+        assert!(u128::from_str_radix(hex, 16).is_ok(), "{a:?}");
+        assert_ne!(a, Identity::guest());
     }
 }
