@@ -432,14 +432,25 @@ async fn concurrent_operations_on_one_document_each_get_their_own_revision() {
                 .await;
             }
             ws.flush().await;
+            // Every revision reaches every member once, in order: as its own ack or as
+            // `doc.applied` (an ack queued after the next call's broadcast would break this).
             let mut revisions = Vec::new();
+            let mut seen = 0;
             while revisions.len() < OPS {
                 let frame = ws.recv().await;
+                let revision = frame["payload"]["revision"].as_u64();
                 match frame["type"].as_str().unwrap() {
-                    "sys.ack" => revisions.push(frame["payload"]["revision"].as_u64().unwrap()),
+                    "sys.ack" => revisions.push(revision.unwrap()),
+                    "doc.applied" => {}
                     "sys.error" => panic!("{frame}"),
-                    _ => {}
+                    _ => continue,
                 }
+                assert_eq!(
+                    revision,
+                    Some(seen + 1),
+                    "client {who} got {frame} after revision {seen}"
+                );
+                seen += 1;
             }
             revisions
         }));
