@@ -386,3 +386,85 @@ fn simulated_clients_with_random_delays_converge() {
         }
     }
 }
+
+/// The bytes stored for `doc`: meta, snapshot, kept operations, cursors (keys included).
+fn stored_bytes(host: &MockHost, doc: &str) -> (usize, u64) {
+    let meta: Value = serde_json::from_str(&host.kv_get(&format!("meta:{doc}")).unwrap()).unwrap();
+    let (oldest, revision) = (
+        meta["oldest"].as_u64().unwrap(),
+        meta["revision"].as_u64().unwrap(),
+    );
+    let mut keys = vec![
+        format!("meta:{doc}"),
+        format!("snap:{doc}"),
+        format!("cursors:{doc}"),
+    ];
+    keys.extend((oldest + 1..=revision).map(|n| format!("op:{n}:{doc}")));
+    let bytes = keys
+        .iter()
+        .filter_map(|k| host.kv_get(k).map(|v| k.len() + v.len()))
+        .sum();
+    (bytes, revision - oldest)
+}
+
+/// With the default limits, what the store holds stays within the text at the last snapshot
+/// plus the last `history` operations, however long the session. Prints the sizes measured
+/// (`docs/benchmarks.md`): run with `-- --nocapture`.
+#[test]
+fn stored_state_is_bounded_by_the_snapshot_and_the_history() {
+    let host = MockHost::new();
+    open(&host, "c1", "size");
+    let mut rng = Rng(0x5eed);
+    let mut client = Client::new("", 0);
+    let mut rows = Vec::new();
+    for n in 1..=5_000u64 {
+        // Typing: 1 to 4 characters at a cursor that mostly moves forward, a deletion now and then.
+        let len = client.text().chars().count();
+        let at = if len == 0 {
+            0
+        } else {
+            len - rng.below(len.min(40) + 1)
+        };
+        let del = if rng.below(5) == 0 {
+            rng.below(4).min(len - at)
+        } else {
+            0
+        };
+        let ins: String = (0..1 + rng.below(4))
+            .map(|_| ALPHABET[rng.below(8)])
+            .collect();
+        let mut op = Operation::new();
+        op.retain(at)
+            .insert(&ins)
+            .delete(del)
+            .retain(len - at - del);
+        let out = client.apply_local(op).unwrap().unwrap();
+        let (ack, _) = send_op(&host, "c1", "size", out.revision, json!(out.op)).unwrap();
+        client
+            .server_ack(ack["revision"].as_u64().unwrap())
+            .unwrap();
+        if [100, 1_000, 5_000].contains(&n) {
+            let (bytes, kept) = stored_bytes(&host, "size");
+            rows.push((
+                n,
+                client.text().len(),
+                client.text().chars().count(),
+                bytes,
+                kept,
+            ));
+        }
+    }
+    println!("operations | text bytes | text chars | stored bytes | operations kept");
+    for (n, text_bytes, chars, bytes, kept) in &rows {
+        println!("{n} | {text_bytes} | {chars} | {bytes} | {kept}");
+        // Kept: the last `history` (1000) operations at most; stored: the snapshot (no longer
+        // than the text plus what was deleted since), the kept operations (each under 64 bytes
+        // here) and small records.
+        assert!(*kept <= 1_000);
+        assert!(
+            *bytes <= 2 * text_bytes + *kept as usize * 64 + 512,
+            "{bytes}"
+        );
+    }
+    assert_eq!(open(&host, "c2", "size")["text"], client.text());
+}
