@@ -2,11 +2,14 @@
 //! concurrent editors over real WebSockets against a running Plexus (`plexus serve`, which
 //! serves `manifests/editor.toml`).
 //!
-//! Each editor runs the client state machine of `plexus-ot`: it types a random edit (up to 3
-//! characters inserted, up to 2 deleted, multi-byte text included) as soon as it may send (one
-//! operation in flight, as an OT client does, the rest composed into the buffer), and applies
-//! every other editor's `doc.applied`. Reported: operations applied by the server per second,
-//! the ack latency, and whether all editors ended with the same text.
+//! Each editor runs the client state machine of `plexus-ot` and always has something to type:
+//! it sends a random edit (1 to 3 characters inserted, up to 2 deleted, multi-byte text
+//! included; once the text passes 2,000 characters, up to 4 deleted, so it grows slowly)
+//! and the next one as soon as the ack comes (one operation in flight, as an OT client
+//! does), and applies every other editor's `doc.applied` meanwhile. So each operation the
+//! server receives was made a few revisions behind and is transformed against the operations
+//! applied since. Reported: operations applied by the server per second, the ack latency, and
+//! whether all editors ended with the same text.
 //!
 //! ```text
 //! editor-load --url ws://127.0.0.1:8080/ws --editors 10 --seconds 10
@@ -57,6 +60,8 @@ struct Editor {
     sent_at: Option<Instant>,
     latency: Histogram<u64>,
     acked: u64,
+    /// Whether an ack is followed by the next edit.
+    typing: bool,
 }
 
 async fn recv(ws: &mut Ws) -> anyhow::Result<Value> {
@@ -104,6 +109,7 @@ impl Editor {
             sent_at: None,
             latency: Histogram::new(3)?,
             acked: 0,
+            typing: true,
         })
     }
 
@@ -128,8 +134,7 @@ impl Editor {
     async fn type_one(&mut self) -> anyhow::Result<()> {
         let len = self.ot.text().chars().count();
         let at = self.below(len + 1);
-        // Delete a little less than is typed, so the document grows slowly.
-        let del = self.below(3).min(len - at);
+        let del = self.below(if len > 2_000 { 5 } else { 3 }).min(len - at);
         let ins: String = (0..1 + self.below(3))
             .map(|_| ALPHABET[self.below(8)])
             .collect();
@@ -156,6 +161,9 @@ impl Editor {
                 let revision = p["revision"].as_u64().context("an ack without revision")?;
                 if let Some(out) = self.ot.server_ack(revision)? {
                     self.send(out).await?;
+                }
+                if self.typing {
+                    self.type_one().await?;
                 }
             }
             "doc.applied" => {
@@ -192,12 +200,11 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for mut e in editors {
         tasks.push(tokio::spawn(async move {
+            e.type_one().await?;
             while Instant::now() < deadline {
-                e.type_one().await?;
-                if !e.ot.is_synchronized() {
-                    e.step().await?;
-                }
+                e.step().await?;
             }
+            e.typing = false;
             while !e.ot.is_synchronized() {
                 e.step().await?;
             }
