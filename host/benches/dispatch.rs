@@ -52,6 +52,7 @@ fn hub(dir: &Path, rt: &tokio::runtime::Runtime) -> Arc<Hub> {
             rooms,
             registry,
             limits: HostLimits::default(),
+            room_locks: Default::default(),
         })
     })
 }

@@ -16,6 +16,7 @@ pub mod protocol;
 pub mod registry;
 pub mod rooms;
 pub mod router;
+pub mod serial;
 pub mod server;
 pub mod session;
 pub mod watch;

@@ -106,12 +106,23 @@ pub struct Build {
     pub watch: Vec<PathBuf>,
 }
 
+/// How a route's calls are ordered against each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerializeBy {
+    /// The plugin's calls for one room (the envelope's `room`) run one at a time, in arrival
+    /// order, each call's effects and answer applied before the next call starts.
+    Room,
+}
+
 /// A route from a message type to a handler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub ty: String,
     pub handler: String,
     pub allow_outside_room: bool,
+    /// `None`: calls run in parallel (the default).
+    pub serialize: Option<SerializeBy>,
     pub line: usize,
 }
 
@@ -228,6 +239,7 @@ struct RawRoute {
     handler: String,
     #[serde(default)]
     allow_outside_room: bool,
+    serialize: Option<SerializeBy>,
 }
 
 #[derive(Deserialize)]
@@ -372,6 +384,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Manifest, Vec<ManifestError>> {
             ty: r.ty,
             handler: r.handler,
             allow_outside_room: r.allow_outside_room,
+            serialize: r.serialize,
             line: route_line,
         });
     }
@@ -582,6 +595,30 @@ k = "v"
         assert_eq!(
             errs[0].to_string(),
             "b.toml:7: route `chat.send` is also routed by a.toml:7 (two plugins cannot route the same type)"
+        );
+    }
+
+    #[test]
+    fn serialize_takes_room_only() {
+        let text = GOOD.replace(
+            "handler = \"send\"",
+            "handler = \"send\"\nserialize = \"room\"",
+        );
+        let m = parse(Path::new("c.toml"), &text).unwrap();
+        assert_eq!(m.routes[0].serialize, Some(SerializeBy::Room));
+        assert_eq!(
+            parse(Path::new("c.toml"), GOOD).unwrap().routes[0].serialize,
+            None
+        );
+        let text = GOOD.replace(
+            "handler = \"send\"",
+            "handler = \"send\"\nserialize = \"plugin\"",
+        );
+        let errs = parse(Path::new("c.toml"), &text).unwrap_err();
+        assert_eq!(errs[0].line, Some(10), "{errs:?}");
+        assert!(
+            errs[0].message.contains("unknown variant `plugin`"),
+            "{errs:?}"
         );
     }
 

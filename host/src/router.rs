@@ -14,6 +14,7 @@ use crate::plugin::{CallInput, CallOutput};
 use crate::protocol::{self, Inbound, Outbound};
 use crate::registry::{LoadedPlugin, Registry, Verdict};
 use crate::rooms::Rooms;
+use crate::serial::{RoomLocks, Turn};
 use crate::session::{Session, Sessions};
 
 /// Host-wide limits on connections.
@@ -44,6 +45,8 @@ pub struct Hub {
     pub rooms: Arc<Rooms>,
     pub registry: Registry,
     pub limits: HostLimits,
+    /// Turns of room-serialized routes (`serialize = "room"`).
+    pub room_locks: RoomLocks,
 }
 
 /// What one connection's task owns: its session and the rooms it joined.
@@ -96,7 +99,10 @@ pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
             return;
         }
     };
-    let result = dispatch(hub, conn, &msg).await;
+    // A room-serialized call keeps its turn until its answer is queued too, so that the next
+    // call's frames cannot overtake it.
+    let mut turn = None;
+    let result = dispatch(hub, conn, &msg, &mut turn).await;
     match (result, msg.message_id.as_deref()) {
         (Ok(extra), Some(id)) => conn.push(protocol::ack(id, extra.as_deref())),
         (Ok(_), None) => {}
@@ -105,6 +111,7 @@ pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
             conn.push(protocol::error(id, code, message));
         }
     }
+    drop(turn);
 }
 
 /// Answers a frame that is not text.
@@ -116,10 +123,11 @@ pub fn handle_binary(conn: &ConnState) {
     ));
 }
 
-async fn dispatch(
-    hub: &Hub,
+async fn dispatch<'h>(
+    hub: &'h Hub,
     conn: &mut ConnState,
     msg: &Inbound<'_>,
+    turn: &mut Option<Turn<'h>>,
 ) -> Result<Option<String>, HandleError> {
     match msg.ty.as_ref() {
         "sys.join" => {
@@ -155,7 +163,7 @@ async fn dispatch(
             ErrorCode::UnknownType,
             format!("unknown host message type `{ty}`"),
         )),
-        ty => route(hub, conn, ty, msg).await,
+        ty => route(hub, conn, ty, msg, turn).await,
     }
 }
 
@@ -181,19 +189,30 @@ fn room_of(hub: &Hub, msg: &Inbound<'_>) -> Result<String, HandleError> {
     Ok(room)
 }
 
-async fn route(
-    hub: &Hub,
+async fn route<'h>(
+    hub: &'h Hub,
     conn: &mut ConnState,
     ty: &str,
     msg: &Inbound<'_>,
+    turn: &mut Option<Turn<'h>>,
 ) -> Result<Option<String>, HandleError> {
-    let table = hub.registry.table_full();
-    let Some(target) = table.route(ty) else {
-        return Err(HandleError::new(
+    let no_route = || {
+        HandleError::new(
             ErrorCode::UnknownType,
             format!("no route for message type `{ty}`"),
-        ));
+        )
     };
+    let mut table = hub.registry.table_full();
+    let mut target = table.route(ty).ok_or_else(no_route)?;
+    if target.serialize.is_some()
+        && let Some(room) = msg.room.as_deref()
+    {
+        *turn = Some(hub.room_locks.turn(&target.plugin.manifest.id, room).await);
+        // The route table of the moment the turn came: calls in turn order also run on
+        // versions in swap order.
+        table = hub.registry.table_full();
+        target = table.route(ty).ok_or_else(no_route)?;
+    }
     if let Some(room) = msg.room.as_deref()
         && !target.allow_outside_room
         && !conn.rooms.contains(room)

@@ -111,6 +111,7 @@ impl Server {
             rooms,
             registry,
             limits: config.limits,
+            room_locks: Default::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tracker = TaskTracker::new();

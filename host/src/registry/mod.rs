@@ -46,6 +46,8 @@ pub struct RouteTarget {
     pub plugin: Arc<LoadedPlugin>,
     pub handler: Arc<str>,
     pub allow_outside_room: bool,
+    /// Calls of this route wait for their turn per (plugin id, room): see [`crate::serial`].
+    pub serialize: Option<manifest::SerializeBy>,
 }
 
 /// An immutable snapshot of every route; replaced whole on reload.
@@ -72,6 +74,7 @@ impl RouteTable {
                         plugin: plugin.clone(),
                         handler: r.handler.as_str().into(),
                         allow_outside_room: r.allow_outside_room,
+                        serialize: r.serialize,
                     },
                 );
             }
@@ -80,6 +83,7 @@ impl RouteTable {
                     plugin: plugin.clone(),
                     handler: e.handler.as_str().into(),
                     allow_outside_room: true,
+                    serialize: None,
                 });
             }
         }
