@@ -173,6 +173,30 @@ fn load_meta(ctx: &Ctx, doc: &str) -> Result<Meta, PluginError> {
 }
 
 /// The stored operations `from + 1 ..= to`.
+/// The operations applied to `doc` since `revision`, which must exist and still be in the
+/// kept history (`bad_revision`, `resync_required`).
+fn ops_since(ctx: &Ctx, doc: &str, meta: &Meta, revision: u64) -> Result<Vec<Operation>, PluginError> {
+    if revision > meta.revision {
+        return Err(err(
+            codes::BAD_REVISION,
+            format!(
+                "revision {revision} of `{doc}` does not exist yet (the current one is {})",
+                meta.revision
+            ),
+        ));
+    }
+    if revision < meta.oldest {
+        return Err(err(
+            codes::RESYNC_REQUIRED,
+            format!(
+                "revision {revision} of `{doc}` is older than the kept history (from {}); open the document again",
+                meta.oldest
+            ),
+        ));
+    }
+    load_ops(ctx, doc, revision, meta.revision)
+}
+
 fn load_ops(ctx: &Ctx, doc: &str, from: u64, to: u64) -> Result<Vec<Operation>, PluginError> {
     (from + 1..=to)
         .map(|n| {
@@ -321,25 +345,7 @@ fn op(ctx: &Ctx, msg: Message<OpPayload>) -> HandlerResult {
     }
     let mut meta = load_meta(ctx, doc)?;
     let revision = msg.payload.revision;
-    if revision > meta.revision {
-        return Err(err(
-            codes::BAD_REVISION,
-            format!(
-                "revision {revision} of `{doc}` does not exist yet (the current one is {})",
-                meta.revision
-            ),
-        ));
-    }
-    if revision < meta.oldest {
-        return Err(err(
-            codes::RESYNC_REQUIRED,
-            format!(
-                "revision {revision} of `{doc}` is older than the kept history (from {}); open the document again",
-                meta.oldest
-            ),
-        ));
-    }
-    let concurrent = load_ops(ctx, doc, revision, meta.revision)?;
+    let concurrent = ops_since(ctx, doc, &meta, revision)?;
 
     let base_len = concurrent.first().map_or(meta.len, Operation::base_len);
     if incoming.base_len() != base_len {
@@ -426,25 +432,7 @@ fn cursor(ctx: &Ctx, msg: Message<CursorPayload>) -> HandlerResult {
     let room = check_doc(&msg, doc)?;
     let meta = load_meta(ctx, doc)?;
     let revision = p.revision.unwrap_or(meta.revision);
-    if revision > meta.revision {
-        return Err(err(
-            codes::BAD_REVISION,
-            format!(
-                "revision {revision} of `{doc}` does not exist yet (the current one is {})",
-                meta.revision
-            ),
-        ));
-    }
-    if revision < meta.oldest {
-        return Err(err(
-            codes::RESYNC_REQUIRED,
-            format!(
-                "revision {revision} of `{doc}` is older than the kept history (from {})",
-                meta.oldest
-            ),
-        ));
-    }
-    let ops = load_ops(ctx, doc, revision, meta.revision)?;
+    let ops = ops_since(ctx, doc, &meta, revision)?;
     let len = ops.first().map_or(meta.len, Operation::base_len);
     if p.anchor > len || p.head > len {
         return Err(err(
