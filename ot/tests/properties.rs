@@ -121,14 +121,7 @@ proptest! {
         edits in prop::collection::vec((any::<bool>(), any::<prop::sample::Index>(), text(), 0usize..3), 1..12),
         deliveries in prop::collection::vec(any::<u8>(), 0..64),
     ) {
-        let mut server_text = doc.clone();
-        let mut history: Vec<Operation> = Vec::new();
-        let mut clients = [Client::new(doc.clone(), 0), Client::new(doc, 0)];
-        // What each client sent (revision, op), and what the server sent each client, in order.
-        let mut to_server: [Vec<(u64, Operation)>; 2] = [Vec::new(), Vec::new()];
-        // Frames to each client: Ok(revision) is its ack, Err((revision, op)) another's op.
-        type Frame = Result<u64, (u64, Operation)>;
-        let mut to_client: [Vec<Frame>; 2] = [Vec::new(), Vec::new()];
+        let mut sim = Sim::new(doc);
         let mut deliveries = deliveries.into_iter();
         let mut edits = edits.into_iter();
         loop {
@@ -137,80 +130,100 @@ proptest! {
                 // A local edit.
                 Some(0) | None if edits.len() > 0 => {
                     let (who, at, s, del) = edits.next().unwrap();
-                    let c = &mut clients[usize::from(who)];
+                    let who = usize::from(who);
+                    let c = &mut sim.clients[who];
                     let len = c.text().chars().count();
                     let at = at.index(len + 1);
                     let del = del.min(len - at);
                     let mut op = Operation::new();
                     op.retain(at).insert(&s).delete(del).retain(len - at - del);
                     if let Some(out) = c.apply_local(op).unwrap() {
-                        to_server[usize::from(who)].push((out.revision, out.op));
+                        sim.to_server[who].push((out.revision, out.op));
                     }
                 }
                 // The server takes the oldest op of client k.
-                Some(k @ (1 | 2)) | Some(k @ (3 | 4)) if !to_server[usize::from(k % 2 == 0)].is_empty() => {
-                    let who = usize::from(k % 2 == 0);
-                    let (rev, mut op) = to_server[who].remove(0);
-                    for past in &history[rev as usize..] {
-                        op = Operation::transform(&op, past).unwrap().0;
-                    }
-                    server_text = op.apply(&server_text).unwrap();
-                    history.push(op.clone());
-                    let revision = history.len() as u64;
-                    to_client[who].push(Ok(revision));
-                    to_client[1 - who].push(Err((revision, op)));
+                Some(k @ (1 | 2)) | Some(k @ (3 | 4)) if !sim.to_server[usize::from(k % 2 == 0)].is_empty() => {
+                    sim.server_takes(usize::from(k % 2 == 0));
                 }
                 // A client reads its next frame.
-                Some(k) if !to_client[usize::from(k % 2 == 0)].is_empty() => {
-                    let who = usize::from(k % 2 == 0);
-                    match to_client[who].remove(0) {
-                        Ok(revision) => {
-                            if let Some(out) = clients[who].server_ack(revision).unwrap() {
-                                to_server[who].push((out.revision, out.op));
-                            }
-                        }
-                        Err((revision, op)) => {
-                            clients[who].apply_server(revision, &op).unwrap();
-                        }
-                    }
+                Some(k) if !sim.to_client[usize::from(k % 2 == 0)].is_empty() => {
+                    sim.client_reads(usize::from(k % 2 == 0));
                 }
                 Some(_) => {}
                 None => {
                     // Drain everything: server first, then clients, until quiet.
-                    let busy = to_server.iter().any(|q| !q.is_empty()) || to_client.iter().any(|q| !q.is_empty());
+                    let busy = sim.to_server.iter().any(|q| !q.is_empty()) || sim.to_client.iter().any(|q| !q.is_empty());
                     if !busy {
                         break;
                     }
                     for who in 0..2 {
-                        if let Some((rev, mut op)) = (!to_server[who].is_empty()).then(|| to_server[who].remove(0)) {
-                            for past in &history[rev as usize..] {
-                                op = Operation::transform(&op, past).unwrap().0;
-                            }
-                            server_text = op.apply(&server_text).unwrap();
-                            history.push(op.clone());
-                            let revision = history.len() as u64;
-                            to_client[who].push(Ok(revision));
-                            to_client[1 - who].push(Err((revision, op)));
+                        if !sim.to_server[who].is_empty() {
+                            sim.server_takes(who);
                         }
-                        while !to_client[who].is_empty() {
-                            match to_client[who].remove(0) {
-                                Ok(revision) => {
-                                    if let Some(out) = clients[who].server_ack(revision).unwrap() {
-                                        to_server[who].push((out.revision, out.op));
-                                    }
-                                }
-                                Err((revision, op)) => {
-                                    clients[who].apply_server(revision, &op).unwrap();
-                                }
-                            }
+                        while !sim.to_client[who].is_empty() {
+                            sim.client_reads(who);
                         }
                     }
                 }
             }
         }
+        let Sim { clients, server_text, .. } = sim;
         prop_assert!(clients.iter().all(Client::is_synchronized));
         prop_assert_eq!(clients[0].text(), server_text.as_str());
         prop_assert_eq!(clients[1].text(), server_text.as_str());
+    }
+}
+
+/// A frame to a client: `Ok(revision)` is its ack, `Err((revision, op))` another's op.
+type Frame = Result<u64, (u64, Operation)>;
+
+/// Two clients and a server that transforms incoming operations against the history since
+/// their revision; the queues hold what is in flight each way, in order.
+struct Sim {
+    server_text: String,
+    history: Vec<Operation>,
+    clients: [Client; 2],
+    /// What each client sent: (revision, op).
+    to_server: [Vec<(u64, Operation)>; 2],
+    to_client: [Vec<Frame>; 2],
+}
+
+impl Sim {
+    fn new(doc: String) -> Sim {
+        Sim {
+            server_text: doc.clone(),
+            history: Vec::new(),
+            clients: [Client::new(doc.clone(), 0), Client::new(doc, 0)],
+            to_server: [Vec::new(), Vec::new()],
+            to_client: [Vec::new(), Vec::new()],
+        }
+    }
+
+    /// The server applies the oldest operation client `who` sent, acks it and sends it on.
+    fn server_takes(&mut self, who: usize) {
+        let (rev, mut op) = self.to_server[who].remove(0);
+        for past in &self.history[rev as usize..] {
+            op = Operation::transform(&op, past).unwrap().0;
+        }
+        self.server_text = op.apply(&self.server_text).unwrap();
+        self.history.push(op.clone());
+        let revision = self.history.len() as u64;
+        self.to_client[who].push(Ok(revision));
+        self.to_client[1 - who].push(Err((revision, op)));
+    }
+
+    /// Client `who` reads its next frame.
+    fn client_reads(&mut self, who: usize) {
+        match self.to_client[who].remove(0) {
+            Ok(revision) => {
+                if let Some(out) = self.clients[who].server_ack(revision).unwrap() {
+                    self.to_server[who].push((out.revision, out.op));
+                }
+            }
+            Err((revision, op)) => {
+                self.clients[who].apply_server(revision, &op).unwrap();
+            }
+        }
     }
 }
 
