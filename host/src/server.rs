@@ -286,13 +286,8 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<
     resp
 }
 
-/// Milliseconds since the Unix epoch.
-fn unix_ms(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 fn healthz(hub: &Hub) -> Response<Full<Bytes>> {
+    use crate::protocol::unix_ms;
     let plugins: serde_json::Map<String, serde_json::Value> = hub
         .registry
         .report()

@@ -39,9 +39,7 @@ enum Change {
     None,
     /// Content is being written in place: the file may be incomplete until it is closed.
     Writing,
-    /// A write finished (the file was closed after writing).
-    Written,
-    /// A complete change: a rename into place, a removal.
+    /// A complete change: a file closed after writing, a rename into place, a removal.
     Done,
 }
 
@@ -49,7 +47,7 @@ fn classify(kind: &notify::EventKind) -> Change {
     use notify::EventKind;
     use notify::event::{AccessKind, AccessMode, ModifyKind};
     match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Change::Written,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Change::Done,
         EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_)) => Change::None,
         EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
             Change::Writing
@@ -86,18 +84,22 @@ pub fn spawn(
             if !targets.note(&dir, &event, &mut writing) {
                 continue;
             }
-            // Let the changes settle: wait until none came for SETTLE and every file written in
-            // place was closed (so that a half-written component is never loaded).
+            // Let the changes settle: wait until no change came for SETTLE and every file
+            // written in place was closed (so that a half-written component is never loaded).
+            // Events that change nothing (reads) do not restart the wait.
             let first = tokio::time::Instant::now();
+            let mut quiet_at = first + SETTLE;
             loop {
-                let wait = if writing.is_empty() {
-                    SETTLE
+                let until = if writing.is_empty() {
+                    quiet_at
                 } else {
-                    (first + WRITE_WAIT_MAX).saturating_duration_since(tokio::time::Instant::now())
+                    first + WRITE_WAIT_MAX
                 };
-                match tokio::time::timeout(wait, rx.recv()).await {
+                match tokio::time::timeout_at(until, rx.recv()).await {
                     Ok(Some(event)) => {
-                        targets.note(&dir, &event, &mut writing);
+                        if targets.note(&dir, &event, &mut writing) {
+                            quiet_at = tokio::time::Instant::now() + SETTLE;
+                        }
                     }
                     Ok(None) => return,
                     Err(_) if writing.is_empty() => break,
@@ -153,7 +155,7 @@ impl Targets {
                 Change::Writing => {
                     writing.insert(path.clone());
                 }
-                Change::Written | Change::Done => {
+                Change::Done => {
                     writing.remove(path);
                 }
             }

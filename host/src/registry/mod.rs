@@ -579,20 +579,17 @@ impl Registry {
             );
         }
         for (file, plugin) in &next {
-            let Some(prev) = old.plugins.get(file) else {
-                report.push(ReloadEvent::Swapped {
-                    plugin: plugin.manifest.id.clone(),
-                    version: plugin.version.clone(),
-                });
-                continue;
-            };
-            if Arc::ptr_eq(prev, plugin) {
+            let prev = old.plugins.get(file);
+            if prev.is_some_and(|p| Arc::ptr_eq(p, plugin)) {
                 continue;
             }
             report.push(ReloadEvent::Swapped {
                 plugin: plugin.manifest.id.clone(),
                 version: plugin.version.clone(),
             });
+            let Some(prev) = prev else {
+                continue;
+            };
             // The version it replaces stays warm for a rollback, and the new one is on probation.
             let id = plugin.manifest.id.clone();
             book.rollbacks.remove(&id);
@@ -745,7 +742,13 @@ impl Registry {
     /// Runs until `stop` resolves: carries out the rollbacks the call path asks for, and lets
     /// the previous versions go when their time is up.
     pub async fn supervise(&self, stop: impl std::future::Future<Output = ()>) {
-        let Some(mut requests) = self.take_rollback_requests() else {
+        // The first caller takes the requests.
+        let taken = self
+            .rollback_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(mut requests) = taken else {
             return;
         };
         let mut stop = std::pin::pin!(stop);
@@ -765,7 +768,7 @@ impl Registry {
                         tracing::warn!(plugin = %r.plugin, version = %r.version, "automatic rollback not done: {e}");
                     }
                 }
-                () = self.previous_kept() => {}
+                () = self.kept_changed.notified() => {}
                 () = expiry => {}
             }
         }
@@ -781,25 +784,12 @@ impl Registry {
         });
     }
 
-    /// The receiver of rollback requests; the first caller gets it.
-    pub fn take_rollback_requests(&self) -> Option<mpsc::UnboundedReceiver<RollbackRequest>> {
-        self.rollback_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-    }
-
     /// Drops the previous versions whose time is up; returns when the next one expires.
-    pub fn expire_previous(&self) -> Option<Instant> {
+    fn expire_previous(&self) -> Option<Instant> {
         let now = Instant::now();
         let mut book = self.book();
         book.previous.retain(|_, k| k.until > now);
         book.previous.values().map(|k| k.until).min()
-    }
-
-    /// Resolves when a previous version was kept since the last call.
-    pub async fn previous_kept(&self) {
-        self.kept_changed.notified().await;
     }
 
     /// The key-value store of plugin `id` (shared by all its versions), for inspection and
