@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use plexus::{ReloadEvent, WatchMode};
 use serde_json::{Value, json};
-use support::{Client, Host, TempDir, assert_error, echo_manifest, wait_reload, wasm};
+use support::{Client, Host, answer_version, assert_error, echo_manifest, wait_reload, wasm};
 use tokio::sync::broadcast;
 
 /// Messages in flight at a time.
@@ -24,51 +24,26 @@ const STREAM: u64 = 2_000;
 /// The component is replaced after this many messages were answered.
 const SWAP_AT: u64 = 200;
 
+/// The manifest of plugin `answer`: `answer` and each of `extra_routes` to its `answer` handler.
 fn answer_manifest(extra_routes: &[&str]) -> String {
-    let mut text = String::from(
-        r#"manifest_version = 1
-
-[plugin]
-id = "answer"
-
-[source]
-wasm = "answer.wasm"
-
-[[route]]
-type = "answer"
-handler = "answer"
-"#,
-    );
-    for ty in extra_routes {
-        text.push_str(&format!(
-            "\n[[route]]\ntype = \"{ty}\"\nhandler = \"answer\"\n"
-        ));
-    }
-    text.push_str(
-        "\n[capabilities]\nhost = [\"messaging\", \"rooms\", \"kv\", \"logging\", \"config\"]\n",
-    );
-    text
+    let routes: Vec<(&str, &str)> = std::iter::once("answer")
+        .chain(extra_routes.iter().copied())
+        .map(|ty| (ty, "answer"))
+        .collect();
+    support::swap_manifest(
+        &routes,
+        &[],
+        &["messaging", "rooms", "kv", "logging", "config"],
+        100,
+    )
 }
 
-/// A watching host on a temp dir holding `answer.toml` and a copy of `swap_a.wasm`.
+/// A host on a temp dir holding `answer.toml` and a copy of `swap_a.wasm`.
 async fn answer_host(watch: WatchMode) -> Host {
-    let dir = TempDir::new();
-    std::fs::copy(wasm("swap-a"), dir.path().join("answer.wasm")).expect("copying swap_a.wasm");
-    dir.write("answer.toml", answer_manifest(&[]));
-    Host::start_in(dir, |config| config.watch = watch).await
-}
-
-/// Sends one `ty` message numbered `n`; returns the version that answered.
-async fn answer_version(c: &mut Client, ty: &str, n: u64) -> String {
-    let id = format!("one-{n}");
-    let (before, ack) = c
-        .request(json!({"type": ty, "messageId": id, "payload": {"n": n}}))
-        .await;
-    assert_eq!(ack["type"], "sys.ack", "{ack}");
-    assert_eq!(before.len(), 1, "{before:?}");
-    assert_eq!(before[0]["type"], "answer");
-    assert_eq!(before[0]["payload"]["n"], n);
-    before[0]["payload"]["version"].as_str().unwrap().to_owned()
+    support::swap_host("swap-a", &answer_manifest(&[]), |config| {
+        config.watch = watch
+    })
+    .await
 }
 
 /// Drains the reload events already sent; returns whether `answer` was swapped. Any

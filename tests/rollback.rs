@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use plexus::registry::SwapPolicy;
 use plexus::{ReloadEvent, WatchMode};
-use serde_json::json;
 use support::{Client, Host, swap_host, swap_manifest, wait_reload, wasm};
 
 fn policy() -> SwapPolicy {
@@ -34,19 +33,7 @@ async fn host() -> Host {
 
 /// Sends `answer` number `n`: the version that answered, or the error code.
 async fn answer(c: &mut Client, n: u64) -> Result<String, String> {
-    let (before, last) = c
-        .request(json!({"type": "answer", "messageId": format!("m-{n}"), "payload": {"n": n}}))
-        .await;
-    if last["type"] == "sys.error" {
-        assert!(before.is_empty(), "{before:?}");
-        return Err(last["payload"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned());
-    }
-    assert_eq!(before.len(), 1, "{before:?}");
-    assert_eq!(before[0]["payload"]["n"], n);
-    Ok(before[0]["payload"]["version"].as_str().unwrap().to_owned())
+    support::answer_or_error(c, "answer", n).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

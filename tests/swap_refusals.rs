@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use plexus::{ReloadEvent, WatchMode};
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::{Client, Host, swap_host, swap_manifest, wait_reload, wasm, within};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -36,16 +36,7 @@ async fn watching_host(fixture: &str) -> Host {
 
 /// Sends one `answer` numbered `n`; returns the version that answered.
 async fn answer_version(c: &mut Client, n: u64) -> String {
-    let (before, ack) = c
-        .request(json!({"type": "answer", "messageId": format!("a-{n}"), "payload": {"n": n}}))
-        .await;
-    assert_eq!(ack["type"], "sys.ack", "message {n} failed: {ack}");
-    assert_eq!(before.len(), 1, "{before:?}");
-    assert_eq!(before[0]["payload"]["n"], n, "{before:?}");
-    before[0]["payload"]["version"]
-        .as_str()
-        .expect("a version")
-        .to_owned()
+    support::answer_version(c, "answer", n).await
 }
 
 /// A client that sends `answer` messages one after another until told to stop, checking

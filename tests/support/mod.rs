@@ -225,6 +225,30 @@ pub fn swap_manifest(
     text
 }
 
+/// Sends one `ty` message numbered `n` to the hot-swap fixtures' `answer` handler: the version
+/// that answered (its `answer` frame, then the ack), or the code of the `sys.error` it got.
+pub async fn answer_or_error(c: &mut Client, ty: &str, n: u64) -> Result<String, String> {
+    let (before, last) = c
+        .request(json!({"type": ty, "messageId": format!("{ty}-{n}"), "payload": {"n": n}}))
+        .await;
+    if last["type"] == "sys.error" {
+        assert!(before.is_empty(), "{before:?}");
+        return Err(str_at(&last, "/payload/code").to_owned());
+    }
+    assert_eq!(last["type"], "sys.ack", "{last}");
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["type"], "answer", "{before:?}");
+    assert_eq!(before[0]["payload"]["n"], n, "{before:?}");
+    Ok(str_at(&before[0], "/payload/version").to_owned())
+}
+
+/// [`answer_or_error`], which must be answered: the version that answered.
+pub async fn answer_version(c: &mut Client, ty: &str, n: u64) -> String {
+    answer_or_error(c, ty, n)
+        .await
+        .unwrap_or_else(|code| panic!("message {n} failed: {code}"))
+}
+
 /// A host on a temp dir holding `answer.toml` (`manifest`) and `answer.wasm`, a copy of the
 /// fixture `fixture` (`swap-a`, ...), after `tweak` adjusted the configuration.
 pub async fn swap_host(fixture: &str, manifest: &str, tweak: impl FnOnce(&mut Config)) -> Host {
