@@ -9,12 +9,12 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use plexus::manifest;
-use plexus::outbox::Next;
 use plexus::plugin::wasm::{Runtime, WasmPlugin};
 use plexus::plugin::{CallInput, PluginEnv};
 use plexus::registry::{LoadOptions, Registry, SwapPolicy};
 use plexus::rooms::Rooms;
 use plexus::router::{ConnState, HostLimits, Hub};
+use plexus::session::outbox::Next;
 use plexus::session::{Identity, Sessions};
 
 /// The allocator the `plexus` binary uses.

@@ -16,10 +16,10 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::error::CloseReason;
-use crate::outbox::{Next, ReceiverWaker};
 use crate::protocol::Frame;
 use crate::router::{self, ConnState, Hub};
 use crate::session::Identity;
+use crate::session::outbox::{Next, ReceiverWaker};
 
 /// Most client frames handled in a row before what they queued is written.
 const READ_BURST: u32 = 16;

@@ -3,14 +3,14 @@
 //! Data flows one way: [`server`] accepts and upgrades sockets, [`connection`] reads frames,
 //! [`protocol`] decodes them, [`router`] dispatches them (host types itself, the rest through
 //! the [`registry`]'s route table to a [`plugin`] call), the call records [`effects`], and the
-//! router applies them to [`rooms`] and each [`session`]'s [`outbox`]. See ARCHITECTURE.md.
+//! router applies them to [`rooms`] and each [`session`]'s [`session::outbox`]. See
+//! ARCHITECTURE.md.
 
 pub mod builder;
 pub mod connection;
 pub mod effects;
 pub mod error;
 pub mod manifest;
-pub mod outbox;
 pub mod plugin;
 pub mod protocol;
 pub mod registry;

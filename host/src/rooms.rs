@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use crate::outbox::Outbox;
 use crate::protocol::Frame;
 use crate::session::Session;
+use crate::session::outbox::Outbox;
 
 /// A member of a room, as plugins and clients see it.
 #[derive(Debug, Clone, PartialEq, Eq)]

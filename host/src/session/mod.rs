@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use crate::outbox::{Outbox, OutboxRx, outbox};
+pub mod outbox;
+
+use outbox::{Outbox, OutboxRx, outbox};
 
 /// Who is on the other end of a connection. Filled by the host (later: by the auth layer),
 /// never taken from the client.
