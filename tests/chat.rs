@@ -41,8 +41,14 @@ max_text_length = "2000"
     )
 }
 
+/// A host with no presence grace period and a short resume wait, so that what a dropped
+/// connection causes shows at once.
 async fn chat_host() -> Host {
-    Host::start(&[("chat.toml", chat_manifest())]).await
+    Host::start_with(&[("chat.toml", chat_manifest())], |config| {
+        config.session.presence_grace = std::time::Duration::ZERO;
+        config.session.resume_ttl = std::time::Duration::from_millis(200);
+    })
+    .await
 }
 
 /// Joins `room`; returns the frames before the ack and the ack's members, as
@@ -93,6 +99,20 @@ fn assert_message(frame: &Value, from: &Client, room: &str, text: &str, nick: &s
     assert_eq!(frame["payload"]["room"], room, "{frame}");
 }
 
+/// Reads what a member is told when `who` (a new identity) joins: `room.joined`, then its
+/// identity online.
+async fn saw_join(c: &mut Client, room: &str, who: &Client) {
+    assert_room_event(&c.recv().await, "room.joined", room, who);
+    saw_presence(c, room, &who.identity, "online").await;
+}
+
+async fn saw_presence(c: &mut Client, room: &str, identity: &str, state: &str) {
+    let frame = c.recv_type("presence.changed").await;
+    assert_eq!(frame["room"], room, "{frame}");
+    assert_eq!(frame["payload"]["identity"], identity, "{frame}");
+    assert_eq!(frame["payload"]["state"], state, "{frame}");
+}
+
 fn assert_room_event(frame: &Value, ty: &str, room: &str, who: &Client) {
     assert_eq!(frame["type"], ty, "{frame}");
     assert_eq!(frame["room"], room, "{frame}");
@@ -129,7 +149,7 @@ async fn joins_and_broadcasts() {
     let mut expected = vec![member(&a), member(&b)];
     expected.sort();
     assert_eq!(members, expected);
-    assert_room_event(&a.recv().await, "room.joined", "lobby", &b);
+    saw_join(&mut a, "lobby", &b).await;
 
     // Broadcast to the whole room, the sender included (before its ack).
     let before = say(&mut a, "lobby", "hello").await;
@@ -164,7 +184,7 @@ async fn commands() {
     let mut b = host.client().await;
     join(&mut a, "lobby").await;
     join(&mut b, "lobby").await;
-    a.recv_type("room.joined").await;
+    saw_join(&mut a, "lobby", &b).await;
 
     // /nick: a reply to the sender, a notice to the room, and the new nick from then on.
     let before = say(&mut a, "lobby", "/nick ada").await;
@@ -212,8 +232,8 @@ async fn commands() {
     assert_eq!(before[0]["type"], "chat.topic");
     assert_eq!(before[0]["payload"], topic);
     assert_eq!(members.len(), 3);
-    assert_room_event(&a.recv().await, "room.joined", "lobby", &c);
-    assert_room_event(&b.recv().await, "room.joined", "lobby", &c);
+    saw_join(&mut a, "lobby", &c).await;
+    saw_join(&mut b, "lobby", &c).await;
 
     // /who: every member with its nick, to the sender only.
     let before = say(&mut c, "lobby", "/who").await;
@@ -282,17 +302,19 @@ async fn leaving_and_disconnecting() {
     let mut c = host.client().await;
     join(&mut a, "lobby").await;
     join(&mut b, "lobby").await;
-    assert_room_event(&a.recv().await, "room.joined", "lobby", &b);
+    saw_join(&mut a, "lobby", &b).await;
     join(&mut c, "lobby").await;
-    assert_room_event(&a.recv().await, "room.joined", "lobby", &c);
-    assert_room_event(&b.recv().await, "room.joined", "lobby", &c);
+    saw_join(&mut a, "lobby", &c).await;
+    saw_join(&mut b, "lobby", &c).await;
 
-    // A leave: the others are told, with reason `leave`; the leaver gets only its ack.
+    // A leave: the others are told, with reason `leave`, and that its identity went offline;
+    // the leaver gets only its ack.
     b.ack(json!({"type": "sys.leave", "room": "lobby"})).await;
     for other in [&mut a, &mut c] {
         let frame = other.recv().await;
         assert_room_event(&frame, "room.left", "lobby", &b);
         assert_eq!(frame["payload"]["reason"], "leave");
+        saw_presence(other, "lobby", &b.identity, "offline").await;
     }
     b.sync().await;
 
@@ -307,22 +329,28 @@ async fn leaving_and_disconnecting() {
     .await;
     b.sync().await;
 
-    // A disconnect: the others are told, with reason `disconnect`.
-    let c_member = c.identity.clone();
+    // A disconnect (a close handshake ends the session): the others are told, with reason
+    // `disconnect`, then that its identity went offline.
     let c_conn = c.connection_id.clone();
+    let c_identity = c.identity.clone();
     c.close().await;
     let frame = a.recv_type("room.left").await;
     assert_eq!(frame["payload"]["reason"], "disconnect", "{frame}");
     assert_eq!(frame["payload"]["connectionId"], c_conn.as_str());
-    assert_eq!(frame["payload"]["identity"], c_member.as_str());
+    assert_eq!(frame["payload"]["identity"], c_identity.as_str());
+    saw_presence(&mut a, "lobby", &c_identity, "offline").await;
 
-    // Dropping the TCP connection without a close handshake is a disconnect too.
+    // A TCP connection dropped without a close handshake: the session waits for a resume. Its
+    // identity goes offline after the grace period (none here), and it leaves its rooms when
+    // the resume wait is over, with reason `expired`.
     join(&mut b, "lobby").await;
-    assert_room_event(&a.recv().await, "room.joined", "lobby", &b);
+    saw_join(&mut a, "lobby", &b).await;
     let b_conn = b.connection_id.clone();
+    let b_identity = b.identity.clone();
     b.drop_connection();
+    saw_presence(&mut a, "lobby", &b_identity, "offline").await;
     let frame = a.recv_type("room.left").await;
-    assert_eq!(frame["payload"]["reason"], "disconnect", "{frame}");
+    assert_eq!(frame["payload"]["reason"], "expired", "{frame}");
     assert_eq!(frame["payload"]["connectionId"], b_conn.as_str());
 
     // a is alone now.

@@ -360,6 +360,9 @@ async fn the_ack_is_the_hosts_a_plugin_cannot_set_its_ref() {
     let ack: serde_json::Value = serde_json::from_str(&raw).expect("JSON");
     assert_eq!(ack["type"], "sys.ack", "{ack}");
     assert_eq!(ack["payload"], json!({"ref": "mine", "x": 1}), "{ack}");
+    // Read raw, around the client's seq check: the ack is the session's second frame.
+    assert_eq!(ack["seq"], 2, "{ack}");
+    c.last_seq = 2;
     c.echo_round_trip().await;
 }
 

@@ -373,7 +373,7 @@ async fn exactly_once_client(
                 "counted" if f["payload"]["connection"] != seen.connection.as_str() => {
                     note_other(seen, &f);
                 }
-                "room.joined" | "room.left" => {}
+                "room.joined" | "room.left" | "presence.changed" => {}
                 _ => own.push(f),
             }
         }
@@ -445,7 +445,7 @@ async fn exactly_once_client(
         match f["type"].as_str().unwrap() {
             "sys.pong" => break,
             "counted" => note_other(&mut seen, &f),
-            "room.joined" | "room.left" => {}
+            "room.joined" | "room.left" | "presence.changed" => {}
             _ => panic!("unexpected {f}"),
         }
     }

@@ -32,7 +32,11 @@ async fn welcome_frame_describes_the_connection() {
         assert!(str_at(w, "/payload/connectionId").starts_with("c-"), "{w}");
         assert!(str_at(w, "/payload/sessionId").starts_with("s-"), "{w}");
         assert!(!str_at(w, "/payload/identity").is_empty(), "{w}");
-        assert_eq!(w["payload"]["protocolVersion"], "1.0");
+        assert_eq!(w["payload"]["protocolVersion"], "1.1");
+        // Protocol 1.1: the session's first frame, and how to resume it.
+        assert_eq!(w["seq"], 1, "{w}");
+        assert_eq!(str_at(w, "/payload/resumeToken").len(), 64, "{w}");
+        assert_eq!(w["payload"]["resumed"], false, "{w}");
         assert_eq!(w["payload"]["hostVersion"], env!("CARGO_PKG_VERSION"));
     }
     assert_ne!(a.connection_id, b.connection_id);
@@ -148,14 +152,17 @@ async fn host_frames_carry_id_timestamp_and_the_real_sender() {
 async fn ping_is_answered_with_the_same_payload() {
     let host = echo_host().await;
     let mut c = host.client().await;
-    for payload in [
+    for (i, payload) in [
         json!({"t": [1, 2, {"x": null}]}),
         json!("text"),
         json!(7),
         json!(null),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let (before, ack) = c
-            .request(json!({"type": "sys.ping", "messageId": "p", "payload": payload}))
+            .request(json!({"type": "sys.ping", "messageId": format!("p-{i}"), "payload": payload}))
             .await;
         assert_eq!(before.len(), 1, "{before:?}");
         assert_eq!(before[0]["type"], "sys.pong");
@@ -203,7 +210,7 @@ async fn healthz_reports_status_and_plugin_versions() {
     );
     let body: Value = serde_json::from_str(&resp.body).expect("a JSON body");
     assert_eq!(body["status"], "ok", "{body}");
-    assert_eq!(body["protocolVersion"], "1.0", "{body}");
+    assert_eq!(body["protocolVersion"], "1.1", "{body}");
     let version = body["plugins"]["echo"]["version"]
         .as_str()
         .unwrap_or_default();

@@ -15,7 +15,7 @@ use plexus::registry::{LoadOptions, Registry, SwapPolicy};
 use plexus::rooms::Rooms;
 use plexus::router::{ConnState, HostLimits, Hub};
 use plexus::session::outbox::Next;
-use plexus::session::{Identity, Sessions};
+use plexus::session::{Identity, SessionPolicy, Sessions};
 
 /// The allocator the `plexus` binary uses.
 #[global_allocator]
@@ -47,11 +47,16 @@ fn hub(dir: &Path, rt: &tokio::runtime::Runtime) -> Arc<Hub> {
         )
         .await
         .unwrap_or_else(|e| panic!("loading {}: {e:?}", dir.display()));
+        // Work due later goes nowhere: nothing here disconnects.
+        let (due, _) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Hub {
             sessions: Sessions::default(),
             rooms,
             registry,
             limits: HostLimits::default(),
+            policy: SessionPolicy::default(),
+            presence: Default::default(),
+            due,
             room_locks: Default::default(),
         })
     })
@@ -69,13 +74,12 @@ fn bench(c: &mut Criterion) {
     let frame = r#"{"type":"echo","payload":{"text":"hello, plexus","n":12345678,"pad":"0123456789012345678901234567890123456789012345"}}"#;
     let mut group = c.benchmark_group("dispatch");
     for (name, hub) in [("wasm", &wasm_hub), ("native", &native_hub)] {
-        let (session, mut rx) = hub.sessions.open(Identity::guest(), 1 << 20);
-        let mut conn = ConnState::new(session);
+        let mut conn = ConnState::open(hub, Identity::guest());
         let mut batch = std::collections::VecDeque::new();
         group.bench_function(name, |b| {
             b.iter(|| {
                 rt.block_on(plexus::router::handle_text(hub, &mut conn, frame));
-                assert_eq!(rx.try_next(&mut batch), Some(Next::Frames));
+                assert_eq!(conn.rx.try_next(&mut batch), Some(Next::Frames));
                 batch.pop_front()
                 // A message's answer is one frame; `batch` is left empty for the next turn.
             })

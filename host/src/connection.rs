@@ -1,8 +1,9 @@
-//! One WebSocket connection: reads client frames into the router, and writes the session's
-//! outbox to the socket, batching queued frames into one flush.
+//! One WebSocket connection: reads client frames into the router, writes the session's outbox
+//! to the socket (batching queued frames into one flush, each write under a deadline), keeps
+//! the heartbeat, and on its end either ends the session or leaves it waiting for a resume.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
@@ -16,10 +17,11 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::error::CloseReason;
-use crate::protocol::Frame;
+use crate::lifecycle;
+use crate::protocol;
 use crate::router::{self, ConnState, Hub};
 use crate::session::Identity;
-use crate::session::outbox::{Next, ReceiverWaker};
+use crate::session::outbox::{Entry, Next, OutboxRx, ReceiverWaker};
 
 /// Most client frames handled in a row before what they queued is written.
 const READ_BURST: u32 = 16;
@@ -27,14 +29,15 @@ const READ_BURST: u32 = 16;
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves one upgraded connection until it closes or the host shuts down.
-pub async fn serve<S>(hub: Arc<Hub>, mut ws: WebSocketStream<S>, shutdown: watch::Receiver<bool>)
-where
+pub async fn serve<S>(
+    hub: Arc<Hub>,
+    mut ws: WebSocketStream<S>,
+    identity: Identity,
+    shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (session, mut rx) = hub
-        .sessions
-        .open(Identity::guest(), hub.limits.outbox_capacity);
-    let mut conn = ConnState::new(session);
+    let mut conn = ConnState::open(&hub, identity);
     router::welcome(&conn);
     // Shutdown reaches a connection as a close request in its outbox (see
     // `Sessions::close_all`), after the frames already queued. A session registered after the
@@ -42,18 +45,20 @@ where
     if *shutdown.borrow() {
         conn.session.outbox.close(CloseReason::Shutdown);
     }
+    let policy = hub.policy;
     let mut batch = VecDeque::new();
     // Client frames handled since the last write.
     let mut burst = 0;
     // The socket is polled with its own waker, so that a wake-up by the outbox alone (a frame
-    // from a room, say) writes without polling the socket: a poll re-registers read interest,
-    // and that costs as much as a tenth of the delivery.
-    let socket = Arc::new(SocketWake {
-        ready: AtomicBool::new(true),
-        task: rx.receiver_waker(),
-    });
-    let socket_waker = futures_util::task::waker(socket.clone());
-    let close: Option<CloseReason> = loop {
+    // from a room) writes without polling the socket: a poll re-registers read interest, and
+    // that costs as much as a tenth of the delivery.
+    let (mut socket, mut socket_waker) = SocketWake::arm(&conn.rx);
+    // WebSocket pings: the next one is due when this fires; while a pong is awaited, it is the
+    // pong's deadline.
+    let heartbeat = tokio::time::sleep(policy.ping_interval);
+    tokio::pin!(heartbeat);
+    let mut awaiting_pong = false;
+    let exit = loop {
         // Within a burst (right after a client frame was handled), the next client frame is
         // taken first if it has already arrived, up to READ_BURST, so that the answers to
         // pipelined frames leave in one write. Otherwise the outbox comes first: a wake-up is
@@ -66,7 +71,7 @@ where
                     burst += 1;
                     return Poll::Ready(Event::Client(incoming));
                 }
-                if let Poll::Ready(next) = rx.poll_next(cx, &mut batch) {
+                if let Poll::Ready(next) = conn.rx.poll_next(cx, &mut batch) {
                     burst = 0;
                     return Poll::Ready(Event::Outbox(next));
                 }
@@ -76,8 +81,12 @@ where
                 }
                 // Going to sleep, with this task's waker armed by the outbox's `poll_next`
                 // above: the socket's waker wakes the task through it. A wake-up of the socket
-                // before it was armed left `ready` set: look again.
+                // before it was armed left `ready` set: look again. The heartbeat is looked at
+                // only here: a connection busy with its client's frames is alive.
                 if !socket.ready.load(Ordering::Acquire) {
+                    if heartbeat.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Heartbeat);
+                    }
                     return Poll::Pending;
                 }
             }
@@ -85,46 +94,103 @@ where
         .await;
         // Awake now: what this task queues while it handles a frame is written on the next
         // turn of the loop, without waking itself.
-        rx.disarm();
+        conn.rx.disarm();
         match event {
             Event::Outbox(Next::Frames) => {
-                if write_batch(&mut ws, &mut batch).await.is_err() {
-                    break None;
+                match tokio::time::timeout(policy.write_timeout, write_batch(&mut ws, &mut batch))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break Exit::Dropped,
+                    Err(_) => break Exit::Close(CloseReason::SlowConsumer),
                 }
             }
-            Event::Outbox(Next::Close(reason)) => break Some(reason),
+            Event::Outbox(Next::Close(reason)) => break Exit::Close(reason),
+            Event::Heartbeat => {
+                if awaiting_pong {
+                    break Exit::Close(CloseReason::HeartbeatTimeout);
+                }
+                awaiting_pong = true;
+                heartbeat
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + policy.pong_timeout);
+                let ping = ws.send(Message::Ping(Default::default()));
+                match tokio::time::timeout(policy.write_timeout, ping).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break Exit::Dropped,
+                    Err(_) => break Exit::Close(CloseReason::SlowConsumer),
+                }
+            }
             Event::Client(incoming) => match incoming {
                 Some(Ok(Message::Text(text))) => {
                     // Boxed: the handling future is large and lives only while a message is
                     // handled, so an idle connection's task stays small.
                     Box::pin(router::handle_text(&hub, &mut conn, &text)).await;
-                }
-                Some(Ok(Message::Binary(_))) => router::handle_binary(&conn),
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
-                    // tungstenite queued the pong; send it now.
-                    if ws.flush().await.is_err() {
-                        break None;
+                    if conn.switched {
+                        // A resume moved this connection to another session: its wake-ups go
+                        // through that session's outbox now.
+                        conn.switched = false;
+                        (socket, socket_waker) = SocketWake::arm(&conn.rx);
                     }
                 }
-                Some(Ok(Message::Close(_))) | None => break None,
-                Some(Err(e)) => break close_reason_of(&e),
+                Some(Ok(Message::Binary(_))) => router::handle_binary(&conn),
+                Some(Ok(Message::Pong(_))) => {
+                    if awaiting_pong {
+                        awaiting_pong = false;
+                        heartbeat
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + policy.ping_interval);
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Frame(_))) => {
+                    // tungstenite queued the pong; send it now.
+                    match tokio::time::timeout(policy.write_timeout, ws.flush()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break Exit::Dropped,
+                        Err(_) => break Exit::Close(CloseReason::SlowConsumer),
+                    }
+                }
+                Some(Ok(Message::Close(_))) => break Exit::ClientClosed,
+                None => break Exit::Dropped,
+                Some(Err(e)) => break close_reason_of(&e).map_or(Exit::Dropped, Exit::Close),
             },
         }
     };
-    Box::pin(router::leave_all(&hub, &mut conn)).await;
-    hub.sessions.close(&conn.session.connection_id);
+    let grace = CLOSE_GRACE.min(policy.write_timeout);
+    let (session, mut rx, driver) = conn.into_parts();
+    match exit {
+        Exit::ClientClosed | Exit::Close(CloseReason::Shutdown) => {
+            if exit != Exit::ClientClosed {
+                // Deliver what is already queued (the last acks) before closing.
+                let _ = tokio::time::timeout(grace, async {
+                    if let Some(Next::Frames) = rx.try_next(&mut batch) {
+                        let _ = write_batch(&mut ws, &mut batch).await;
+                    }
+                })
+                .await;
+            }
+            drop(rx);
+            let end = if exit == Exit::ClientClosed {
+                lifecycle::End::Closed
+            } else {
+                lifecycle::End::Shutdown
+            };
+            Box::pin(lifecycle::end_session(&hub, &session, end)).await;
+        }
+        // Another connection has taken the session over: nothing is left to do for it here.
+        Exit::Close(CloseReason::TakenOver) => drop(rx),
+        // Dropped, too slow, or a protocol error: the session waits for a resume. Marked
+        // detached before the right to drive it is let go, so that a resume finds it so.
+        _ => {
+            drop(rx);
+            Box::pin(lifecycle::detached(&hub, &session)).await;
+        }
+    }
+    drop(driver);
     // A client that stopped reading must not hold up shutdown: the goodbye has a deadline.
     let goodbye = async {
-        match close {
-            Some(reason) => {
-                // Deliver what is already queued (the last acks) before closing, unless the
-                // client is the reason the outbox overflowed.
-                if reason != CloseReason::SlowConsumer
-                    && let Some(Next::Frames) = rx.try_next(&mut batch)
-                    && write_batch(&mut ws, &mut batch).await.is_err()
-                {
-                    return;
-                }
+        match exit {
+            Exit::Close(reason) => {
                 let (code, text) = reason.close_code();
                 let frame = CloseFrame {
                     code,
@@ -132,12 +198,23 @@ where
                 };
                 let _ = ws.close(Some(frame)).await;
             }
-            None => {
+            Exit::ClientClosed | Exit::Dropped => {
                 let _ = ws.close(None).await;
             }
         }
     };
-    let _ = tokio::time::timeout(CLOSE_GRACE, Box::pin(goodbye)).await;
+    let _ = tokio::time::timeout(grace, Box::pin(goodbye)).await;
+}
+
+/// Why a connection's loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// The client sent a close frame: its session ends.
+    ClientClosed,
+    /// The socket ended or failed without a close frame: the session waits for a resume.
+    Dropped,
+    /// The host closes the connection for this reason.
+    Close(CloseReason),
 }
 
 /// The waker the socket is polled with: it records that the socket woke the task.
@@ -158,6 +235,17 @@ impl ArcWake for SocketWake {
 }
 
 impl SocketWake {
+    /// A socket waker that wakes the task through `rx`'s armed waker, and the waker itself.
+    fn arm(rx: &OutboxRx) -> (Arc<SocketWake>, std::task::Waker) {
+        let socket = Arc::new(SocketWake {
+            // Look at the socket on the next turn: the waker it holds may be an older one.
+            ready: AtomicBool::new(true),
+            task: rx.receiver_waker(),
+        });
+        let waker = futures_util::task::waker(socket.clone());
+        (socket, waker)
+    }
+
     /// Polls the socket for the next client frame if it may have one. `None`: nothing now (a
     /// wake-up of the socket's waker will say when to look again).
     fn poll<S>(
@@ -187,18 +275,21 @@ impl SocketWake {
 enum Event {
     Outbox(Next),
     Client(Option<Result<Message, WsError>>),
+    /// A ping is due, or the pong's deadline passed.
+    Heartbeat,
 }
 
 /// Writes every frame of `batch`, then flushes once.
 async fn write_batch<S>(
     ws: &mut WebSocketStream<S>,
-    batch: &mut VecDeque<Frame>,
+    batch: &mut VecDeque<Entry>,
 ) -> Result<(), WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    for frame in batch.drain(..) {
-        ws.feed(Message::Text(frame)).await?;
+    for entry in batch.drain(..) {
+        ws.feed(Message::Text(protocol::with_seq(entry.seq, &entry.frame)))
+            .await?;
     }
     ws.flush().await
 }

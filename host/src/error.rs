@@ -15,6 +15,8 @@ pub enum ErrorCode {
     TooLarge,
     Forbidden,
     Unavailable,
+    /// A `sys.resume` that could not be honoured; the frame says why in `reason`.
+    ResumeFailed,
 }
 
 impl ErrorCode {
@@ -30,6 +32,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::ResumeFailed => "resume_failed",
         }
     }
 }
@@ -42,6 +45,13 @@ pub enum HandleError {
     /// A plugin's own error, with its own code, passed through.
     #[error("{message}")]
     Plugin { code: String, message: String },
+    /// A `sys.resume` that could not be honoured, and why (`unknown_session`, `expired`,
+    /// `bad_token`, `gap`).
+    #[error("{message}")]
+    ResumeFailed {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 impl HandleError {
@@ -57,6 +67,9 @@ impl HandleError {
         match self {
             HandleError::Host { code, message } => (code.as_str(), message),
             HandleError::Plugin { code, message } => (code, message),
+            HandleError::ResumeFailed { message, .. } => {
+                (ErrorCode::ResumeFailed.as_str(), message)
+            }
         }
     }
 }
@@ -101,6 +114,10 @@ pub enum CloseReason {
     InvalidData,
     /// An internal error.
     Internal,
+    /// Another connection resumed this connection's session.
+    TakenOver,
+    /// The client did not answer a WebSocket ping within the pong deadline.
+    HeartbeatTimeout,
 }
 
 impl CloseReason {
@@ -113,6 +130,11 @@ impl CloseReason {
             CloseReason::FrameTooLarge => (CloseCode::Size, "frame too large"),
             CloseReason::InvalidData => (CloseCode::Invalid, "text frame is not UTF-8"),
             CloseReason::Internal => (CloseCode::Error, "internal error"),
+            CloseReason::TakenOver => (
+                CloseCode::from(4000),
+                "session resumed on another connection",
+            ),
+            CloseReason::HeartbeatTimeout => (CloseCode::from(4001), "no pong within the deadline"),
         }
     }
 }
@@ -130,6 +152,8 @@ mod tests {
         assert_eq!(code(CloseReason::FrameTooLarge), 1009);
         assert_eq!(code(CloseReason::InvalidData), 1007);
         assert_eq!(code(CloseReason::Internal), 1011);
+        assert_eq!(code(CloseReason::TakenOver), 4000);
+        assert_eq!(code(CloseReason::HeartbeatTimeout), 4001);
     }
 
     #[test]

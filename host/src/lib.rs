@@ -10,6 +10,7 @@ pub mod builder;
 pub mod connection;
 pub mod effects;
 pub mod error;
+pub mod lifecycle;
 pub mod manifest;
 pub mod plugin;
 pub mod protocol;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use plexus::registry::SwapPolicy;
+use plexus::session::SessionPolicy;
+use plexus::session::outbox::Bounds;
 use plexus::{Config, Server, StartError, WatchMode};
 
 /// mimalloc: every message allocates a few short-lived buffers (the decoded envelope, the
@@ -57,6 +59,43 @@ struct ServeArgs {
     /// Seconds a client may take to send its HTTP request head after connecting.
     #[arg(long, default_value_t = 10)]
     request_head_timeout_secs: u64,
+    /// Seconds a session whose connection dropped waits for a resume.
+    #[arg(long, default_value_t = 120)]
+    resume_ttl_secs: u64,
+    /// Frames kept per session for a resume.
+    #[arg(long, default_value_t = 1000)]
+    resume_frames: usize,
+    /// Bytes kept per session for a resume.
+    #[arg(long, default_value_t = 1 << 20)]
+    resume_bytes: usize,
+    /// Frames queued for a connection and not yet written before it is closed with 1013.
+    #[arg(long, default_value_t = 4096)]
+    outbox_frames: usize,
+    /// Bytes queued for a connection and not yet written before it is closed with 1013.
+    #[arg(long, default_value_t = 4 << 20)]
+    outbox_bytes: usize,
+    /// Seconds one socket write may take before the client is closed with 1013.
+    #[arg(long, default_value_t = 10)]
+    write_timeout_secs: u64,
+    /// Handled messageIds a session remembers to answer retries (0: none).
+    #[arg(long, default_value_t = 1024)]
+    dedupe_ids: usize,
+    /// Seconds a session remembers a handled messageId.
+    #[arg(long, default_value_t = 120)]
+    dedupe_secs: u64,
+    /// Milliseconds an identity stays online in a room after its last connection there dropped.
+    #[arg(long, default_value_t = 5000)]
+    presence_grace_ms: u64,
+    /// Seconds between WebSocket pings.
+    #[arg(long, default_value_t = 25)]
+    ping_interval_secs: u64,
+    /// Seconds a client has to answer a ping before it is closed (4001).
+    #[arg(long, default_value_t = 20)]
+    pong_timeout_secs: u64,
+    /// DEVELOPMENT ONLY, not authentication: let clients choose their identity with
+    /// `/ws?devIdentity=NAME` (to try presence with several connections of one identity).
+    #[arg(long)]
+    dev_insecure_identity: bool,
 }
 
 #[derive(Subcommand)]
@@ -126,6 +165,22 @@ async fn serve(args: ServeArgs, watch: WatchMode) -> ExitCode {
         probation: Duration::from_secs(args.probation_secs),
         max_failure_share: args.rollback_failure_share.clamp(0.0, 1.0),
         min_calls: args.rollback_min_calls,
+    };
+    config.session = SessionPolicy {
+        bounds: Bounds {
+            live_frames: args.outbox_frames.max(1),
+            live_bytes: args.outbox_bytes.max(1),
+            kept_frames: args.resume_frames,
+            kept_bytes: args.resume_bytes,
+        },
+        resume_ttl: Duration::from_secs(args.resume_ttl_secs),
+        dedupe_ids: args.dedupe_ids,
+        dedupe_ttl: Duration::from_secs(args.dedupe_secs),
+        presence_grace: Duration::from_millis(args.presence_grace_ms),
+        ping_interval: Duration::from_secs(args.ping_interval_secs.max(1)),
+        pong_timeout: Duration::from_secs(args.pong_timeout_secs.max(1)),
+        write_timeout: Duration::from_secs(args.write_timeout_secs.max(1)),
+        dev_identity: args.dev_insecure_identity,
     };
     let server = match Server::start(config).await {
         Ok(server) => server,

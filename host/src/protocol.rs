@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::error::ErrorCode;
 
 /// The protocol version this host speaks.
-pub const PROTOCOL_VERSION: &str = "1.0";
+pub const PROTOCOL_VERSION: &str = "1.1";
 /// The major part of [`PROTOCOL_VERSION`].
 pub const PROTOCOL_MAJOR: u32 = 1;
 
@@ -311,6 +311,74 @@ pub fn error(message_id: Option<&str>, code: &str, message: &str) -> Frame {
     .encode()
 }
 
+/// The frame as a session's client receives it: `body` with `"seq":seq` first, or `body` itself
+/// for a volatile frame (`seq` 0). The body is shared by every recipient of a broadcast; only
+/// this small header is per recipient.
+pub fn with_seq(seq: u64, body: &Frame) -> Frame {
+    if seq == 0 {
+        return body.clone();
+    }
+    let mut numbers = itoa::Buffer::new();
+    let seq = numbers.format(seq);
+    let mut out = String::with_capacity(body.len() + seq.len() + 8);
+    out.push_str("{\"seq\":");
+    out.push_str(seq);
+    out.push(',');
+    out.push_str(&body[1..]);
+    Utf8Bytes::from(out)
+}
+
+/// `sys.error` with code `resume_failed` and the `reason` (see `docs/protocol.md`).
+pub fn resume_failed(message_id: Option<&str>, reason: &str, message: &str) -> Frame {
+    let mut payload = serde_json::json!({
+        "code": ErrorCode::ResumeFailed.as_str(),
+        "reason": reason,
+        "message": message,
+    });
+    if let Some(id) = message_id {
+        payload["ref"] = id.into();
+    }
+    host_frame("sys.error", None, &payload)
+}
+
+/// The payload of `sys.resume`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResumeRequest {
+    pub session_id: String,
+    pub resume_token: String,
+    pub last_seq: u64,
+}
+
+/// Reads a `sys.resume` payload.
+pub fn payload_resume(payload: &RawValue) -> Result<ResumeRequest, String> {
+    serde_json::from_str(payload.get()).map_err(|e| {
+        format!("`sys.resume` needs {{\"sessionId\", \"resumeToken\", \"lastSeq\"}}: {e}")
+    })
+}
+
+/// Reads the `seq` of a `sys.received` payload (`{"seq": N}`).
+pub fn payload_seq(payload: &RawValue) -> Result<u64, String> {
+    #[derive(Deserialize)]
+    struct Received {
+        seq: u64,
+    }
+    serde_json::from_str::<Received>(payload.get())
+        .map(|r| r.seq)
+        .map_err(|e| format!("`sys.received` needs {{\"seq\": N}}: {e}"))
+}
+
+/// Reads the `status` of a `sys.status` payload (`{"status": "..."}`; null clears it).
+pub fn payload_status(payload: &RawValue) -> Result<Option<String>, String> {
+    #[derive(Deserialize)]
+    struct Status {
+        status: Option<String>,
+    }
+    serde_json::from_str::<Status>(payload.get())
+        .map(|s| s.status)
+        .map_err(|e| format!("`sys.status` needs {{\"status\": \"...\"}}: {e}"))
+}
+
 /// Checks that `text` is one valid JSON value (for payloads coming from plugins).
 pub fn validate_json(text: &str) -> Result<(), String> {
     serde_json::from_str::<&RawValue>(text)
@@ -405,6 +473,11 @@ mod tests {
             v["payload"],
             serde_json::json!({"ref": "m\"1", "members": []})
         );
+        let s = with_seq(42, &a);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["seq"], 42);
+        assert_eq!(v["type"], "sys.ack");
+        assert_eq!(with_seq(0, &a), a);
         let e = error(None, "bad_frame", "no");
         let v: serde_json::Value = serde_json::from_str(&e).unwrap();
         assert_eq!(

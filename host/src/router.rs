@@ -2,28 +2,29 @@
 //! routes every other type to a plugin by the current route table, applies the effects the call
 //! recorded, and answers with exactly one `sys.ack` or `sys.error` where the protocol asks.
 
-use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::json;
 
 use crate::effects::{self, Effect, LogLevel};
-use crate::error::{ErrorCode, HandleError};
+use crate::error::{CloseReason, ErrorCode, HandleError};
+use crate::lifecycle::{self, Due};
 use crate::manifest::HostEvent;
 use crate::plugin::{CallInput, CallOutput};
 use crate::protocol::{self, Inbound, Outbound};
 use crate::registry::{LoadedPlugin, Registry, Verdict};
 use crate::rooms::Rooms;
+use crate::rooms::presence::{Online, Presence};
 use crate::serial::{RoomLocks, Turn};
-use crate::session::{Session, Sessions};
+use crate::session::outbox::{AttachError, OutboxRx};
+use crate::session::{Driver, Identity, Missing, Session, SessionPolicy, Sessions};
 
 /// Host-wide limits on connections.
 #[derive(Debug, Clone, Copy)]
 pub struct HostLimits {
     /// Largest text frame a client may send; larger ones get `too_large`.
     pub max_message_bytes: usize,
-    /// Frames a session's outbox holds before the client is closed as a slow consumer.
-    pub outbox_capacity: usize,
     /// Longest room name.
     pub max_room_name: usize,
 }
@@ -32,7 +33,6 @@ impl Default for HostLimits {
     fn default() -> Self {
         HostLimits {
             max_message_bytes: 1 << 20,
-            outbox_capacity: 4096,
             max_room_name: 256,
         }
     }
@@ -45,23 +45,49 @@ pub struct Hub {
     pub rooms: Arc<Rooms>,
     pub registry: Registry,
     pub limits: HostLimits,
+    /// Sessions, resumes, retries, presence and heartbeats.
+    pub policy: SessionPolicy,
+    /// Who is online in each room.
+    pub presence: Presence,
+    /// Work due later (ends of grace periods and of resume waits), done by the host's
+    /// lifecycle task (`lifecycle::run`).
+    pub due: tokio::sync::mpsc::UnboundedSender<Due>,
     /// Turns of room-serialized routes (`serialize = "room"`).
     pub room_locks: RoomLocks,
 }
 
-/// What one connection's task owns: its session and the rooms it joined.
+/// What one connection's task owns: the session it drives and that session's live queue.
 #[derive(Debug)]
 pub struct ConnState {
     pub session: Arc<Session>,
-    pub rooms: HashSet<Arc<str>>,
+    pub rx: OutboxRx,
+    driver: Driver,
+    /// Set when a resume moved this connection to another session: the connection task
+    /// re-arms its wake-ups on the new session's outbox.
+    pub switched: bool,
 }
 
 impl ConnState {
-    pub fn new(session: Arc<Session>) -> ConnState {
+    /// Opens a new session driven by this connection.
+    pub fn open(hub: &Hub, identity: Identity) -> ConnState {
+        let session = hub.sessions.open(identity, &hub.policy);
+        let driver = session.try_drive().expect("a new session has no driver");
+        let (rx, _) = session
+            .outbox
+            .attach(0)
+            .expect("a new session has no connection");
         ConnState {
             session,
-            rooms: HashSet::new(),
+            rx,
+            driver,
+            switched: false,
         }
+    }
+
+    /// The parts the connection task lets go of, in order, when its socket is done: the live
+    /// queue first, then the right to drive the session.
+    pub fn into_parts(self) -> (Arc<Session>, OutboxRx, Driver) {
+        (self.session, self.rx, self.driver)
     }
 
     fn push(&self, frame: protocol::Frame) {
@@ -71,6 +97,9 @@ impl ConnState {
 
 /// How deep plugin-triggered host events may nest (an event handler's joins fire no events).
 const MAX_EVENT_DEPTH: u8 = 1;
+
+/// The longest status a client may set with `sys.status`, in characters.
+pub const MAX_STATUS_CHARS: usize = 64;
 
 /// Handles one client text frame: decode, dispatch, answer.
 pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
@@ -99,17 +128,36 @@ pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
             return;
         }
     };
+    // A retry of a frame this session handled lately gets the same answer again.
+    let dedupe = msg.message_id.as_deref().filter(|_| msg.ty != "sys.resume");
+    if let Some(id) = dedupe
+        && let Some(answer) = conn.session.dedupe().answer(id, Instant::now())
+    {
+        conn.push(answer);
+        return;
+    }
     // A room-serialized call keeps its turn until its answer is queued too, so that the next
     // call's frames cannot overtake it.
     let mut turn = None;
     let result = dispatch(hub, conn, &msg, &mut turn).await;
-    match (result, msg.message_id.as_deref()) {
-        (Ok(extra), Some(id)) => conn.push(protocol::ack(id, extra.as_deref())),
-        (Ok(_), None) => {}
+    let answer = match (result, msg.message_id.as_deref()) {
+        (Ok(extra), Some(id)) => Some(protocol::ack(id, extra.as_deref())),
+        (Ok(_), None) => None,
+        (Err(HandleError::ResumeFailed { reason, message }), id) => {
+            Some(protocol::resume_failed(id, reason, &message))
+        }
         (Err(e), id) => {
             let (code, message) = e.wire();
-            conn.push(protocol::error(id, code, message));
+            Some(protocol::error(id, code, message))
         }
+    };
+    if let Some(answer) = answer {
+        if let Some(id) = dedupe {
+            conn.session
+                .dedupe()
+                .record(id, answer.clone(), Instant::now());
+        }
+        conn.push(answer);
     }
     drop(turn);
 }
@@ -129,17 +177,51 @@ async fn dispatch<'h>(
     msg: &Inbound<'_>,
     turn: &mut Option<Turn<'h>>,
 ) -> Result<Option<String>, HandleError> {
+    let session = conn.session.clone();
     match msg.ty.as_ref() {
         "sys.join" => {
             let room = room_of(hub, msg)?;
-            let members = join_room(hub, conn, &room, 0).await;
+            let members = join_room(hub, &session, &room, 0).await;
+            let presence = hub.presence.list(&room);
             Ok(Some(
-                json!({ "room": room, "members": members_json(&members) }).to_string(),
+                json!({
+                    "room": room,
+                    "members": members_json(&members),
+                    "presence": presence_json(&presence),
+                })
+                .to_string(),
             ))
+        }
+        "sys.presence" => {
+            let room = room_of(hub, msg)?;
+            if !session.in_room(&room) {
+                return Err(HandleError::new(
+                    ErrorCode::NotInRoom,
+                    format!("join room `{room}` before asking who is in it"),
+                ));
+            }
+            let presence = hub.presence.list(&room);
+            Ok(Some(
+                json!({ "room": room, "presence": presence_json(&presence) }).to_string(),
+            ))
+        }
+        "sys.status" => {
+            let status = protocol::payload_status(msg.payload)
+                .map_err(|m| HandleError::new(ErrorCode::BadFrame, m))?;
+            if let Some(status) = &status
+                && status.chars().count() > MAX_STATUS_CHARS
+            {
+                return Err(HandleError::new(
+                    ErrorCode::BadFrame,
+                    format!("a status is at most {MAX_STATUS_CHARS} characters"),
+                ));
+            }
+            lifecycle::set_status(hub, &session.identity.0, status.map(Arc::from)).await;
+            Ok(None)
         }
         "sys.leave" => {
             let room = room_of(hub, msg)?;
-            if !leave_room(hub, conn, &room, "leave", 0).await {
+            if !leave_room(hub, &session, &room, "leave", 0).await {
                 return Err(HandleError::new(
                     ErrorCode::NotInRoom,
                     format!("not a member of room `{room}`"),
@@ -159,12 +241,95 @@ async fn dispatch<'h>(
             );
             Ok(None)
         }
+        "sys.resume" => resume(hub, conn, msg).await,
+        "sys.received" => {
+            let seq = protocol::payload_seq(msg.payload)
+                .map_err(|m| HandleError::new(ErrorCode::BadFrame, m))?;
+            session.outbox.trim(seq);
+            Ok(None)
+        }
         ty if ty.starts_with("sys.") => Err(HandleError::new(
             ErrorCode::UnknownType,
             format!("unknown host message type `{ty}`"),
         )),
-        ty => route(hub, conn, ty, msg, turn).await,
+        ty => route(hub, &session, ty, msg, turn).await,
     }
+}
+
+/// `sys.resume`: hands the session named in the payload to this connection, replays what it
+/// missed and ends the fresh session the connection was welcomed with. Never a silent gap: a
+/// resume that cannot replay every frame after `lastSeq` fails, changing nothing.
+async fn resume(
+    hub: &Hub,
+    conn: &mut ConnState,
+    msg: &Inbound<'_>,
+) -> Result<Option<String>, HandleError> {
+    let request = protocol::payload_resume(msg.payload)
+        .map_err(|m| HandleError::new(ErrorCode::BadFrame, m))?;
+    let fail =
+        |reason: &'static str, message: String| HandleError::ResumeFailed { reason, message };
+    if *conn.session.session_id == *request.session_id {
+        return Err(HandleError::new(
+            ErrorCode::BadFrame,
+            "this connection already drives that session",
+        ));
+    }
+    let target = hub
+        .sessions
+        .find(&request.session_id)
+        .map_err(|missing| match missing {
+            Missing::Unknown => fail(
+                "unknown_session",
+                format!("no session `{}` on this host", request.session_id),
+            ),
+            Missing::Expired => fail(
+                "expired",
+                format!(
+                    "session `{}` waited longer than {} s for a resume",
+                    request.session_id,
+                    hub.policy.resume_ttl.as_secs()
+                ),
+            ),
+        })?;
+    if !target.token_matches(&request.resume_token) {
+        return Err(fail("bad_token", "the resume token does not match".into()));
+    }
+    let gap = |e: AttachError| match e {
+        AttachError::Ended => fail(
+            "expired",
+            format!("session `{}` has ended", request.session_id),
+        ),
+        other => fail("gap", other.to_string()),
+    };
+    // Refuse before disturbing anyone: the frames after `lastSeq` must all be kept.
+    target.outbox.resumable(request.last_seq).map_err(gap)?;
+    // Connection migration: the connection driving it, if any, finishes the message in hand,
+    // lets go of the session and closes (4000).
+    target.outbox.close(CloseReason::TakenOver);
+    let driver = target.drive().await;
+    let (rx, replayed) = target.outbox.attach(request.last_seq).map_err(gap)?;
+    if !target.mark_attached() {
+        return Err(fail(
+            "expired",
+            format!("session `{}` has ended", request.session_id),
+        ));
+    }
+    let fresh = std::mem::replace(&mut conn.session, target.clone());
+    conn.rx = rx;
+    conn.driver = driver;
+    conn.switched = true;
+    lifecycle::end_session(hub, &fresh, lifecycle::End::Replaced).await;
+    lifecycle::attached(hub, &target).await;
+    Ok(Some(
+        json!({
+            "sessionId": &*target.session_id,
+            "connectionId": &*target.connection_id,
+            "identity": &*target.identity.0,
+            "resumed": true,
+            "replayed": replayed,
+        })
+        .to_string(),
+    ))
 }
 
 fn room_of(hub: &Hub, msg: &Inbound<'_>) -> Result<String, HandleError> {
@@ -191,7 +356,7 @@ fn room_of(hub: &Hub, msg: &Inbound<'_>) -> Result<String, HandleError> {
 
 async fn route<'h>(
     hub: &'h Hub,
-    conn: &mut ConnState,
+    session: &Arc<Session>,
     ty: &str,
     msg: &Inbound<'_>,
     turn: &mut Option<Turn<'h>>,
@@ -215,14 +380,13 @@ async fn route<'h>(
     }
     if let Some(room) = msg.room.as_deref()
         && !target.allow_outside_room
-        && !conn.rooms.contains(room)
+        && !session.in_room(room)
     {
         return Err(HandleError::new(
             ErrorCode::NotInRoom,
             format!("join room `{room}` before sending `{ty}` to it"),
         ));
     }
-    let session = conn.session.clone();
     let input = CallInput {
         handler: &target.handler,
         ty,
@@ -233,14 +397,15 @@ async fn route<'h>(
         message_id: msg.message_id.as_deref(),
         metadata: msg.metadata.map(|m| m.get()),
     };
-    run_call(hub, conn, &target.plugin, &input, 0).await
+    run_call(hub, Some(session), &target.plugin, &input, 0).await
 }
 
 /// Calls a plugin and applies what it recorded. Effects apply only when the call succeeds and
-/// every effect is well-formed.
-async fn run_call(
+/// every effect is well-formed. `origin` is the session the call acts for (none for calls no
+/// client caused).
+pub async fn run_call(
     hub: &Hub,
-    conn: &mut ConnState,
+    origin: Option<&Arc<Session>>,
     plugin: &Arc<LoadedPlugin>,
     input: &CallInput<'_>,
     depth: u8,
@@ -268,7 +433,7 @@ async fn run_call(
         );
     }
     let (ack, effects) = checked?;
-    apply(hub, conn, plugin, input.room, effects, depth).await;
+    apply(hub, origin, plugin, input.room, effects, depth).await;
     Ok(ack)
 }
 
@@ -351,30 +516,38 @@ fn emit_logs(plugin: &LoadedPlugin, logs: &[(LogLevel, String)]) {
 /// Applies a call's effects in the order recorded.
 async fn apply(
     hub: &Hub,
-    conn: &mut ConnState,
+    origin: Option<&Arc<Session>>,
     plugin: &LoadedPlugin,
     origin_room: Option<&str>,
     mut effects: Vec<Effect>,
     depth: u8,
 ) {
-    let sender = conn.session.identity.0.clone();
+    let sender = origin.map(|s| s.identity.0.clone());
+    let sender = sender.as_deref();
+    let no_origin = |what: &str| {
+        tracing::warn!(plugin = %plugin.manifest.id, "{what} in a call with no origin connection: dropped");
+    };
     for effect in effects.drain(..) {
         match effect {
             Effect::Reply { ty, payload } => {
+                let Some(origin) = origin else {
+                    no_origin("a reply");
+                    continue;
+                };
                 let frame = Outbound {
                     ty: &ty,
                     room: origin_room,
                     payload: &payload,
-                    sender: Some(&sender),
+                    sender,
                 };
-                conn.push(frame.encode());
+                origin.outbox.push(frame.encode());
             }
             Effect::Send { to, ty, payload } => {
                 let frame = Outbound {
                     ty: &ty,
                     room: None,
                     payload: &payload,
-                    sender: Some(&sender),
+                    sender,
                 };
                 match hub.sessions.get(&to) {
                     Some(session) => {
@@ -396,22 +569,30 @@ async fn apply(
                     ty: &ty,
                     room: Some(&room),
                     payload: &payload,
-                    sender: Some(&sender),
+                    sender,
                 }
                 .encode();
-                let except = (!include_sender).then_some(&*conn.session.connection_id);
+                let except = origin
+                    .filter(|_| !include_sender)
+                    .map(|s| &*s.connection_id);
                 if volatile {
                     hub.rooms.broadcast_volatile(&room, &frame, except);
                 } else {
                     hub.rooms.broadcast(&room, &frame, except);
                 }
             }
-            Effect::Join { room } => {
-                join_room(hub, conn, &room, depth + 1).await;
-            }
-            Effect::Leave { room } => {
-                leave_room(hub, conn, &room, "leave", depth + 1).await;
-            }
+            Effect::Join { room } => match origin {
+                Some(origin) => {
+                    join_room(hub, origin, &room, depth + 1).await;
+                }
+                None => no_origin("a join"),
+            },
+            Effect::Leave { room } => match origin {
+                Some(origin) => {
+                    leave_room(hub, origin, &room, "leave", depth + 1).await;
+                }
+                None => no_origin("a leave"),
+            },
             Effect::KvSet { key, value } => {
                 plugin.kv.insert(key, value);
             }
@@ -430,27 +611,47 @@ fn members_json(members: &[crate::rooms::MemberInfo]) -> serde_json::Value {
         .collect()
 }
 
-/// Makes the connection join a room: tells the other members, then the plugins subscribed to
-/// `room.joined`. Returns the member list.
+/// The `presence` list of a `sys.join` ack or a `sys.presence` answer.
+pub fn presence_json(list: &[Online]) -> serde_json::Value {
+    list.iter()
+        .map(|o| {
+            json!({
+                "identity": &*o.identity,
+                "status": o.status.as_deref(),
+                "connections": o.connections,
+            })
+        })
+        .collect()
+}
+
+/// Makes the session join a room: tells the other members, counts the identity present, then
+/// tells the plugins subscribed to `room.joined`. Returns the member list. A session that has
+/// ended joins nothing (a `room.left` handler joining a closing connection leaves no ghost).
 pub async fn join_room(
     hub: &Hub,
-    conn: &mut ConnState,
+    session: &Arc<Session>,
     room: &str,
     depth: u8,
 ) -> Vec<crate::rooms::MemberInfo> {
-    if hub.rooms.join(room, &conn.session) {
-        conn.rooms.insert(Arc::from(room));
+    if session.is_ended() {
+        return hub.rooms.members(room);
+    }
+    if hub.rooms.join(room, session) {
+        session.add_room(Arc::from(room));
         let payload = json!({
             "room": room,
-            "connectionId": &*conn.session.connection_id,
-            "identity": &*conn.session.identity.0,
+            "connectionId": &*session.connection_id,
+            "identity": &*session.identity.0,
         });
         let frame = protocol::host_frame("room.joined", Some(room), &payload);
         hub.rooms
-            .broadcast(room, &frame, Some(&conn.session.connection_id));
+            .broadcast(room, &frame, Some(&session.connection_id));
+        if session.is_attached() {
+            lifecycle::arrive(hub, room, session).await;
+        }
         Box::pin(fire_event(
             hub,
-            conn,
+            session,
             HostEvent::RoomJoined,
             room,
             &payload,
@@ -461,29 +662,34 @@ pub async fn join_room(
     hub.rooms.members(room)
 }
 
-/// Makes the connection leave a room. Returns false when it was not a member.
+/// Makes the session leave a room. Returns false when it was not a member. An explicit leave
+/// of an attached session counts its identity gone from the room at once; the ends of sessions
+/// count presence themselves (see `lifecycle`).
 pub async fn leave_room(
     hub: &Hub,
-    conn: &mut ConnState,
+    session: &Arc<Session>,
     room: &str,
     reason: &str,
     depth: u8,
 ) -> bool {
-    if !hub.rooms.leave(room, &conn.session.connection_id) {
+    if !hub.rooms.leave(room, &session.connection_id) {
         return false;
     }
-    conn.rooms.remove(room);
+    session.remove_room(room);
     let payload = json!({
         "room": room,
-        "connectionId": &*conn.session.connection_id,
-        "identity": &*conn.session.identity.0,
+        "connectionId": &*session.connection_id,
+        "identity": &*session.identity.0,
         "reason": reason,
     });
     let frame = protocol::host_frame("room.left", Some(room), &payload);
     hub.rooms.broadcast(room, &frame, None);
+    if session.is_attached() {
+        lifecycle::depart(hub, room, &session.identity.0, false).await;
+    }
     Box::pin(fire_event(
         hub,
-        conn,
+        session,
         HostEvent::RoomLeft,
         room,
         &payload,
@@ -493,17 +699,9 @@ pub async fn leave_room(
     true
 }
 
-/// Leaves every room, as on disconnect.
-pub async fn leave_all(hub: &Hub, conn: &mut ConnState) {
-    let rooms: Vec<Arc<str>> = conn.rooms.iter().cloned().collect();
-    for room in rooms {
-        leave_room(hub, conn, &room, "disconnect", 0).await;
-    }
-}
-
 async fn fire_event(
     hub: &Hub,
-    conn: &mut ConnState,
+    session: &Arc<Session>,
     event: HostEvent,
     room: &str,
     payload: &serde_json::Value,
@@ -518,7 +716,6 @@ async fn fire_event(
         return;
     }
     let payload = payload.to_string();
-    let session = conn.session.clone();
     for target in subscribers {
         let input = CallInput {
             handler: &target.handler,
@@ -530,19 +727,21 @@ async fn fire_event(
             message_id: None,
             metadata: None,
         };
-        if let Err(e) = run_call(hub, conn, &target.plugin, &input, depth + 1).await {
+        if let Err(e) = run_call(hub, Some(session), &target.plugin, &input, depth + 1).await {
             tracing::warn!(plugin = %target.plugin.manifest.id, event = event.name(), "event handler failed: {}", e.wire().1);
         }
     }
 }
 
-/// Registers a session's outbox to receive the host's frames; used by the connection task.
+/// Queues `sys.welcome` to a new session: who it is, and how to resume it.
 pub fn welcome(conn: &ConnState) {
     let s = &conn.session;
     let payload = json!({
         "connectionId": &*s.connection_id,
         "sessionId": &*s.session_id,
         "identity": &*s.identity.0,
+        "resumeToken": s.resume_token(),
+        "resumed": false,
         "protocolVersion": protocol::PROTOCOL_VERSION,
         "hostVersion": env!("CARGO_PKG_VERSION"),
     });

@@ -24,12 +24,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::connection;
 use crate::error::CloseReason;
+use crate::lifecycle;
 use crate::manifest::ManifestError;
 use crate::plugin::wasm::Runtime;
 use crate::registry::{LoadOptions, Registry, ReloadEvent, RollbackError, SwapPolicy};
 use crate::rooms::Rooms;
 use crate::router::{HostLimits, Hub};
-use crate::session::Sessions;
+use crate::session::{Identity, SessionPolicy, Sessions};
 use crate::watch::{self as watcher, WatchMode};
 
 /// How a host is configured.
@@ -49,6 +50,8 @@ pub struct Config {
     /// How long a client may take to send its HTTP request head (the WebSocket upgrade request
     /// included) after connecting; then the connection is closed.
     pub request_head_timeout: Duration,
+    /// Sessions, resumes, retries, presence, heartbeats and outbox bounds.
+    pub session: SessionPolicy,
 }
 
 impl Config {
@@ -63,6 +66,7 @@ impl Config {
             read_buffer_bytes: 4096,
             swap: SwapPolicy::default(),
             request_head_timeout: Duration::from_secs(10),
+            session: SessionPolicy::default(),
         }
     }
 }
@@ -86,6 +90,7 @@ pub struct Server {
     accept: JoinHandle<()>,
     watcher: Option<JoinHandle<()>>,
     supervisor: JoinHandle<()>,
+    lifecycle: JoinHandle<()>,
 }
 
 impl Server {
@@ -106,13 +111,22 @@ impl Server {
         .map_err(StartError::Manifests)?;
         let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr().context("reading the bound address")?;
+        let (due, due_rx) = tokio::sync::mpsc::unbounded_channel();
         let hub = Arc::new(Hub {
             sessions: Sessions::default(),
             rooms,
             registry,
             limits: config.limits,
+            policy: config.session,
+            presence: Default::default(),
+            due,
             room_locks: Default::default(),
         });
+        if config.session.dev_identity {
+            tracing::warn!(
+                "development identities are on: clients choose their identity with ?devIdentity=NAME; never use this in production"
+            );
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tracker = TaskTracker::new();
         let mut ws_config = WebSocketConfig::default();
@@ -133,6 +147,7 @@ impl Server {
             let (hub, mut stop) = (hub.clone(), shutdown_rx.clone());
             tokio::spawn(async move { hub.registry.supervise(stopped(&mut stop)).await })
         };
+        let lifecycle = tokio::spawn(lifecycle::run(hub.clone(), due_rx, shutdown_rx.clone()));
         let watcher = match config.watch {
             WatchMode::Off => None,
             mode => {
@@ -148,6 +163,7 @@ impl Server {
             accept,
             watcher,
             supervisor,
+            lifecycle,
         })
     }
 
@@ -190,6 +206,11 @@ impl Server {
         let _ = self.supervisor.await;
         self.tracker.close();
         self.tracker.wait().await;
+        let _ = self.lifecycle.await;
+        // Sessions still waiting for a resume end too (their rooms tell their plugins).
+        for session in self.hub.sessions.all() {
+            lifecycle::end_session(&self.hub, &session, lifecycle::End::Shutdown).await;
+        }
     }
 }
 
@@ -338,7 +359,8 @@ fn healthz(hub: &Hub) -> Response<Full<Bytes>> {
         "hostVersion": env!("CARGO_PKG_VERSION"),
         "protocolVersion": crate::protocol::PROTOCOL_VERSION,
         "interfaceVersion": crate::plugin::wasm::INTERFACE_VERSION,
-        "connections": hub.sessions.len(),
+        "connections": hub.sessions.all().iter().filter(|s| s.is_attached()).count(),
+        "sessions": hub.sessions.len(),
         "rooms": hub.rooms.len(),
         "plugins": plugins,
         "refused": refused,
@@ -398,6 +420,29 @@ fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) ->
     })
 }
 
+/// The identity a client chose with `?devIdentity=NAME`, when the development setting allows it
+/// (otherwise the parameter is ignored).
+fn dev_identity(
+    req: &Request<Incoming>,
+    policy: &SessionPolicy,
+) -> Result<Option<Identity>, &'static str> {
+    if !policy.dev_identity {
+        return Ok(None);
+    }
+    let Some(name) = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("devIdentity=")))
+    else {
+        return Ok(None);
+    };
+    let valid = |c: char| c.is_ascii_alphanumeric() || "._-@".contains(c);
+    if name.is_empty() || name.len() > 128 || !name.chars().all(valid) {
+        return Err("devIdentity must be 1 to 128 of A-Z a-z 0-9 . _ - @\n");
+    }
+    Ok(Some(Identity(Arc::from(name))))
+}
+
 fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Full<Bytes>> {
     if !header_has(&req, header::CONNECTION, "upgrade")
         || !header_has(&req, header::UPGRADE, "websocket")
@@ -423,6 +468,11 @@ fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Full<Bytes>> {
     if *ctx.shutdown.borrow() {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
+    let identity = match dev_identity(&req, &ctx.hub.policy) {
+        Ok(Some(identity)) => identity,
+        Ok(None) => Identity::guest(),
+        Err(message) => return text_response(StatusCode::BAD_REQUEST, message),
+    };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_ctx = ctx.clone();
@@ -456,13 +506,13 @@ fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Full<Bytes>> {
                             .await
                     }
                 };
-                connection::serve(hub, ws, shutdown).await;
+                connection::serve(hub, ws, identity, shutdown).await;
             }
             Err(upgraded) => {
                 let ws =
                     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, config)
                         .await;
-                connection::serve(hub, ws, shutdown).await;
+                connection::serve(hub, ws, identity, shutdown).await;
             }
         }
     });

@@ -228,8 +228,9 @@ pub fn swap_manifest(
 /// Sends one `ty` message numbered `n` to the hot-swap fixtures' `answer` handler: the version
 /// that answered (its `answer` frame, then the ack), or the code of the `sys.error` it got.
 pub async fn answer_or_error(c: &mut Client, ty: &str, n: u64) -> Result<String, String> {
+    let id = c.next_id();
     let (before, last) = c
-        .request(json!({"type": ty, "messageId": format!("{ty}-{n}"), "payload": {"n": n}}))
+        .request(json!({"type": ty, "messageId": id, "payload": {"n": n}}))
         .await;
     if last["type"] == "sys.error" {
         assert!(before.is_empty(), "{before:?}");
@@ -456,9 +457,12 @@ pub async fn wait_reload<T>(
 // The client
 // ---------------------------------------------------------------------------------------------
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A Plexus client over a real WebSocket.
+///
+/// Every frame it reads with a `seq` must carry the next one (1 first, then +1 with no gap):
+/// every test checks the session's sequence as a side effect.
 #[derive(Debug)]
 pub struct Client {
     ws: Ws,
@@ -466,13 +470,28 @@ pub struct Client {
     pub welcome: Value,
     pub connection_id: String,
     pub identity: String,
-    next_id: u64,
+    pub session_id: String,
+    pub resume_token: String,
+    /// The `seq` of the last frame read (0 before the first).
+    pub last_seq: u64,
 }
 
 impl Client {
     /// Connects to `ws://addr/ws` and reads the welcome frame.
     pub async fn connect(addr: SocketAddr) -> Client {
-        let url = format!("ws://{addr}/ws");
+        Client::connect_to(addr, "/ws").await
+    }
+
+    /// Connects as `identity` (a host with development identities on).
+    pub async fn connect_as(addr: SocketAddr, identity: &str) -> Client {
+        let client = Client::connect_to(addr, &format!("/ws?devIdentity={identity}")).await;
+        assert_eq!(client.identity, identity);
+        client
+    }
+
+    /// Connects to `ws://addr{path}` and reads the welcome frame.
+    pub async fn connect_to(addr: SocketAddr, path: &str) -> Client {
+        let url = format!("ws://{addr}{path}");
         let (ws, _) = within(
             "the WebSocket handshake",
             tokio_tungstenite::connect_async(url),
@@ -484,19 +503,72 @@ impl Client {
             welcome: Value::Null,
             connection_id: String::new(),
             identity: String::new(),
-            next_id: 0,
+            session_id: String::new(),
+            resume_token: String::new(),
+            last_seq: 0,
         };
         let welcome = client.recv_type("sys.welcome").await;
+        assert_eq!(welcome["seq"], 1, "the welcome is a session's first frame");
         client.connection_id = str_at(&welcome, "/payload/connectionId").to_owned();
         client.identity = str_at(&welcome, "/payload/identity").to_owned();
+        client.session_id = str_at(&welcome, "/payload/sessionId").to_owned();
+        client.resume_token = str_at(&welcome, "/payload/resumeToken").to_owned();
         client.welcome = welcome;
         client
     }
 
-    /// A fresh client `messageId`.
+    /// Opens a new connection and resumes the session `of` had, as having processed every
+    /// frame up to `last_seq`. Returns the new client (carrying that session), the frames
+    /// before the answer, and the answer (`sys.ack`, or `sys.error` `resume_failed`: then the
+    /// client is the fresh session it was welcomed with).
+    pub async fn resume(
+        addr: SocketAddr,
+        session_id: &str,
+        resume_token: &str,
+        last_seq: u64,
+    ) -> (Client, Vec<Value>, Value) {
+        let mut client = Client::connect(addr).await;
+        let fresh_seq = client.last_seq;
+        let id = client.next_id();
+        client
+            .send(json!({
+                "type": "sys.resume",
+                "messageId": id,
+                "payload": {
+                    "sessionId": session_id,
+                    "resumeToken": resume_token,
+                    "lastSeq": last_seq,
+                },
+            }))
+            .await;
+        // A success continues the resumed session's sequence; a failure the fresh one's.
+        client.last_seq = last_seq;
+        let mut before = Vec::new();
+        let answer = loop {
+            let frame = client.recv_raw().await;
+            if frame["type"] == "sys.error" && frame["payload"]["ref"] == id.as_str() {
+                assert_eq!(frame["seq"], fresh_seq + 1, "{frame}");
+                client.last_seq = fresh_seq + 1;
+                break frame;
+            }
+            client.check_seq(&frame);
+            if frame["type"] == "sys.ack" && frame["payload"]["ref"] == id.as_str() {
+                client.connection_id = str_at(&frame, "/payload/connectionId").to_owned();
+                client.identity = str_at(&frame, "/payload/identity").to_owned();
+                client.session_id = session_id.to_owned();
+                client.resume_token = resume_token.to_owned();
+                break frame;
+            }
+            before.push(frame);
+        };
+        (client, before, answer)
+    }
+
+    /// A fresh client `messageId`, unique in the test process (a resumed session holds
+    /// answers to the ids of the connections before).
     pub fn next_id(&mut self) -> String {
-        self.next_id += 1;
-        format!("t-{}", self.next_id)
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        format!("t-{}", NEXT.fetch_add(1, Ordering::Relaxed))
     }
 
     pub async fn send(&mut self, frame: Value) {
@@ -544,8 +616,29 @@ impl Client {
         .await
     }
 
-    /// The next frame, parsed. Fails the test on anything but a JSON text frame.
+    /// The next frame, parsed, its `seq` checked. Fails the test on anything but a JSON text
+    /// frame.
     pub async fn recv(&mut self) -> Value {
+        let frame = self.recv_raw().await;
+        self.check_seq(&frame);
+        frame
+    }
+
+    /// Asserts that a frame with a `seq` carries the next one.
+    fn check_seq(&mut self, frame: &Value) {
+        if let Some(seq) = frame.get("seq") {
+            assert_eq!(
+                seq.as_u64(),
+                Some(self.last_seq + 1),
+                "a gap or repeat in the session's seq after {}: {frame}",
+                self.last_seq
+            );
+            self.last_seq += 1;
+        }
+    }
+
+    /// The next frame, parsed, its `seq` not checked.
+    async fn recv_raw(&mut self) -> Value {
         match self.next_message().await {
             Some(Message::Text(text)) => serde_json::from_str(&text)
                 .unwrap_or_else(|e| panic!("the host sent invalid JSON {text:?}: {e}")),
@@ -673,7 +766,9 @@ impl Client {
             match self.next_message().await {
                 Some(Message::Close(frame)) => return (before, frame),
                 Some(Message::Text(text)) => {
-                    before.push(serde_json::from_str(&text).expect("JSON text"));
+                    let frame: Value = serde_json::from_str(&text).expect("JSON text");
+                    self.check_seq(&frame);
+                    before.push(frame);
                 }
                 Some(other) => panic!("expected a close, got {other:?}"),
                 None => panic!("the stream ended without a close frame"),
@@ -690,6 +785,11 @@ impl Client {
     /// Drops the TCP connection without a close handshake.
     pub fn drop_connection(self) {
         drop(self.ws);
+    }
+
+    /// Answers nothing any more, pings included, until the returned socket is read again.
+    pub fn stop_reading(self) -> Ws {
+        self.ws
     }
 }
 

@@ -1,16 +1,24 @@
-//! Sessions: who a connection is (connection id, session id, identity) and the registry that
-//! finds a session's outbox by connection id.
+//! Sessions: who is on the other end (connection id, session id, identity) and what outlives a
+//! connection so that a client can resume: the session's stream of frames ([`outbox`]), its
+//! rooms, its retry window ([`dedupe`]) and its resume token. The registry finds a session by
+//! connection id (plugins address connections) and by session id (a resume).
 
-use std::sync::Arc;
-
-use dashmap::DashMap;
-
+pub mod dedupe;
 pub mod outbox;
 
-use outbox::{Outbox, OutboxRx, outbox};
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use subtle::ConstantTimeEq;
+
+use dedupe::Dedupe;
+use outbox::{Bounds, Outbox, outbox};
 
 /// Who is on the other end of a connection. Filled by the host (later: by the auth layer),
-/// never taken from the client.
+/// never taken from the client (except with the development setting
+/// [`SessionPolicy::dev_identity`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity(pub Arc<str>);
 
@@ -23,67 +31,273 @@ impl Identity {
     }
 }
 
-/// One live session: the shared, read-only facts about a connection plus its outbox.
+/// How sessions, resumes, retries, presence and heartbeats behave (docs/operations.md lists
+/// each with its flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionPolicy {
+    /// What a session's stream holds: the live queue of its connection and the frames kept for
+    /// a resume.
+    pub bounds: Bounds,
+    /// How long a session waits for a resume after its connection dropped.
+    pub resume_ttl: Duration,
+    /// How many handled `messageId`s a session remembers, and for how long.
+    pub dedupe_ids: usize,
+    pub dedupe_ttl: Duration,
+    /// How long an identity stays online in a room after its last connection there dropped.
+    pub presence_grace: Duration,
+    /// WebSocket pings: sent after this long without one, answered within `pong_timeout`.
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    /// How long one write to a socket may take; then the client is closed as a slow consumer.
+    pub write_timeout: Duration,
+    /// Development only, never authentication: a client chooses its identity with the query
+    /// parameter `devIdentity` (so that two connections can share one).
+    pub dev_identity: bool,
+}
+
+impl Default for SessionPolicy {
+    fn default() -> Self {
+        SessionPolicy {
+            bounds: Bounds::default(),
+            resume_ttl: Duration::from_secs(120),
+            dedupe_ids: 1024,
+            dedupe_ttl: Duration::from_secs(120),
+            presence_grace: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(20),
+            write_timeout: Duration::from_secs(10),
+            dev_identity: false,
+        }
+    }
+}
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    /// A connection drives it.
+    Attached,
+    /// Its connection dropped; it waits for a resume. `epoch` tells detachments apart.
+    Detached { epoch: u64 },
+    /// Over: closed by its client, expired, or the host shut down.
+    Ended,
+}
+
+/// One session: the shared facts about it and what it owns.
 #[derive(Debug)]
 pub struct Session {
+    /// The connection id plugins see. A resumed session keeps it: it names the session's
+    /// logical connection, whichever socket carries it.
     pub connection_id: Arc<str>,
     pub session_id: Arc<str>,
     pub identity: Identity,
+    resume_token: Box<str>,
     pub outbox: Outbox,
+    rooms: Mutex<BTreeSet<Arc<str>>>,
+    dedupe: Mutex<Dedupe>,
+    /// Held by the connection task driving the session: one at a time, so that a connection
+    /// taking the session over waits for the old one's message in hand.
+    driver: Arc<tokio::sync::Mutex<()>>,
+    life: Mutex<(Life, u64)>,
 }
 
-/// All sessions of this host, by connection id.
+/// The right to drive a session, held by its connection task.
+pub type Driver = tokio::sync::OwnedMutexGuard<()>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves its data consistent, even if it panicked.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Session {
+    /// The secret a client presents to resume this session.
+    pub fn resume_token(&self) -> &str {
+        &self.resume_token
+    }
+
+    /// Whether `token` is this session's resume token, compared in constant time.
+    pub fn token_matches(&self, token: &str) -> bool {
+        self.resume_token.as_bytes().ct_eq(token.as_bytes()).into()
+    }
+
+    /// The rooms this session is a member of.
+    pub fn rooms(&self) -> Vec<Arc<str>> {
+        lock(&self.rooms).iter().cloned().collect()
+    }
+
+    pub fn in_room(&self, room: &str) -> bool {
+        lock(&self.rooms).contains(room)
+    }
+
+    /// Records a membership; false when it was recorded already.
+    pub fn add_room(&self, room: Arc<str>) -> bool {
+        lock(&self.rooms).insert(room)
+    }
+
+    /// Forgets a membership; false when there was none.
+    pub fn remove_room(&self, room: &str) -> bool {
+        lock(&self.rooms).remove(room)
+    }
+
+    /// The retry window.
+    pub fn dedupe(&self) -> MutexGuard<'_, Dedupe> {
+        lock(&self.dedupe)
+    }
+
+    /// The right to drive this session, if no connection holds it.
+    pub fn try_drive(&self) -> Option<Driver> {
+        self.driver.clone().try_lock_owned().ok()
+    }
+
+    /// The right to drive this session, once the connection holding it lets go.
+    pub async fn drive(&self) -> Driver {
+        self.driver.clone().lock_owned().await
+    }
+
+    /// Marks the session driven by a connection again; false when it has ended.
+    pub fn mark_attached(&self) -> bool {
+        let mut life = lock(&self.life);
+        if life.0 == Life::Ended {
+            return false;
+        }
+        life.0 = Life::Attached;
+        true
+    }
+
+    /// Marks the session's connection gone; returns the detachment's epoch, or `None` when
+    /// the session has ended.
+    pub fn mark_detached(&self) -> Option<u64> {
+        let mut life = lock(&self.life);
+        if life.0 == Life::Ended {
+            return None;
+        }
+        life.1 += 1;
+        let epoch = life.1;
+        life.0 = Life::Detached { epoch };
+        Some(epoch)
+    }
+
+    /// Whether the session is still detached since the detachment `epoch`.
+    pub fn detached_since(&self, epoch: u64) -> bool {
+        lock(&self.life).0 == Life::Detached { epoch }
+    }
+
+    /// Whether a connection is attached.
+    pub fn is_attached(&self) -> bool {
+        lock(&self.life).0 == Life::Attached
+    }
+
+    /// Whether the session has ended.
+    pub fn is_ended(&self) -> bool {
+        lock(&self.life).0 == Life::Ended
+    }
+
+    /// Ends the session; true the first time only.
+    pub fn mark_ended(&self) -> bool {
+        let mut life = lock(&self.life);
+        let first = life.0 != Life::Ended;
+        life.0 = Life::Ended;
+        first
+    }
+}
+
+/// Why a session could not be found for a resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// This host never had it, or it ended by its client's close.
+    Unknown,
+    /// It waited for a resume longer than the resume TTL.
+    Expired,
+}
+
+/// How many expired session ids are remembered (to answer `expired` rather than
+/// `unknown_session`).
+const EXPIRED_MEMORY: usize = 65_536;
+
+/// All sessions of this host, by connection id and by session id.
 #[derive(Debug, Default)]
 pub struct Sessions {
     by_connection: DashMap<Arc<str>, Arc<Session>>,
+    by_session: DashMap<Arc<str>, Arc<Session>>,
+    expired: Mutex<VecDeque<Arc<str>>>,
 }
 
 impl Sessions {
-    /// Registers a new session with a fresh connection and session id.
-    pub fn open(&self, identity: Identity, outbox_capacity: usize) -> (Arc<Session>, OutboxRx) {
-        let (tx, rx) = outbox(outbox_capacity);
+    /// Registers a new session with a fresh connection id, session id and resume token.
+    pub fn open(&self, identity: Identity, policy: &SessionPolicy) -> Arc<Session> {
         let id = uuid::Uuid::new_v4().simple().to_string();
+        let token: [u8; 32] = rand::random();
         let session = Arc::new(Session {
             connection_id: format!("c-{}", &id[..16]).into(),
             session_id: format!("s-{}", &id[16..]).into(),
             identity,
-            outbox: tx,
+            resume_token: token.iter().map(|b| format!("{b:02x}")).collect(),
+            outbox: outbox(policy.bounds),
+            rooms: Mutex::default(),
+            dedupe: Mutex::new(Dedupe::new(policy.dedupe_ids, policy.dedupe_ttl)),
+            driver: Arc::default(),
+            life: Mutex::new((Life::Attached, 0)),
         });
         self.by_connection
             .insert(session.connection_id.clone(), session.clone());
-        (session, rx)
+        self.by_session
+            .insert(session.session_id.clone(), session.clone());
+        session
     }
 
-    /// Forgets a session.
-    pub fn close(&self, connection_id: &str) {
-        self.by_connection.remove(connection_id);
+    /// Forgets a session (it has ended); `expired` when it ended waiting for a resume.
+    pub fn remove(&self, session: &Session, expired: bool) {
+        self.by_connection.remove(&session.connection_id);
+        self.by_session.remove(&session.session_id);
+        if expired {
+            let mut list = lock(&self.expired);
+            if list.len() >= EXPIRED_MEMORY {
+                list.pop_front();
+            }
+            list.push_back(session.session_id.clone());
+        }
     }
 
-    /// The session of a connection, if it is on this host.
+    /// The session of a connection id, if it is on this host.
     pub fn get(&self, connection_id: &str) -> Option<Arc<Session>> {
         self.by_connection.get(connection_id).map(|s| s.clone())
     }
 
-    /// Asks every open session to close once its queued frames are written.
+    /// The session with this session id, for a resume.
+    pub fn find(&self, session_id: &str) -> Result<Arc<Session>, Missing> {
+        if let Some(s) = self.by_session.get(session_id) {
+            return Ok(s.clone());
+        }
+        if lock(&self.expired).iter().any(|id| &**id == session_id) {
+            return Err(Missing::Expired);
+        }
+        Err(Missing::Unknown)
+    }
+
+    /// Asks every attached connection to close once its queued frames are written.
     pub fn close_all(&self, reason: crate::error::CloseReason) {
-        for session in self.by_connection.iter() {
+        for session in self.by_session.iter() {
             session.outbox.close(reason);
         }
     }
 
-    /// How many sessions are open.
+    /// Every session, attached or waiting for a resume.
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.by_session.iter().map(|s| s.clone()).collect()
+    }
+
+    /// How many sessions exist (attached or waiting for a resume).
     pub fn len(&self) -> usize {
-        self.by_connection.len()
+        self.by_session.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_connection.is_empty()
+        self.by_session.is_empty()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Identity;
+    use super::*;
 
     #[test]
     fn guest_identities_carry_128_random_bits() {
@@ -92,5 +306,36 @@ mod tests {
         assert_eq!(hex.len(), 32, "{a:?}");
         assert!(u128::from_str_radix(hex, 16).is_ok(), "{a:?}");
         assert_ne!(a, Identity::guest());
+    }
+
+    #[test]
+    fn sessions_are_found_by_both_ids_and_expired_ones_are_told_apart() {
+        let sessions = Sessions::default();
+        let policy = SessionPolicy::default();
+        let s = sessions.open(Identity::guest(), &policy);
+        assert!(sessions.get(&s.connection_id).is_some());
+        assert!(sessions.find(&s.session_id).is_ok());
+        assert!(s.token_matches(s.resume_token()));
+        assert!(!s.token_matches("nope"));
+        assert_eq!(s.resume_token().len(), 64);
+        sessions.remove(&s, true);
+        assert_eq!(sessions.find(&s.session_id).unwrap_err(), Missing::Expired);
+        assert_eq!(sessions.find("s-other").unwrap_err(), Missing::Unknown);
+        assert!(sessions.get(&s.connection_id).is_none());
+    }
+
+    #[test]
+    fn life_epochs_tell_detachments_apart() {
+        let s = Sessions::default().open(Identity::guest(), &SessionPolicy::default());
+        let first = s.mark_detached().unwrap();
+        assert!(s.detached_since(first));
+        assert!(s.mark_attached());
+        assert!(!s.detached_since(first));
+        let second = s.mark_detached().unwrap();
+        assert_ne!(first, second);
+        assert!(s.mark_ended());
+        assert!(!s.mark_ended());
+        assert!(!s.mark_attached());
+        assert_eq!(s.mark_detached(), None);
     }
 }

@@ -1,6 +1,13 @@
-//! The per-session outbox: every host-to-client frame of a connection passes through it, in
-//! order. It is bounded; a client that does not read fast enough is closed as a slow consumer.
-//! The connection task takes everything queued at once, writes it, and flushes once.
+//! A session's stream of host-to-client frames: every frame a session receives passes through
+//! it, in order. A non-volatile frame gets the session's next `seq` and is kept (bounded by frames
+//! and bytes) for a resume; the live queue holds what the attached connection has yet to write,
+//! bounded by frames and bytes: a client that does not read fast enough is closed as a slow
+//! consumer, and what it missed stays kept. Volatile frames get no `seq`, are not kept, and are
+//! the first dropped. The connection task takes everything queued at once, writes it, and flushes
+//! once.
+//!
+//! The stream outlives its connection: a receiver is attached per connection ([`Outbox::attach`])
+//! and detached when dropped; meanwhile frames are kept only.
 //!
 //! The receiver is woken through an [`AtomicWaker`] that it arms only when it is about to sleep:
 //! frames a connection queues for itself while it handles a message are written right after,
@@ -17,23 +24,69 @@ use futures_util::task::AtomicWaker;
 use crate::error::CloseReason;
 use crate::protocol::Frame;
 
-#[derive(Debug, Default)]
-struct Queue {
-    frames: VecDeque<Frame>,
-    close: Option<CloseReason>,
+/// How much a stream holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Frames queued for the connection and not yet written; one more closes it (1013).
+    pub live_frames: usize,
+    /// Bytes queued for the connection and not yet written; more close it (1013). A frame larger
+    /// than this alone is still queued when nothing else is.
+    pub live_bytes: usize,
+    /// Non-volatile frames kept for a resume (the oldest go first).
+    pub kept_frames: usize,
+    /// Bytes of non-volatile frames kept for a resume (the oldest go first).
+    pub kept_bytes: usize,
 }
 
-#[derive(Debug, Default)]
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds {
+            live_frames: 4096,
+            live_bytes: 4 << 20,
+            kept_frames: 1000,
+            kept_bytes: 1 << 20,
+        }
+    }
+}
+
+/// A frame and its place in the session's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The frame's `seq`; 0 for a volatile frame, which has none.
+    pub seq: u64,
+    /// The frame without its `seq` (shared by every recipient of a broadcast).
+    pub frame: Frame,
+}
+
+#[derive(Debug)]
+struct Queue {
+    /// What the attached connection has yet to write.
+    live: VecDeque<Entry>,
+    live_bytes: usize,
+    /// The non-volatile frames kept for a resume: contiguous `seq`s ending at `next_seq - 1`.
+    kept: VecDeque<Entry>,
+    kept_bytes: usize,
+    next_seq: u64,
+    /// The generation of the attached receiver, if any.
+    attached: Option<u64>,
+    generations: u64,
+    /// A close request to the attached receiver.
+    close: Option<CloseReason>,
+    /// The session is over: nothing is queued any more.
+    ended: bool,
+}
+
+#[derive(Debug)]
 struct Shared {
     queue: Mutex<Queue>,
+    bounds: Bounds,
     /// The receiver's task while it sleeps: woken by a frame or a close request, and by the
     /// holders of a [`ReceiverWaker`] (the connection's socket), so that it arms one waker for
     /// everything it waits on.
     ready: AtomicWaker,
-    /// Whether the queue holds frames or a close request: lets the receiver look without the
-    /// lock. Written under the lock.
+    /// Whether the live queue holds frames or a close request: lets the receiver look without
+    /// the lock. Written under the lock.
     signalled: AtomicBool,
-    closed: AtomicBool,
 }
 
 impl Shared {
@@ -43,17 +96,18 @@ impl Shared {
     }
 }
 
-/// The sending side of an outbox; cheap to clone.
+/// The sending side of a session's stream; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Outbox {
     shared: Arc<Shared>,
-    capacity: usize,
 }
 
-/// The receiving side, owned by the connection task. Dropping it closes the outbox.
+/// The receiving side, owned by the connection task attached to the session. Dropping it
+/// detaches the connection: frames are then kept only.
 #[derive(Debug)]
 pub struct OutboxRx {
     shared: Arc<Shared>,
+    generation: u64,
 }
 
 /// Wakes an outbox's receiver for another reason than its outbox (its socket became readable),
@@ -70,74 +124,234 @@ impl ReceiverWaker {
     }
 }
 
-/// Creates an outbox holding at most `capacity` undelivered frames.
-pub fn outbox(capacity: usize) -> (Outbox, OutboxRx) {
-    let shared = Arc::new(Shared::default());
-    (
-        Outbox {
-            shared: shared.clone(),
-            capacity,
-        },
-        OutboxRx { shared },
-    )
+/// Why a receiver could not be attached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    /// Frames after the client's last `seq` are no longer all kept.
+    #[error("frames {first_missing} to {first_kept_or_next} are no longer kept")]
+    Gap {
+        first_missing: u64,
+        first_kept_or_next: u64,
+    },
+    /// The client claims a `seq` the session never sent.
+    #[error("lastSeq {last_seq} is ahead of the session's last seq {last_sent}")]
+    Ahead { last_seq: u64, last_sent: u64 },
+    /// Another connection is attached.
+    #[error("another connection is attached")]
+    Attached,
+    /// The session is over.
+    #[error("the session has ended")]
+    Ended,
+}
+
+/// Creates a session's stream, detached.
+pub fn outbox(bounds: Bounds) -> Outbox {
+    Outbox {
+        shared: Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                live: VecDeque::new(),
+                live_bytes: 0,
+                kept: VecDeque::new(),
+                kept_bytes: 0,
+                next_seq: 1,
+                attached: None,
+                generations: 0,
+                close: None,
+                ended: false,
+            }),
+            bounds,
+            ready: AtomicWaker::new(),
+            signalled: AtomicBool::new(false),
+        }),
+    }
 }
 
 impl Outbox {
-    /// Queues a frame. Returns false when the frame was not queued: the connection is closing,
-    /// or its outbox overflowed (then the connection is told to close as a slow consumer).
+    /// Queues a non-volatile frame: it gets the next `seq`, is kept for a resume and, when a
+    /// connection is attached, queued for it. An overflow of the live queue closes the
+    /// connection as a slow consumer (the frames it missed stay kept). Returns false when the
+    /// session is over.
     pub fn push(&self, frame: Frame) -> bool {
-        if self.shared.closed.load(Ordering::Relaxed) {
-            return false;
-        }
+        let bounds = &self.shared.bounds;
         let mut queue = self.shared.lock();
-        if queue.close.is_some() {
+        if queue.ended {
             return false;
         }
-        if queue.frames.len() >= self.capacity {
+        let seq = queue.next_seq;
+        queue.next_seq += 1;
+        let len = frame.len();
+        let entry = Entry { seq, frame };
+        if bounds.kept_frames > 0 {
+            queue.kept.push_back(entry.clone());
+            queue.kept_bytes += len;
+            while queue.kept.len() > bounds.kept_frames
+                || (queue.kept_bytes > bounds.kept_bytes && !queue.kept.is_empty())
+            {
+                if let Some(old) = queue.kept.pop_front() {
+                    queue.kept_bytes -= old.frame.len();
+                }
+            }
+        }
+        if queue.attached.is_none() || queue.close.is_some() {
+            return true;
+        }
+        if !queue.live.is_empty()
+            && (queue.live.len() >= bounds.live_frames
+                || queue.live_bytes + len > bounds.live_bytes)
+        {
             queue.close = Some(CloseReason::SlowConsumer);
-            queue.frames.clear();
+            queue.live.clear();
+            queue.live_bytes = 0;
             self.shared.signalled.store(true, Ordering::Release);
             drop(queue);
-            self.shared.closed.store(true, Ordering::Relaxed);
             self.shared.ready.wake();
+            return true;
+        }
+        self.enqueue(queue, entry, len);
+        true
+    }
+
+    /// Queues a volatile frame (a typing indicator, a cursor move): one a late or slow client
+    /// can do without. It has no `seq` and is not kept; it is dropped, and the connection left
+    /// open, when no connection is attached or the live queue is half full (by frames or bytes),
+    /// so that a slow consumer loses these first. Returns whether it was queued.
+    pub fn push_volatile(&self, frame: Frame) -> bool {
+        let bounds = &self.shared.bounds;
+        let queue = self.shared.lock();
+        let len = frame.len();
+        if queue.ended
+            || queue.attached.is_none()
+            || queue.close.is_some()
+            || queue.live.len() >= bounds.live_frames / 2
+            || queue.live_bytes + len > bounds.live_bytes / 2
+        {
             return false;
         }
-        let was_empty = queue.frames.is_empty();
-        queue.frames.push_back(frame);
+        self.enqueue(queue, Entry { seq: 0, frame }, len);
+        true
+    }
+
+    fn enqueue(&self, mut queue: MutexGuard<'_, Queue>, entry: Entry, len: usize) {
+        let was_empty = queue.live.is_empty();
+        queue.live.push_back(entry);
+        queue.live_bytes += len;
         self.shared.signalled.store(true, Ordering::Release);
         drop(queue);
         if was_empty {
             self.shared.ready.wake();
         }
-        true
     }
 
-    /// Queues a volatile frame (a typing indicator, a cursor move): one a late or slow client
-    /// can do without. It is dropped, and the connection left open, when the outbox is half
-    /// full, so that a slow consumer loses these first. Returns whether it was queued.
-    pub fn push_volatile(&self, frame: Frame) -> bool {
-        if self.shared.lock().frames.len() >= self.capacity / 2 {
-            return false;
-        }
-        self.push(frame)
-    }
-
-    /// Tells the connection to close once the frames already queued are written (the first
-    /// reason wins).
+    /// Tells the attached connection, if any, to close once the frames already queued are
+    /// written (the first reason wins).
     pub fn close(&self, reason: CloseReason) {
         let mut queue = self.shared.lock();
-        if queue.close.is_none() {
+        if queue.attached.is_some() && queue.close.is_none() {
             queue.close = Some(reason);
             self.shared.signalled.store(true, Ordering::Release);
             drop(queue);
-            self.shared.closed.store(true, Ordering::Relaxed);
             self.shared.ready.wake();
         }
     }
 
-    /// Whether the connection is closing.
-    pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::Relaxed)
+    /// Ends the stream: nothing more is queued or kept, and the attached connection, if any, is
+    /// told to close with `reason` after what is queued.
+    pub fn end(&self, reason: CloseReason) {
+        self.close(reason);
+        let mut queue = self.shared.lock();
+        queue.ended = true;
+        queue.kept.clear();
+        queue.kept_bytes = 0;
+    }
+
+    /// Whether a connection is attached (and not asked to close).
+    pub fn is_attached(&self) -> bool {
+        let queue = self.shared.lock();
+        queue.attached.is_some() && queue.close.is_none()
+    }
+
+    /// Attaches a connection that has processed every frame up to `last_seq`: its live queue
+    /// starts with the kept frames after `last_seq` (returned: how many). Fails, changing
+    /// nothing, when one of them is no longer kept or a connection is attached.
+    pub fn attach(&self, last_seq: u64) -> Result<(OutboxRx, usize), AttachError> {
+        let mut queue = self.shared.lock();
+        if queue.ended {
+            return Err(AttachError::Ended);
+        }
+        if queue.attached.is_some() {
+            return Err(AttachError::Attached);
+        }
+        let first_kept = Self::check_resumable(&queue, last_seq)?;
+        let skip = (last_seq + 1 - first_kept) as usize;
+        let replay: VecDeque<Entry> = queue.kept.iter().skip(skip).cloned().collect();
+        let replayed = replay.len();
+        queue.live_bytes = replay.iter().map(|e| e.frame.len()).sum();
+        queue.live = replay;
+        queue.generations += 1;
+        let generation = queue.generations;
+        queue.attached = Some(generation);
+        queue.close = None;
+        self.shared
+            .signalled
+            .store(!queue.live.is_empty(), Ordering::Release);
+        drop(queue);
+        Ok((
+            OutboxRx {
+                shared: self.shared.clone(),
+                generation,
+            },
+            replayed,
+        ))
+    }
+
+    /// Whether a connection that processed every frame up to `last_seq` could attach (every
+    /// frame after it is kept), whether or not one is attached now.
+    pub fn resumable(&self, last_seq: u64) -> Result<(), AttachError> {
+        let queue = self.shared.lock();
+        if queue.ended {
+            return Err(AttachError::Ended);
+        }
+        Self::check_resumable(&queue, last_seq).map(|_| ())
+    }
+
+    /// The first kept `seq` when every frame after `last_seq` is kept.
+    fn check_resumable(queue: &Queue, last_seq: u64) -> Result<u64, AttachError> {
+        let last_sent = queue.next_seq - 1;
+        if last_seq > last_sent {
+            return Err(AttachError::Ahead {
+                last_seq,
+                last_sent,
+            });
+        }
+        let first_kept = queue.next_seq - queue.kept.len() as u64;
+        if last_seq + 1 < first_kept {
+            return Err(AttachError::Gap {
+                first_missing: last_seq + 1,
+                first_kept_or_next: first_kept,
+            });
+        }
+        Ok(first_kept)
+    }
+
+    /// Forgets the kept frames up to `seq` (the client has processed them).
+    pub fn trim(&self, seq: u64) {
+        let mut queue = self.shared.lock();
+        while queue.kept.front().is_some_and(|e| e.seq <= seq) {
+            if let Some(old) = queue.kept.pop_front() {
+                queue.kept_bytes -= old.frame.len();
+            }
+        }
+    }
+
+    /// The `seq` of the last non-volatile frame queued (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.shared.lock().next_seq - 1
+    }
+
+    /// How many frames and bytes are kept for a resume.
+    pub fn kept(&self) -> (usize, usize) {
+        let queue = self.shared.lock();
+        (queue.kept.len(), queue.kept_bytes)
     }
 }
 
@@ -154,13 +368,13 @@ impl OutboxRx {
     /// Waits until frames are queued and moves all of them into `batch` (which must be empty),
     /// or returns the close request once every frame queued before it was taken.
     /// Cancel-safe: frames stay queued until a call returns them.
-    pub async fn next(&mut self, batch: &mut VecDeque<Frame>) -> Next {
+    pub async fn next(&mut self, batch: &mut VecDeque<Entry>) -> Next {
         poll_fn(|cx| self.poll_next(cx, batch)).await
     }
 
     /// Like [`OutboxRx::next`], as a poll: when nothing is queued, arms the wake-up for `cx`
     /// and returns `Pending`.
-    pub fn poll_next(&mut self, cx: &mut Context<'_>, batch: &mut VecDeque<Frame>) -> Poll<Next> {
+    pub fn poll_next(&mut self, cx: &mut Context<'_>, batch: &mut VecDeque<Entry>) -> Poll<Next> {
         if let Some(next) = self.try_next(batch) {
             return Poll::Ready(next);
         }
@@ -186,14 +400,19 @@ impl OutboxRx {
     }
 
     /// Like [`OutboxRx::next`] without waiting.
-    pub fn try_next(&mut self, batch: &mut VecDeque<Frame>) -> Option<Next> {
+    pub fn try_next(&mut self, batch: &mut VecDeque<Entry>) -> Option<Next> {
         debug_assert!(batch.is_empty());
         if !self.shared.signalled.load(Ordering::Acquire) {
             return None;
         }
         let mut queue = self.shared.lock();
-        if !queue.frames.is_empty() {
-            std::mem::swap(batch, &mut queue.frames);
+        if queue.attached != Some(self.generation) {
+            // Detached under it (cannot happen while it lives; kept for safety).
+            return Some(Next::Close(CloseReason::TakenOver));
+        }
+        if !queue.live.is_empty() {
+            std::mem::swap(batch, &mut queue.live);
+            queue.live_bytes = 0;
             if queue.close.is_none() {
                 self.shared.signalled.store(false, Ordering::Release);
             }
@@ -205,8 +424,14 @@ impl OutboxRx {
 
 impl Drop for OutboxRx {
     fn drop(&mut self) {
-        self.shared.closed.store(true, Ordering::Relaxed);
-        self.shared.lock().frames.clear();
+        let mut queue = self.shared.lock();
+        if queue.attached == Some(self.generation) {
+            queue.attached = None;
+            queue.close = None;
+            queue.live.clear();
+            queue.live_bytes = 0;
+            self.shared.signalled.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -214,58 +439,163 @@ impl Drop for OutboxRx {
 mod tests {
     use super::*;
 
+    fn bounds(live_frames: usize, kept_frames: usize) -> Bounds {
+        Bounds {
+            live_frames,
+            live_bytes: 1 << 20,
+            kept_frames,
+            kept_bytes: 1 << 20,
+        }
+    }
+
+    fn seqs(batch: &VecDeque<Entry>) -> Vec<u64> {
+        batch.iter().map(|e| e.seq).collect()
+    }
+
     #[tokio::test]
-    async fn overflow_closes_as_slow_consumer_and_drops_the_backlog() {
-        let (tx, mut rx) = outbox(2);
+    async fn overflow_closes_as_slow_consumer_and_keeps_what_was_missed() {
+        let tx = outbox(bounds(2, 100));
+        let (mut rx, _) = tx.attach(0).unwrap();
         assert!(tx.push("a".into()));
         assert!(tx.push("b".into()));
-        assert!(!tx.push("c".into()));
-        assert!(!tx.push("d".into()));
-        assert!(tx.is_closed());
+        assert!(tx.push("c".into()));
+        assert!(!tx.is_attached());
         let mut batch = VecDeque::new();
         assert_eq!(
             rx.next(&mut batch).await,
             Next::Close(CloseReason::SlowConsumer)
         );
         assert!(batch.is_empty());
+        drop(rx);
+        // Still kept for a resume, and pushes go on being kept.
+        assert!(tx.push("d".into()));
+        let (mut rx, replayed) = tx.attach(0).unwrap();
+        assert_eq!(replayed, 4);
+        assert_eq!(rx.next(&mut batch).await, Next::Frames);
+        assert_eq!(seqs(&batch), [1, 2, 3, 4]);
     }
 
     #[tokio::test]
-    async fn volatile_frames_are_dropped_from_half_full_without_closing() {
-        let (tx, mut rx) = outbox(4);
+    async fn live_bytes_are_bounded_too() {
+        let tx = outbox(Bounds {
+            live_frames: 100,
+            live_bytes: 10,
+            kept_frames: 100,
+            kept_bytes: 100,
+        });
+        let (mut rx, _) = tx.attach(0).unwrap();
+        // A frame larger than the bound alone is queued.
+        assert!(tx.push("0123456789ab".into()));
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.next(&mut batch).await, Next::Frames);
+        batch.clear();
+        assert!(tx.push("01234".into()));
+        assert!(tx.push("01234".into()));
+        assert!(tx.is_attached());
+        assert!(tx.push("0".into()));
+        assert!(!tx.is_attached());
+    }
+
+    #[tokio::test]
+    async fn volatile_frames_have_no_seq_and_are_dropped_from_half_full_without_closing() {
+        let tx = outbox(bounds(4, 100));
+        // Nobody attached: a volatile frame is dropped, a regular one kept.
+        assert!(!tx.push_volatile("v0".into()));
+        let (mut rx, _) = tx.attach(0).unwrap();
         assert!(tx.push_volatile("v1".into()));
         assert!(tx.push("a".into()));
         // Half full: a volatile frame is dropped, the connection stays open.
         assert!(!tx.push_volatile("v2".into()));
-        assert!(!tx.is_closed());
+        assert!(tx.is_attached());
         assert!(tx.push("b".into()));
         let mut batch = VecDeque::new();
         assert_eq!(rx.next(&mut batch).await, Next::Frames);
-        assert_eq!(batch, ["v1", "a", "b"]);
-        // Once drained, volatile frames flow again.
+        let frames: Vec<(u64, &str)> = batch.iter().map(|e| (e.seq, &*e.frame)).collect();
+        assert_eq!(frames, [(0, "v1"), (1, "a"), (2, "b")]);
+        batch.clear();
+        // Once drained, volatile frames flow again; they are never kept.
         assert!(tx.push_volatile("v3".into()));
+        assert_eq!(tx.kept(), (2, 2));
     }
 
     #[tokio::test]
-    async fn frames_queued_before_a_close_are_delivered_first() {
-        let (tx, mut rx) = outbox(8);
+    async fn a_resume_replays_exactly_the_frames_after_last_seq() {
+        let tx = outbox(bounds(100, 3));
+        for f in ["a", "b", "c", "d", "e"] {
+            assert!(tx.push(f.into()));
+        }
+        // Kept: 3, 4, 5.
+        assert_eq!(
+            tx.attach(1).unwrap_err(),
+            AttachError::Gap {
+                first_missing: 2,
+                first_kept_or_next: 3
+            }
+        );
+        assert_eq!(
+            tx.attach(6).unwrap_err(),
+            AttachError::Ahead {
+                last_seq: 6,
+                last_sent: 5
+            }
+        );
+        let (mut rx, replayed) = tx.attach(3).unwrap();
+        assert_eq!(replayed, 2);
+        assert_eq!(tx.attach(3).unwrap_err(), AttachError::Attached);
+        assert!(tx.push("f".into()));
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.next(&mut batch).await, Next::Frames);
+        assert_eq!(seqs(&batch), [4, 5, 6]);
+        batch.clear();
+        drop(rx);
+        // Everything processed: nothing to replay, nothing missing.
+        let (_rx, replayed) = tx.attach(6).unwrap();
+        assert_eq!(replayed, 0);
+    }
+
+    #[test]
+    fn trimming_and_the_byte_bound_forget_the_oldest() {
+        let tx = outbox(Bounds {
+            live_frames: 100,
+            live_bytes: 100,
+            kept_frames: 100,
+            kept_bytes: 4,
+        });
+        for f in ["aa", "bb", "cc"] {
+            assert!(tx.push(f.into()));
+        }
+        assert_eq!(tx.kept(), (2, 4));
+        tx.trim(2);
+        assert_eq!(tx.kept(), (1, 2));
+        assert_eq!(tx.last_seq(), 3);
+        // A client that has everything can still attach.
+        assert!(tx.attach(3).is_ok());
+    }
+
+    #[tokio::test]
+    async fn frames_queued_before_a_close_are_delivered_first_and_an_end_refuses_more() {
+        let tx = outbox(bounds(8, 8));
+        let (mut rx, _) = tx.attach(0).unwrap();
         assert!(tx.push("a".into()));
         assert!(tx.push("b".into()));
-        tx.close(CloseReason::Shutdown);
+        tx.end(CloseReason::Shutdown);
         assert!(!tx.push("c".into()));
         let mut batch = VecDeque::new();
         assert_eq!(rx.next(&mut batch).await, Next::Frames);
-        assert_eq!(batch, ["a", "b"]);
+        assert_eq!(seqs(&batch), [1, 2]);
         batch.clear();
         assert_eq!(
             rx.next(&mut batch).await,
             Next::Close(CloseReason::Shutdown)
         );
+        drop(rx);
+        assert_eq!(tx.attach(0).unwrap_err(), AttachError::Ended);
     }
 
     #[tokio::test]
     async fn a_waiting_receiver_wakes_on_push() {
-        let (tx, mut rx) = outbox(8);
+        let tx = outbox(bounds(8, 8));
+        let (mut rx, _) = tx.attach(0).unwrap();
         let waiter = tokio::spawn(async move {
             let mut batch = VecDeque::new();
             rx.next(&mut batch).await;
@@ -273,7 +603,7 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(tx.push("x".into()));
-        assert_eq!(waiter.await.unwrap(), ["x"]);
+        assert_eq!(seqs(&waiter.await.unwrap()), [1]);
     }
 
     /// Counts the wake-ups of a task.
@@ -288,7 +618,8 @@ mod tests {
 
     #[test]
     fn only_a_sleeping_receiver_is_woken() {
-        let (tx, mut rx) = outbox(8);
+        let tx = outbox(bounds(8, 8));
+        let (mut rx, _) = tx.attach(0).unwrap();
         let wakes = Arc::new(Wakes::default());
         let waker = futures_util::task::waker(wakes.clone());
         let mut cx = Context::from_waker(&waker);
@@ -298,7 +629,7 @@ mod tests {
         assert!(tx.push("a".into()));
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
         assert_eq!(rx.poll_next(&mut cx, &mut batch), Poll::Ready(Next::Frames));
-        assert_eq!(batch, ["a"]);
+        assert_eq!(seqs(&batch), [1]);
         batch.clear();
         // Awake (disarmed): a push does not wake it; it finds the frame when it looks again.
         assert!(rx.poll_next(&mut cx, &mut batch).is_pending());
@@ -306,7 +637,7 @@ mod tests {
         assert!(tx.push("b".into()));
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
         assert_eq!(rx.try_next(&mut batch), Some(Next::Frames));
-        assert_eq!(batch, ["b"]);
+        assert_eq!(seqs(&batch), [2]);
         batch.clear();
         // A close request wakes a sleeping receiver too.
         assert!(rx.poll_next(&mut cx, &mut batch).is_pending());
@@ -319,9 +650,12 @@ mod tests {
     }
 
     #[test]
-    fn dropping_the_receiver_closes() {
-        let (tx, rx) = outbox(8);
+    fn dropping_the_receiver_detaches_and_frames_are_kept() {
+        let tx = outbox(bounds(8, 8));
+        let (rx, _) = tx.attach(0).unwrap();
         drop(rx);
-        assert!(!tx.push("a".into()));
+        assert!(!tx.is_attached());
+        assert!(tx.push("a".into()));
+        assert_eq!(tx.kept(), (1, 1));
     }
 }

@@ -1,6 +1,8 @@
 //! Rooms: membership and fan-out. A broadcast is serialized once by the caller and its bytes
 //! are shared by every recipient; this is the one place a cluster bus will sit behind.
 
+pub mod presence;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -103,14 +105,17 @@ impl Rooms {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{Identity, Sessions};
+    use crate::session::{Identity, SessionPolicy, Sessions};
 
     #[test]
     fn join_leave_and_broadcast() {
         let sessions = Sessions::default();
         let rooms = Rooms::default();
-        let (a, mut rx_a) = sessions.open(Identity::guest(), 8);
-        let (b, mut rx_b) = sessions.open(Identity::guest(), 8);
+        let policy = SessionPolicy::default();
+        let a = sessions.open(Identity::guest(), &policy);
+        let b = sessions.open(Identity::guest(), &policy);
+        let (mut rx_a, _) = a.outbox.attach(0).unwrap();
+        let (mut rx_b, _) = b.outbox.attach(0).unwrap();
         assert!(rooms.join("r", &a));
         assert!(!rooms.join("r", &a));
         assert!(rooms.join("r", &b));
