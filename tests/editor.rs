@@ -14,23 +14,10 @@ use std::sync::OnceLock;
 use plexus::ReloadEvent;
 use plexus_ot::{Client as OtClient, Operation, Outgoing};
 use serde_json::{Value, json};
-use support::{Client, Host, TempDir, assert_error, plugins_dir, repo_root, wasm, within};
+use support::{
+    Client, Host, TempDir, assert_error, editor_manifest, plugins_dir, repo_root, wasm, within,
+};
 use tokio::sync::mpsc;
-
-/// `manifests/editor.toml` with its component at `wasm`.
-fn editor_manifest(wasm: &Path) -> String {
-    let text = std::fs::read_to_string(repo_root().join("manifests/editor.toml"))
-        .expect("reading manifests/editor.toml");
-    let line = "wasm = \"../plugins/target/wasm32-wasip2/release/editor.wasm\"";
-    assert!(
-        text.contains(line),
-        "manifests/editor.toml moved its component"
-    );
-    text.replace(
-        line,
-        &format!("wasm = {}", support::toml_str(&wasm.display().to_string())),
-    )
-}
 
 /// The editor built with its `marked` feature (every ack carries `"variant": "marked"`), in a
 /// target directory of its own, once per test process.

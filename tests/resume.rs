@@ -316,3 +316,124 @@ async fn a_client_that_stops_answering_pings_is_closed_and_its_presence_cleaned(
     .expect("a close frame");
     assert_eq!(u16::from(close.code), 4001, "{close:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_loses_volatile_frames_first_then_is_closed_with_1013_and_resumes() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let host = Host::start_with(
+        &[
+            ("echo.toml", echo_manifest()),
+            (
+                "editor.toml",
+                support::editor_manifest(&support::wasm("editor")),
+            ),
+        ],
+        |config| {
+            config.session.dev_identity = true;
+            config.session.presence_grace = Duration::ZERO;
+            // A small live queue, and enough kept to replay everything the client missed.
+            config.session.bounds.live_frames = 100_000;
+            config.session.bounds.live_bytes = 256 << 10;
+            config.session.bounds.kept_frames = 100_000;
+            config.session.bounds.kept_bytes = 64 << 20;
+            config.session.write_timeout = Duration::from_millis(500);
+        },
+    )
+    .await;
+    let open = json!({ "type": "doc.open", "room": "doc:x", "payload": { "doc": "x" } });
+    let mut fast = Client::connect_as(host.addr(), "fast").await;
+    fast.ack(open.clone()).await;
+    let mut slow = Client::connect_as(host.addr(), "slow").await;
+    slow.ack(open).await;
+    let (session, token) = (slow.session_id.clone(), slow.resume_token.clone());
+    let mut last_seq = slow.last_seq;
+    // The slow client stops reading; its kernel buffers fill, then its outbox.
+    let mut silent = slow.stop_reading();
+
+    // Rounds of a volatile cursor then a regular broadcast (4 KiB each), until the host
+    // closes the slow client (it tells the room: its identity went offline).
+    let pad = "p".repeat(4096);
+    let mut rounds = 0u64;
+    'flood: loop {
+        for _ in 0..100 {
+            fast.feed(json!({ "type": "doc.cursor", "room": "doc:x", "payload": { "doc": "x", "anchor": 0, "head": 0 } }))
+                .await;
+            fast.feed(json!({ "type": "echo.broadcast", "room": "doc:x", "payload": { "n": rounds, "pad": pad } }))
+                .await;
+            rounds += 1;
+        }
+        let id = fast.next_id();
+        fast.send(json!({ "type": "sys.ping", "messageId": id }))
+            .await;
+        let (before, _) = fast.answer_to(&id).await;
+        for frame in before {
+            if frame["type"] == "presence.changed"
+                && frame["payload"]["identity"] == "slow"
+                && frame["payload"]["state"] == "offline"
+            {
+                break 'flood;
+            }
+        }
+        assert!(rounds < 20_000, "the slow client was never closed");
+    }
+
+    // What reached the slow client: frames, then a close with 1013.
+    let mut received: Vec<Value> = Vec::new();
+    let close = within("the slow client's close", async {
+        loop {
+            match silent.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    received.push(serde_json::from_str(&text).expect("JSON"))
+                }
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                other => panic!("expected frames then a close, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close frame");
+    assert_eq!(u16::from(close.code), 1013, "{close:?}");
+    let mut regular = Vec::new();
+    let mut dropped_volatile = false;
+    let mut cursor_since_last = true;
+    for frame in &received {
+        match frame["type"].as_str() {
+            Some("doc.cursor") => {
+                assert!(
+                    frame.get("seq").is_none(),
+                    "a volatile frame has no seq: {frame}"
+                );
+                cursor_since_last = true;
+            }
+            Some("echo.broadcast") => {
+                dropped_volatile |= !cursor_since_last;
+                cursor_since_last = false;
+                regular.push(frame["payload"]["n"].as_u64().unwrap());
+            }
+            _ => {}
+        }
+        if let Some(seq) = frame["seq"].as_u64() {
+            assert_eq!(seq, last_seq + 1, "{frame}");
+            last_seq = seq;
+        }
+    }
+    assert!(
+        dropped_volatile,
+        "cursors were dropped while broadcasts still went through ({} broadcasts)",
+        regular.len()
+    );
+    assert!(
+        (regular.len() as u64) < rounds,
+        "the close came before the end"
+    );
+
+    // A resume gets every broadcast it missed, once, in order, and no cursor.
+    let (_, replayed, ack) = Client::resume(host.addr(), &session, &token, last_seq).await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    assert!(replayed.iter().all(|f| f["type"] != "doc.cursor"));
+    regular.extend(ns_of(&replayed));
+    assert_eq!(regular, (0..rounds).collect::<Vec<_>>());
+}

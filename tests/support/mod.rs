@@ -140,6 +140,21 @@ rooms = ["*"]
     )
 }
 
+/// `manifests/editor.toml` with its component at `wasm`.
+pub fn editor_manifest(wasm: &Path) -> String {
+    let text = std::fs::read_to_string(repo_root().join("manifests/editor.toml"))
+        .expect("reading manifests/editor.toml");
+    let line = "wasm = \"../plugins/target/wasm32-wasip2/release/editor.wasm\"";
+    assert!(
+        text.contains(line),
+        "manifests/editor.toml moved its component"
+    );
+    text.replace(
+        line,
+        &format!("wasm = {}", toml_str(&wasm.display().to_string())),
+    )
+}
+
 /// A manifest serving the `faulty` fixture: `faulty.trap`, `faulty.unreachable`,
 /// `faulty.spin` (50 ms limit), `faulty.bad-json` and `faulty.ok`.
 pub fn faulty_manifest() -> String {

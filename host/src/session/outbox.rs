@@ -63,6 +63,9 @@ struct Queue {
     /// What the attached connection has yet to write.
     live: VecDeque<Entry>,
     live_bytes: usize,
+    /// A replay's frames and bytes, queued on top of the live bounds until the connection
+    /// takes them.
+    replay: (usize, usize),
     /// The non-volatile frames kept for a resume: contiguous `seq`s ending at `next_seq - 1`.
     kept: VecDeque<Entry>,
     kept_bytes: usize,
@@ -151,6 +154,7 @@ pub fn outbox(bounds: Bounds) -> Outbox {
             queue: Mutex::new(Queue {
                 live: VecDeque::new(),
                 live_bytes: 0,
+                replay: (0, 0),
                 kept: VecDeque::new(),
                 kept_bytes: 0,
                 next_seq: 1,
@@ -196,8 +200,8 @@ impl Outbox {
             return true;
         }
         if !queue.live.is_empty()
-            && (queue.live.len() >= bounds.live_frames
-                || queue.live_bytes + len > bounds.live_bytes)
+            && (queue.live.len() >= bounds.live_frames + queue.replay.0
+                || queue.live_bytes + len > bounds.live_bytes + queue.replay.1)
         {
             queue.close = Some(CloseReason::SlowConsumer);
             queue.live.clear();
@@ -286,6 +290,7 @@ impl Outbox {
         let replay: VecDeque<Entry> = queue.kept.iter().skip(skip).cloned().collect();
         let replayed = replay.len();
         queue.live_bytes = replay.iter().map(|e| e.frame.len()).sum();
+        queue.replay = (replayed, queue.live_bytes);
         queue.live = replay;
         queue.generations += 1;
         let generation = queue.generations;
@@ -413,6 +418,7 @@ impl OutboxRx {
         if !queue.live.is_empty() {
             std::mem::swap(batch, &mut queue.live);
             queue.live_bytes = 0;
+            queue.replay = (0, 0);
             if queue.close.is_none() {
                 self.shared.signalled.store(false, Ordering::Release);
             }
@@ -430,6 +436,7 @@ impl Drop for OutboxRx {
             queue.close = None;
             queue.live.clear();
             queue.live_bytes = 0;
+            queue.replay = (0, 0);
             self.shared.signalled.store(false, Ordering::Release);
         }
     }
@@ -471,8 +478,11 @@ mod tests {
         assert!(tx.push("d".into()));
         let (mut rx, replayed) = tx.attach(0).unwrap();
         assert_eq!(replayed, 4);
+        // A replay larger than the live bound does not count against it.
+        assert!(tx.push("e".into()));
+        assert!(tx.is_attached());
         assert_eq!(rx.next(&mut batch).await, Next::Frames);
-        assert_eq!(seqs(&batch), [1, 2, 3, 4]);
+        assert_eq!(seqs(&batch), [1, 2, 3, 4, 5]);
     }
 
     #[tokio::test]
