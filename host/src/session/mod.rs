@@ -5,6 +5,7 @@
 
 pub mod dedupe;
 pub mod outbox;
+pub mod replay;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -21,6 +21,7 @@ use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 
+use super::replay::Replay;
 use crate::error::CloseReason;
 use crate::protocol::Frame;
 
@@ -66,10 +67,8 @@ struct Queue {
     /// A replay's frames and bytes, queued on top of the live bounds until the connection
     /// takes them.
     replay: (usize, usize),
-    /// The non-volatile frames kept for a resume: contiguous `seq`s ending at `next_seq - 1`.
-    kept: VecDeque<Entry>,
-    kept_bytes: usize,
-    next_seq: u64,
+    /// The non-volatile frames kept for a resume, and the `seq` counter.
+    kept: Replay,
     /// The generation of the attached receiver, if any.
     attached: Option<u64>,
     generations: u64,
@@ -155,9 +154,7 @@ pub fn outbox(bounds: Bounds) -> Outbox {
                 live: VecDeque::new(),
                 live_bytes: 0,
                 replay: (0, 0),
-                kept: VecDeque::new(),
-                kept_bytes: 0,
-                next_seq: 1,
+                kept: Replay::new(bounds.kept_frames, bounds.kept_bytes),
                 attached: None,
                 generations: 0,
                 close: None,
@@ -181,21 +178,9 @@ impl Outbox {
         if queue.ended {
             return false;
         }
-        let seq = queue.next_seq;
-        queue.next_seq += 1;
+        let seq = queue.kept.record(&frame);
         let len = frame.len();
         let entry = Entry { seq, frame };
-        if bounds.kept_frames > 0 {
-            queue.kept.push_back(entry.clone());
-            queue.kept_bytes += len;
-            while queue.kept.len() > bounds.kept_frames
-                || (queue.kept_bytes > bounds.kept_bytes && !queue.kept.is_empty())
-            {
-                if let Some(old) = queue.kept.pop_front() {
-                    queue.kept_bytes -= old.frame.len();
-                }
-            }
-        }
         if queue.attached.is_none() || queue.close.is_some() {
             return true;
         }
@@ -265,7 +250,6 @@ impl Outbox {
         let mut queue = self.shared.lock();
         queue.ended = true;
         queue.kept.clear();
-        queue.kept_bytes = 0;
     }
 
     /// Whether a connection is attached (and not asked to close).
@@ -285,9 +269,7 @@ impl Outbox {
         if queue.attached.is_some() {
             return Err(AttachError::Attached);
         }
-        let first_kept = Self::check_resumable(&queue, last_seq)?;
-        let skip = (last_seq + 1 - first_kept) as usize;
-        let replay: VecDeque<Entry> = queue.kept.iter().skip(skip).cloned().collect();
+        let replay = queue.kept.after(last_seq)?;
         let replayed = replay.len();
         queue.live_bytes = replay.iter().map(|e| e.frame.len()).sum();
         queue.replay = (replayed, queue.live_bytes);
@@ -316,47 +298,22 @@ impl Outbox {
         if queue.ended {
             return Err(AttachError::Ended);
         }
-        Self::check_resumable(&queue, last_seq).map(|_| ())
-    }
-
-    /// The first kept `seq` when every frame after `last_seq` is kept.
-    fn check_resumable(queue: &Queue, last_seq: u64) -> Result<u64, AttachError> {
-        let last_sent = queue.next_seq - 1;
-        if last_seq > last_sent {
-            return Err(AttachError::Ahead {
-                last_seq,
-                last_sent,
-            });
-        }
-        let first_kept = queue.next_seq - queue.kept.len() as u64;
-        if last_seq + 1 < first_kept {
-            return Err(AttachError::Gap {
-                first_missing: last_seq + 1,
-                first_kept_or_next: first_kept,
-            });
-        }
-        Ok(first_kept)
+        queue.kept.check(last_seq).map(|_| ())
     }
 
     /// Forgets the kept frames up to `seq` (the client has processed them).
     pub fn trim(&self, seq: u64) {
-        let mut queue = self.shared.lock();
-        while queue.kept.front().is_some_and(|e| e.seq <= seq) {
-            if let Some(old) = queue.kept.pop_front() {
-                queue.kept_bytes -= old.frame.len();
-            }
-        }
+        self.shared.lock().kept.trim(seq);
     }
 
     /// The `seq` of the last non-volatile frame queued (0 before the first).
     pub fn last_seq(&self) -> u64 {
-        self.shared.lock().next_seq - 1
+        self.shared.lock().kept.last_seq()
     }
 
     /// How many frames and bytes are kept for a resume.
     pub fn kept(&self) -> (usize, usize) {
-        let queue = self.shared.lock();
-        (queue.kept.len(), queue.kept_bytes)
+        self.shared.lock().kept.kept()
     }
 }
 
