@@ -305,8 +305,7 @@ async fn resume(
     target.outbox.resumable(request.last_seq).map_err(gap)?;
     // Connection migration: the connection driving it, if any, finishes the message in hand,
     // lets go of the session and closes (4000).
-    target.outbox.close(CloseReason::TakenOver);
-    let driver = target.drive().await;
+    let driver = target.take_over(CloseReason::TakenOver).await;
     let (rx, replayed) = target.outbox.attach(request.last_seq).map_err(gap)?;
     if !target.mark_attached() {
         return Err(fail(
