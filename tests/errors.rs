@@ -5,7 +5,7 @@
 mod support;
 
 use serde_json::json;
-use support::{Client, Host, assert_error, echo_manifest, faulty_manifest};
+use support::{Client, Host, assert_error, echo_manifest, faulty_manifest, str_at};
 use tokio_tungstenite::tungstenite::Message;
 
 async fn host() -> Host {
@@ -415,5 +415,41 @@ async fn key_value_writes_past_the_limits_fail_the_call_clearly() {
     }
     // Nothing was stored.
     assert!(host.server.hub().registry.kv_store("faulty").is_empty());
+    c.echo_round_trip().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_json_shapes_are_refused_and_the_connection_stays_usable() {
+    let host = host().await;
+    let mut c = host.client().await;
+    // 20,000 levels deep: refused by the depth limit before any parser recursion.
+    let deep = format!(
+        r#"{{"type":"echo","messageId":"deep","payload":{}1{}}}"#,
+        "[".repeat(20_000),
+        "]".repeat(20_000)
+    );
+    c.send_text(deep).await;
+    let err = c.recv().await;
+    assert_error(&err, "bad_frame", Some("deep"));
+    assert!(
+        str_at(&err, "/payload/message").contains("64 levels"),
+        "{err}"
+    );
+    // At the limit: served.
+    let nested = format!("{}1{}", "[".repeat(62), "]".repeat(62));
+    let payload: serde_json::Value = serde_json::from_str(&nested).unwrap();
+    let (before, ack) = c
+        .request(json!({"type": "echo", "messageId": "at-limit", "payload": payload}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    assert_eq!(before[0]["payload"], payload);
+    // An array of 10,001 elements: refused, naming the limit, with its messageId.
+    let long = json!({"type": "echo", "messageId": "long", "payload": vec![0; 10_001]});
+    let (_, err) = c.request(long).await;
+    assert_error(&err, "bad_frame", Some("long"));
+    assert!(
+        str_at(&err, "/payload/message").contains("10000 elements"),
+        "{err}"
+    );
     c.echo_round_trip().await;
 }

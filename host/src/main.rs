@@ -40,9 +40,15 @@ struct ServeArgs {
     /// Do not build plugins whose artifacts are missing or stale.
     #[arg(long)]
     no_build: bool,
-    /// Largest client message, in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
+    /// Largest client message, in bytes (the WebSocket frame limit is 4x).
+    #[arg(long, default_value_t = 64 << 10)]
     max_message_bytes: usize,
+    /// Deepest nesting of objects and arrays in a client message (at most 128).
+    #[arg(long, default_value_t = 64)]
+    max_json_depth: usize,
+    /// Most elements of one array in a client message.
+    #[arg(long, default_value_t = 10_000)]
+    max_json_array: usize,
     /// Seconds the previous version of a plugin stays loaded after a swap, ready for a
     /// rollback (0: none, and no automatic rollback).
     #[arg(long, default_value_t = 60)]
@@ -159,6 +165,12 @@ async fn serve(args: ServeArgs, watch: WatchMode) -> ExitCode {
     config.build = !args.no_build;
     config.watch = watch;
     config.limits.max_message_bytes = args.max_message_bytes;
+    config.limits.json = plexus::protocol::JsonLimits {
+        max_depth: args
+            .max_json_depth
+            .clamp(1, plexus::protocol::MAX_JSON_DEPTH_CEILING),
+        max_array: args.max_json_array.max(1),
+    };
     config.request_head_timeout = Duration::from_secs(args.request_head_timeout_secs.max(1));
     config.swap = SwapPolicy {
         keep_previous: Duration::from_secs(args.keep_previous_secs),

@@ -27,13 +27,16 @@ pub struct HostLimits {
     pub max_message_bytes: usize,
     /// Longest room name.
     pub max_room_name: usize,
+    /// Deepest nesting and longest array of a client frame's JSON.
+    pub json: protocol::JsonLimits,
 }
 
 impl Default for HostLimits {
     fn default() -> Self {
         HostLimits {
-            max_message_bytes: 1 << 20,
+            max_message_bytes: 64 << 10,
             max_room_name: 256,
+            json: protocol::JsonLimits::default(),
         }
     }
 }
@@ -117,7 +120,7 @@ pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
         ));
         return;
     }
-    let msg = match protocol::decode(text) {
+    let msg = match protocol::decode(text, hub.limits.json) {
         Ok(msg) => msg,
         Err(e) => {
             conn.push(protocol::error(
