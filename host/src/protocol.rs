@@ -519,7 +519,7 @@ mod tests {
 
     #[test]
     fn decodes_full_envelope_and_ignores_unknown_fields() {
-        let m = decode(
+        let m = decode_default(
             r#"{"type":"chat.send","messageId":7,"room":"lobby","payload":{"text":"hi"},"version":"1.3","metadata":{"a":1},"future":true}"#,
         )
         .unwrap();
