@@ -453,3 +453,40 @@ async fn hostile_json_shapes_are_refused_and_the_connection_stays_usable() {
     );
     c.echo_round_trip().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_past_the_room_limits_are_refused() {
+    let host = Host::start_with(&[("echo.toml", echo_manifest())], |config| {
+        config.limits.max_rooms_per_connection = 2;
+        config.limits.max_room_members = 2;
+    })
+    .await;
+    let mut a = host.client().await;
+    let mut b = host.client().await;
+    let mut c = host.client().await;
+    for room in ["r1", "r2"] {
+        a.ack(json!({"type": "sys.join", "room": room})).await;
+    }
+    a.expect_error(json!({"type": "sys.join", "room": "r3"}), "room_limit")
+        .await;
+    // A room it is in already is no new room.
+    a.ack(json!({"type": "sys.join", "room": "r1"})).await;
+    let id = b.next_id();
+    let (_, ack) = b
+        .request(json!({"type": "sys.join", "room": "r1", "messageId": id}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    c.expect_error(json!({"type": "sys.join", "room": "r1"}), "room_full")
+        .await;
+    // A leave makes room.
+    let id = b.next_id();
+    let (_, ack) = b
+        .request(json!({"type": "sys.leave", "room": "r1", "messageId": id}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    let id = c.next_id();
+    let (_, ack) = c
+        .request(json!({"type": "sys.join", "room": "r1", "messageId": id}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+}

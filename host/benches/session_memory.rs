@@ -99,7 +99,7 @@ fn main() {
     let before = heap();
     let members = detached(&hub, n, |conn| {
         conn.session.outbox.trim(u64::MAX);
-        hub.rooms.join("lobby", &conn.session);
+        hub.rooms.join("lobby", &conn.session, usize::MAX).unwrap();
         conn.session.add_room("lobby".into());
     });
     let joined = heap();

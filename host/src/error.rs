@@ -17,6 +17,10 @@ pub enum ErrorCode {
     Unavailable,
     /// A `sys.resume` that could not be honoured; the frame says why in `reason`.
     ResumeFailed,
+    /// The connection is in as many rooms as it may be.
+    RoomLimit,
+    /// The room has as many members as it may have.
+    RoomFull,
 }
 
 impl ErrorCode {
@@ -33,6 +37,8 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::ResumeFailed => "resume_failed",
+            ErrorCode::RoomLimit => "room_limit",
+            ErrorCode::RoomFull => "room_full",
         }
     }
 }

@@ -49,6 +49,12 @@ struct ServeArgs {
     /// Most elements of one array in a client message.
     #[arg(long, default_value_t = 10_000)]
     max_json_array: usize,
+    /// Rooms one connection may be in at once.
+    #[arg(long, default_value_t = 100)]
+    max_rooms_per_connection: usize,
+    /// Members one room may have.
+    #[arg(long, default_value_t = 100_000)]
+    max_room_members: usize,
     /// Seconds the previous version of a plugin stays loaded after a swap, ready for a
     /// rollback (0: none, and no automatic rollback).
     #[arg(long, default_value_t = 60)]
@@ -171,6 +177,8 @@ async fn serve(args: ServeArgs, watch: WatchMode) -> ExitCode {
             .clamp(1, plexus::protocol::MAX_JSON_DEPTH_CEILING),
         max_array: args.max_json_array.max(1),
     };
+    config.limits.max_rooms_per_connection = args.max_rooms_per_connection;
+    config.limits.max_room_members = args.max_room_members;
     config.request_head_timeout = Duration::from_secs(args.request_head_timeout_secs.max(1));
     config.swap = SwapPolicy {
         keep_previous: Duration::from_secs(args.keep_previous_secs),

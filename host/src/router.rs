@@ -29,6 +29,10 @@ pub struct HostLimits {
     pub max_room_name: usize,
     /// Deepest nesting and longest array of a client frame's JSON.
     pub json: protocol::JsonLimits,
+    /// Rooms one session may be in at once.
+    pub max_rooms_per_connection: usize,
+    /// Members one room may have.
+    pub max_room_members: usize,
 }
 
 impl Default for HostLimits {
@@ -37,6 +41,8 @@ impl Default for HostLimits {
             max_message_bytes: 64 << 10,
             max_room_name: 256,
             json: protocol::JsonLimits::default(),
+            max_rooms_per_connection: 100,
+            max_room_members: 100_000,
         }
     }
 }
@@ -184,7 +190,7 @@ async fn dispatch<'h>(
     match msg.ty.as_ref() {
         "sys.join" => {
             let room = room_of(hub, msg)?;
-            let members = join_room(hub, &session, &room, 0).await;
+            let members = join_room(hub, &session, &room, 0).await?;
             let presence = hub.presence.list(&room);
             Ok(Some(
                 json!({
@@ -585,7 +591,9 @@ async fn apply(
             }
             Effect::Join { room } => match origin {
                 Some(origin) => {
-                    join_room(hub, origin, &room, depth + 1).await;
+                    if let Err(e) = join_room(hub, origin, &room, depth + 1).await {
+                        tracing::warn!(plugin = %plugin.manifest.id, %room, "a join refused: {}", e.wire().1);
+                    }
                 }
                 None => no_origin("a join"),
             },
@@ -627,18 +635,40 @@ pub fn presence_json(list: &[Online]) -> serde_json::Value {
 }
 
 /// Makes the session join a room: tells the other members, counts the identity present, then
-/// tells the plugins subscribed to `room.joined`. Returns the member list. A session that has
-/// ended joins nothing (a `room.left` handler joining a closing connection leaves no ghost).
+/// tells the plugins subscribed to `room.joined`. Returns the member list, or `room_limit` /
+/// `room_full`. A session that has ended joins nothing (a `room.left` handler joining a closing
+/// connection leaves no ghost).
 pub async fn join_room(
     hub: &Hub,
     session: &Arc<Session>,
     room: &str,
     depth: u8,
-) -> Vec<crate::rooms::MemberInfo> {
+) -> Result<Vec<crate::rooms::MemberInfo>, HandleError> {
     if session.is_ended() {
-        return hub.rooms.members(room);
+        return Ok(hub.rooms.members(room));
     }
-    if hub.rooms.join(room, session) {
+    if !session.in_room(room) && session.room_count() >= hub.limits.max_rooms_per_connection {
+        return Err(HandleError::new(
+            ErrorCode::RoomLimit,
+            format!(
+                "a connection may be in at most {} rooms",
+                hub.limits.max_rooms_per_connection
+            ),
+        ));
+    }
+    let joined = hub
+        .rooms
+        .join(room, session, hub.limits.max_room_members)
+        .map_err(|_| {
+            HandleError::new(
+                ErrorCode::RoomFull,
+                format!(
+                    "room `{room}` has {} members, the most it may have",
+                    hub.limits.max_room_members
+                ),
+            )
+        })?;
+    if joined {
         session.add_room(Arc::from(room));
         let payload = json!({
             "room": room,
@@ -661,7 +691,7 @@ pub async fn join_room(
         ))
         .await;
     }
-    hub.rooms.members(room)
+    Ok(hub.rooms.members(room))
 }
 
 /// Makes the session leave a room. Returns false when it was not a member. An explicit leave

@@ -132,6 +132,11 @@ impl Session {
         lock(&self.rooms).contains(room)
     }
 
+    /// How many rooms this session is a member of.
+    pub fn room_count(&self) -> usize {
+        lock(&self.rooms).len()
+    }
+
     /// Records a membership; false when it was recorded already.
     pub fn add_room(&self, room: Arc<str>) -> bool {
         lock(&self.rooms).insert(room)
