@@ -490,3 +490,77 @@ async fn joins_past_the_room_limits_are_refused() {
         .await;
     assert_eq!(ack["type"], "sys.ack", "{ack}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_is_rate_limited_then_closed_while_another_stays_fast() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let host = Host::start_with(&[("echo.toml", echo_manifest())], |config| {
+        config.limits.rate = Some(plexus::limits::RateLimit {
+            per_second: std::num::NonZeroU32::new(50).unwrap(),
+            burst: std::num::NonZeroU32::new(50).unwrap(),
+            close_after: std::time::Duration::from_millis(500),
+        });
+    })
+    .await;
+    let mut calm = host.client().await;
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", host.addr()))
+        .await
+        .expect("connect");
+    let (mut sink, mut stream) = ws.split();
+    // The flood: echo frames as fast as the socket takes them, until the host closes.
+    let flood = tokio::spawn(async move {
+        let mut n = 0u64;
+        loop {
+            n += 1;
+            let frame = json!({"type": "echo", "messageId": format!("f-{n}"), "payload": n});
+            if sink.send(Message::text(frame.to_string())).await.is_err() {
+                return n;
+            }
+        }
+    });
+    let reader = tokio::spawn(async move {
+        let (mut answered, mut limited) = (0u64, 0u64);
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    match frame["type"].as_str() {
+                        Some("sys.error") => {
+                            assert_eq!(frame["payload"]["code"], "rate_limited", "{frame}");
+                            assert!(frame["payload"]["ref"].is_string(), "{frame}");
+                            limited += 1;
+                        }
+                        Some("sys.ack") => answered += 1,
+                        _ => {}
+                    }
+                }
+                Some(Ok(Message::Close(close))) => return (answered, limited, close),
+                Some(Ok(_)) => {}
+                other => panic!("expected a close, got {other:?}"),
+            }
+        }
+    });
+    // Meanwhile another client, within its limit (20 echoes a second: a load shape, not a
+    // wait), has its echoes answered at once.
+    let mut slowest = std::time::Duration::ZERO;
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(50));
+    while !reader.is_finished() {
+        pace.tick().await;
+        let started = std::time::Instant::now();
+        calm.echo_round_trip().await;
+        slowest = slowest.max(started.elapsed());
+    }
+    let (answered, limited, close) = support::within("the flood's end", reader).await.unwrap();
+    let close = close.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008, "{close:?}");
+    assert!(answered >= 50, "the burst was served: {answered}");
+    assert!(limited > 0, "refused with rate_limited first");
+    flood.abort();
+    assert!(
+        slowest < std::time::Duration::from_millis(500),
+        "another client's echo took {slowest:?}"
+    );
+    calm.echo_round_trip().await;
+}

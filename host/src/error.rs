@@ -21,6 +21,8 @@ pub enum ErrorCode {
     RoomLimit,
     /// The room has as many members as it may have.
     RoomFull,
+    /// The client sends faster than its message rate limit.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -39,6 +41,7 @@ impl ErrorCode {
             ErrorCode::ResumeFailed => "resume_failed",
             ErrorCode::RoomLimit => "room_limit",
             ErrorCode::RoomFull => "room_full",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }
@@ -124,6 +127,8 @@ pub enum CloseReason {
     TakenOver,
     /// The client did not answer a WebSocket ping within the pong deadline.
     HeartbeatTimeout,
+    /// The client kept sending at more than twice its message rate limit.
+    RateLimited,
 }
 
 impl CloseReason {
@@ -141,6 +146,7 @@ impl CloseReason {
                 "session resumed on another connection",
             ),
             CloseReason::HeartbeatTimeout => (CloseCode::from(4001), "no pong within the deadline"),
+            CloseReason::RateLimited => (CloseCode::Policy, "message rate limit exceeded"),
         }
     }
 }
@@ -160,6 +166,7 @@ mod tests {
         assert_eq!(code(CloseReason::Internal), 1011);
         assert_eq!(code(CloseReason::TakenOver), 4000);
         assert_eq!(code(CloseReason::HeartbeatTimeout), 4001);
+        assert_eq!(code(CloseReason::RateLimited), 1008);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod connection;
 pub mod effects;
 pub mod error;
 pub mod lifecycle;
+pub mod limits;
 pub mod manifest;
 pub mod plugin;
 pub mod protocol;

@@ -65,9 +65,17 @@ pub async fn run(
     mut due: mpsc::UnboundedReceiver<Due>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Identities idle long enough to have full buckets again are forgotten now and then.
+    let mut sweep = tokio::time::interval(Duration::from_secs(60));
     loop {
         let next = tokio::select! {
             next = due.recv() => next,
+            _ = sweep.tick() => {
+                if let Some(rates) = &hub.identity_rates {
+                    rates.forget_idle();
+                }
+                continue;
+            }
             _ = stop.wait_for(|stopped| *stopped) => None,
         };
         match next {

@@ -55,6 +55,16 @@ struct ServeArgs {
     /// Members one room may have.
     #[arg(long, default_value_t = 100_000)]
     max_room_members: usize,
+    /// Messages per second a connection, and an identity, may send (0: no limit).
+    #[arg(long, default_value_t = 100)]
+    max_messages_per_second: u32,
+    /// Messages a connection, and an identity, may send at once after a quiet spell.
+    #[arg(long, default_value_t = 200)]
+    message_burst: u32,
+    /// Seconds a connection may keep sending at more than twice its limit before it is closed
+    /// (1008).
+    #[arg(long, default_value_t = 5)]
+    flood_close_secs: u64,
     /// Seconds the previous version of a plugin stays loaded after a swap, ready for a
     /// rollback (0: none, and no automatic rollback).
     #[arg(long, default_value_t = 60)]
@@ -179,6 +189,14 @@ async fn serve(args: ServeArgs, watch: WatchMode) -> ExitCode {
     };
     config.limits.max_rooms_per_connection = args.max_rooms_per_connection;
     config.limits.max_room_members = args.max_room_members;
+    config.limits.rate =
+        std::num::NonZeroU32::new(args.max_messages_per_second).map(|per_second| {
+            plexus::limits::RateLimit {
+                per_second,
+                burst: std::num::NonZeroU32::new(args.message_burst).unwrap_or(per_second),
+                close_after: Duration::from_secs(args.flood_close_secs),
+            }
+        });
     config.request_head_timeout = Duration::from_secs(args.request_head_timeout_secs.max(1));
     config.swap = SwapPolicy {
         keep_previous: Duration::from_secs(args.keep_previous_secs),

@@ -10,6 +10,7 @@ use serde_json::json;
 use crate::effects::{self, Effect, LogLevel};
 use crate::error::{CloseReason, ErrorCode, HandleError};
 use crate::lifecycle::{self, Due};
+use crate::limits::{Admit, ConnectionRate, IdentityRates, RateLimit};
 use crate::manifest::HostEvent;
 use crate::plugin::{CallInput, CallOutput};
 use crate::protocol::{self, Inbound, Outbound};
@@ -33,6 +34,8 @@ pub struct HostLimits {
     pub max_rooms_per_connection: usize,
     /// Members one room may have.
     pub max_room_members: usize,
+    /// Message rate limits per connection and per identity (none: unlimited).
+    pub rate: Option<RateLimit>,
 }
 
 impl Default for HostLimits {
@@ -43,6 +46,7 @@ impl Default for HostLimits {
             json: protocol::JsonLimits::default(),
             max_rooms_per_connection: 100,
             max_room_members: 100_000,
+            rate: Some(RateLimit::default()),
         }
     }
 }
@@ -58,6 +62,8 @@ pub struct Hub {
     pub policy: SessionPolicy,
     /// Who is online in each room.
     pub presence: Presence,
+    /// The message rate of every identity (when `limits.rate` is set).
+    pub identity_rates: Option<IdentityRates>,
     /// Work due later (ends of grace periods and of resume waits), done by the host's
     /// lifecycle task (`lifecycle::run`).
     pub due: tokio::sync::mpsc::UnboundedSender<Due>,
@@ -74,6 +80,8 @@ pub struct ConnState {
     /// Set when a resume moved this connection to another session: the connection task
     /// re-arms its wake-ups on the new session's outbox.
     pub switched: bool,
+    /// This connection's message rate (it stays with the connection across a resume).
+    rate: Option<ConnectionRate>,
 }
 
 impl ConnState {
@@ -90,6 +98,7 @@ impl ConnState {
             rx,
             driver,
             switched: false,
+            rate: hub.limits.rate.map(ConnectionRate::new),
         }
     }
 
@@ -110,8 +119,23 @@ const MAX_EVENT_DEPTH: u8 = 1;
 /// The longest status a client may set with `sys.status`, in characters.
 pub const MAX_STATUS_CHARS: usize = 64;
 
-/// Handles one client text frame: decode, dispatch, answer.
+/// Handles one client text frame: rate limit, decode, dispatch, answer.
 pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
+    if let (Some(rate), Some(identities)) = (conn.rate.as_mut(), hub.identity_rates.as_ref()) {
+        let admit = rate.admit(identities, &conn.session.identity.0);
+        if admit != Admit::Yes {
+            let id = protocol::salvage_message_id(text);
+            conn.push(protocol::error(
+                id.as_deref(),
+                ErrorCode::RateLimited.as_str(),
+                "too many messages: slow down",
+            ));
+            if admit == Admit::Close {
+                conn.session.outbox.close(CloseReason::RateLimited);
+            }
+            return;
+        }
+    }
     if text.len() > hub.limits.max_message_bytes {
         let message = format!(
             "frame of {} bytes exceeds the limit of {} bytes",

@@ -119,6 +119,7 @@ impl Server {
             limits: config.limits,
             policy: config.session,
             presence: Default::default(),
+            identity_rates: config.limits.rate.map(crate::limits::IdentityRates::new),
             due,
             room_locks: Default::default(),
         });

@@ -362,6 +362,8 @@ impl Host {
         config.listen = "127.0.0.1:0".parse().expect("an address");
         config.build = false;
         config.watch = WatchMode::Off;
+        // Tests drive load as fast as they can; the tests of rate limits set their own.
+        config.limits.rate = None;
         tweak(&mut config);
         let server = match within("the host to start", Server::start(config)).await {
             Ok(server) => server,
