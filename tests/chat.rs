@@ -6,39 +6,30 @@ mod support;
 use serde_json::{Value, json};
 use support::{Client, Host, assert_error, toml_str, wasm};
 
-/// The chat manifest, as `manifests/chat.toml` declares it, with an absolute component path.
+/// The chat manifest, `manifests/chat.toml`, with an absolute component path and no build.
 fn chat_manifest() -> String {
-    format!(
-        r#"manifest_version = 1
-
-[plugin]
-id = "chat"
-description = "Rooms chat with commands"
-
-[source]
-wasm = {wasm}
-
-[[route]]
-type = "chat.send"
-handler = "send"
-
-[[event]]
-on = "room.joined"
-handler = "joined"
-
-[[event]]
-on = "room.left"
-handler = "left"
-
-[capabilities]
-host = ["messaging", "rooms", "kv", "config"]
-rooms = ["*"]
-
-[config]
-max_text_length = "2000"
-"#,
-        wasm = toml_str(&wasm("chat").display().to_string())
-    )
+    let text = std::fs::read_to_string(support::repo_root().join("manifests/chat.toml"))
+        .expect("reading manifests/chat.toml");
+    let mut out = String::new();
+    let mut in_build = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            in_build = line == "[source.build]";
+        }
+        if in_build {
+            continue;
+        }
+        if line.starts_with("wasm = ") {
+            out.push_str(&format!(
+                "wasm = {}\n",
+                toml_str(&wasm("chat").display().to_string())
+            ));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// A host with no presence grace period and a short resume wait, so that what a dropped
@@ -224,13 +215,21 @@ async fn commands() {
     assert_eq!(before[0]["payload"], topic);
     b.sync().await;
 
-    // A client joining later is shown the topic (the plugin's room.joined handler), before
-    // its join is acknowledged.
+    // A client joining later is shown the topic, then the room's history (the plugin's
+    // room.joined handler), before its join is acknowledged.
     let mut c = host.client().await;
     let (before, members) = join(&mut c, "lobby").await;
-    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before.len(), 2, "{before:?}");
     assert_eq!(before[0]["type"], "chat.topic");
     assert_eq!(before[0]["payload"], topic);
+    assert_eq!(before[1]["type"], "chat.history");
+    let texts: Vec<&str> = before[1]["payload"]["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("messages: {}", before[1]))
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(texts, ["call me ada", "waves"], "{}", before[1]);
     assert_eq!(members.len(), 3);
     saw_join(&mut a, "lobby", &c).await;
     saw_join(&mut b, "lobby", &c).await;

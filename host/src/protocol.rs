@@ -272,6 +272,12 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// A fresh number for a host `messageId` (`h-<n>`), for a frame encoded later with
+/// [`Outbound::encode_with_id`] (a request's id is its frame's, known before it is sent).
+pub fn next_message_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A host frame under construction. `payload` must be valid JSON text.
 #[derive(Debug, Clone, Copy)]
 pub struct Outbound<'a> {
@@ -284,10 +290,14 @@ pub struct Outbound<'a> {
 impl Outbound<'_> {
     /// Serializes the frame, assigning it a fresh host `messageId` and a timestamp.
     pub fn encode(&self) -> Frame {
+        self.encode_with_id(next_message_id())
+    }
+
+    /// Serializes the frame with the host `messageId` `h-<id>` (from [`next_message_id`]).
+    pub fn encode_with_id(&self, id: u64) -> Frame {
         /// The envelope around the fields: keys, quotes, an id and a timestamp of 20 digits
         /// each at most. Sized so that the buffer is allocated once.
         const ENVELOPE: usize = 128;
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let mut numbers = itoa::Buffer::new();
         let mut out = String::with_capacity(
             ENVELOPE

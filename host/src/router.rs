@@ -7,15 +7,16 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::effects::{self, Effect, LogLevel};
+use crate::effects::{self, Effect, LogLevel, RequestTo};
 use crate::error::{CloseReason, ErrorCode, HandleError};
 use crate::lifecycle::{self, Due};
 use crate::manifest::HostEvent;
 use crate::plugin::{CallInput, CallOutput};
 use crate::protocol::{self, Inbound, Outbound};
 use crate::registry::{LoadedPlugin, Registry, Verdict};
-use crate::rooms::Rooms;
+use crate::requests::Targets;
 use crate::rooms::presence::{Online, Presence};
+use crate::rooms::{MemberInfo, Rooms};
 use crate::serial::{RoomLocks, Turn};
 use crate::session::outbox::{AttachError, OutboxRx};
 use crate::session::{Driver, Identity, Missing, Session, SessionPolicy, Sessions};
@@ -609,6 +610,11 @@ async fn apply(
             Effect::KvDelete { key } => {
                 plugin.kv.remove(&key);
             }
+            deferred @ (Effect::Schedule { .. }
+            | Effect::CancelTimer { .. }
+            | Effect::Request { .. }) => {
+                apply_deferred(hub, plugin, origin, deferred);
+            }
         }
     }
     effects::recycle(effects);
@@ -778,6 +784,92 @@ pub fn welcome(conn: &ConnState) {
         "hostVersion": env!("CARGO_PKG_VERSION"),
     });
     conn.push(protocol::host_frame("sys.welcome", None, &payload));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timers and requests (plugin calls that come later, with no origin connection)
+// ---------------------------------------------------------------------------------------------
+
+/// Applies a timer or request effect of `plugin`; `origin` is the connection whose message (or
+/// event) the call handled, if any: a request's frame names its identity as `sender`.
+fn apply_deferred(hub: &Hub, plugin: &LoadedPlugin, origin: Option<&Arc<Session>>, effect: Effect) {
+    let id = &*plugin.manifest.id;
+    let timers = hub.registry.timers();
+    match effect {
+        Effect::Schedule {
+            id: timer,
+            handler,
+            delay_ms,
+            payload,
+        } => {
+            if let Err(e) = timers.schedule(timer, id, handler, delay_ms, payload) {
+                tracing::warn!(plugin = %id, "timer not scheduled: {e}");
+            }
+        }
+        Effect::CancelTimer { id: timer } => {
+            timers.cancel(id, timer);
+        }
+        Effect::Request {
+            id: request,
+            to,
+            ty,
+            payload,
+            timeout_ms,
+            handler,
+        } => {
+            let (room, targets) = match &to {
+                RequestTo::Connection(to) => {
+                    let target = hub.sessions.get(to);
+                    let who = MemberInfo {
+                        connection_id: Arc::from(to.as_str()),
+                        identity: target
+                            .as_ref()
+                            .map_or_else(|| Arc::from(""), |s| s.identity.0.clone()),
+                    };
+                    let targets = match target {
+                        Some(_) => Targets::Members(vec![who]),
+                        None => Targets::Gone(who),
+                    };
+                    (None, targets)
+                }
+                RequestTo::Room(room) => (
+                    Some(room.clone()),
+                    Targets::Members(hub.rooms.members(room)),
+                ),
+            };
+            let recipients: Vec<Arc<str>> = match &targets {
+                Targets::Members(members) => {
+                    members.iter().map(|m| m.connection_id.clone()).collect()
+                }
+                Targets::Gone(_) => Vec::new(),
+            };
+            // Open before sending: an answer may come back before this function returns.
+            if let Err(e) = hub.registry.requests().open(
+                request,
+                id,
+                handler,
+                room.clone(),
+                targets,
+                timeout_ms,
+            ) {
+                tracing::warn!(plugin = %id, "request not sent: {e}");
+                return;
+            }
+            let frame = Outbound {
+                ty: &ty,
+                room: room.as_deref(),
+                payload: &payload,
+                sender: origin.map(|s| &*s.identity.0),
+            }
+            .encode_with_id(request);
+            for to in recipients {
+                if let Some(session) = hub.sessions.get(&to) {
+                    session.outbox.push(frame.clone());
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]
