@@ -364,3 +364,70 @@ async fn leaving_and_disconnecting() {
     );
     a.sync().await;
 }
+
+/// Sends `/msg` (or any `chat.send`) from `c` in `room`; returns the frames before the ack and
+/// the ack's payload.
+async fn send_text(c: &mut Client, room: &str, text: &str) -> (Vec<Value>, Value) {
+    let id = c.next_id();
+    let (before, ack) = c
+        .request(json!({
+            "type": "chat.send", "messageId": id, "room": room, "payload": {"text": text}
+        }))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "`{text}`: {ack}");
+    (before, ack["payload"].clone())
+}
+
+fn assert_direct(frame: &Value, from: &str, to: &str, text: &str) {
+    assert_eq!(frame["type"], "chat.direct", "{frame}");
+    assert_eq!(frame["payload"]["from"], from, "{frame}");
+    assert_eq!(frame["payload"]["to"], to, "{frame}");
+    assert_eq!(frame["payload"]["text"], text, "{frame}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_messages_reach_every_connection_and_wait_for_the_next_connect() {
+    let host = Host::start_with(&[("chat.toml", chat_manifest())], |c| {
+        c.session.dev_identity = true;
+    })
+    .await;
+    // Two connections of ada: a direct message reaches both.
+    let mut ada1 = Client::connect_as(host.addr(), "ada").await;
+    let mut ada2 = Client::connect_as(host.addr(), "ada").await;
+    let mut bob = Client::connect_as(host.addr(), "bob").await;
+    join(&mut bob, "lobby").await;
+    let (before, ack) = send_text(&mut bob, "lobby", "/msg ada hello both").await;
+    assert!(before.is_empty(), "{before:?}");
+    assert_eq!(ack["delivered"], 2, "{ack}");
+    assert_eq!(ack["kept"], false, "{ack}");
+    for ada in [&mut ada1, &mut ada2] {
+        assert_direct(&ada.recv().await, "bob", "ada", "hello both");
+    }
+
+    // ada has no connection: the messages are kept, and delivered, in order, on her next
+    // connect, once.
+    ada1.close().await;
+    ada2.close().await;
+    for text in ["first", "second", "third"] {
+        let (_, ack) = send_text(&mut bob, "lobby", &format!("/msg ada {text}")).await;
+        assert_eq!(ack["delivered"], 0, "{ack}");
+        assert_eq!(ack["kept"], true, "{ack}");
+    }
+    let mut ada = Client::connect_as(host.addr(), "ada").await;
+    for text in ["first", "second", "third"] {
+        assert_direct(&ada.recv().await, "bob", "ada", text);
+    }
+    ada.sync().await;
+    let mut again = Client::connect_as(host.addr(), "ada").await;
+    again.sync().await;
+
+    // An identity that never connected is refused.
+    let id = bob.next_id();
+    let (_, error) = bob
+        .request(
+            json!({"type": "chat.send", "messageId": id, "room": "lobby",
+                        "payload": {"text": "/msg nobody hi"}}),
+        )
+        .await;
+    assert_error(&error, "unknown_identity", Some(&id));
+}

@@ -470,6 +470,21 @@ pub fn payload_status(payload: &RawValue) -> Result<Option<String>, String> {
         .map_err(|e| format!("`sys.status` needs {{\"status\": \"...\"}}: {e}"))
 }
 
+/// Reads a `sys.reply` payload (`{"ref": "h-<n>", "payload": ...}`): the `messageId` of the
+/// host frame answered, and the answer (`null` when absent).
+pub fn payload_reply(payload: &RawValue) -> Result<(String, &RawValue), String> {
+    #[derive(Deserialize)]
+    struct Reply<'a> {
+        #[serde(rename = "ref")]
+        reference: String,
+        #[serde(borrow, default)]
+        payload: Option<&'a RawValue>,
+    }
+    serde_json::from_str::<Reply<'_>>(payload.get())
+        .map(|r| (r.reference, r.payload.unwrap_or_else(|| null_raw())))
+        .map_err(|e| format!("`sys.reply` needs {{\"ref\", \"payload\"}}: {e}"))
+}
+
 /// Checks that `text` is one valid JSON value (for payloads coming from plugins).
 pub fn validate_json(text: &str) -> Result<(), String> {
     serde_json::from_str::<&RawValue>(text)

@@ -105,8 +105,12 @@ impl ConnState {
     }
 }
 
-/// How deep plugin-triggered host events may nest (an event handler's joins fire no events).
-const MAX_EVENT_DEPTH: u8 = 1;
+/// How deep plugin-triggered host events may nest. A client's frame or the host acts at depth
+/// 0; a plugin call it causes runs at depth 1, and each join or leave a call makes, and the
+/// event calls that fires, one deeper. Events fire below this depth: a route's joins fire
+/// them, and so do the joins of the handlers of those events, but not the joins of the
+/// handlers of those second events (so plugins joining each other's rooms cannot loop).
+const MAX_EVENT_DEPTH: u8 = 4;
 
 /// The longest status a client may set with `sys.status`, in characters.
 pub const MAX_STATUS_CHARS: usize = 64;
@@ -252,6 +256,14 @@ async fn dispatch<'h>(
             Ok(None)
         }
         "sys.resume" => resume(hub, conn, msg).await,
+        "sys.reply" => {
+            let (reference, answer) = protocol::payload_reply(msg.payload)
+                .map_err(|m| HandleError::new(ErrorCode::BadFrame, m))?;
+            hub.registry
+                .requests()
+                .reply(&reference, &session.connection_id, answer)?;
+            Ok(None)
+        }
         "sys.received" => {
             let seq = protocol::payload_seq(msg.payload)
                 .map_err(|m| HandleError::new(ErrorCode::BadFrame, m))?;
@@ -486,6 +498,14 @@ fn check_output(
             {
                 return Err(bad(format!("message type `{ty}` is not allowed")));
             }
+            // A timer's call or a request's outcome has no connection to reply to or move.
+            Effect::Reply { .. } | Effect::Join { .. } | Effect::Leave { .. }
+                if input.connection_id.is_empty() =>
+            {
+                return Err(bad(
+                    "a call with no origin connection cannot reply, join or leave".into(),
+                ));
+            }
             _ => {}
         }
     }
@@ -689,9 +709,9 @@ pub async fn join_room(
         }
         Box::pin(fire_event(
             hub,
-            session,
+            Some(session),
             HostEvent::RoomJoined,
-            room,
+            Some(room),
             &payload,
             depth,
         ))
@@ -727,9 +747,9 @@ pub async fn leave_room(
     }
     Box::pin(fire_event(
         hub,
-        session,
+        Some(session),
         HostEvent::RoomLeft,
-        room,
+        Some(room),
         &payload,
         depth,
     ))
@@ -737,11 +757,13 @@ pub async fn leave_room(
     true
 }
 
-async fn fire_event(
+/// Calls every plugin subscribed to `event` with `payload`; `origin` is the session the event
+/// is about (none for an event about no one connection, such as an identity going offline).
+pub async fn fire_event(
     hub: &Hub,
-    session: &Arc<Session>,
+    origin: Option<&Arc<Session>>,
     event: HostEvent,
-    room: &str,
+    room: Option<&str>,
     payload: &serde_json::Value,
     depth: u8,
 ) {
@@ -758,14 +780,14 @@ async fn fire_event(
         let input = CallInput {
             handler: &target.handler,
             ty: event.name(),
-            room: Some(room),
+            room,
             payload: &payload,
-            sender: &session.identity.0,
-            connection_id: &session.connection_id,
+            sender: origin.map_or("", |s| &s.identity.0),
+            connection_id: origin.map_or("", |s| &s.connection_id),
             message_id: None,
             metadata: None,
         };
-        if let Err(e) = run_call(hub, Some(session), &target.plugin, &input, depth + 1).await {
+        if let Err(e) = run_call(hub, origin, &target.plugin, &input, depth + 1).await {
             tracing::warn!(plugin = %target.plugin.manifest.id, event = event.name(), "event handler failed: {}", e.wire().1);
         }
     }
@@ -789,6 +811,91 @@ pub fn welcome(conn: &ConnState) {
 // ---------------------------------------------------------------------------------------------
 // Timers and requests (plugin calls that come later, with no origin connection)
 // ---------------------------------------------------------------------------------------------
+
+/// Fires `connect` or `disconnect` for `session` (payload `{"connectionId", "identity"}`):
+/// `connect` when a session starts, `disconnect` when it ends, after its rooms were left.
+pub async fn session_event(hub: &Hub, session: &Arc<Session>, event: HostEvent) {
+    let payload = json!({
+        "connectionId": &*session.connection_id,
+        "identity": &*session.identity.0,
+    });
+    Box::pin(fire_event(hub, Some(session), event, None, &payload, 0)).await;
+}
+
+/// Calls handler `handler` of plugin `plugin` on the version serving now, with `payload` and
+/// no origin connection: a timer that came due (`ty` `timer`) or a request's outcome
+/// (`request.outcome`). A plugin that is gone, or a version without the handler, drops it.
+pub async fn call_later(hub: &Hub, plugin: &str, handler: &str, ty: &str, payload: &str) {
+    let what = if ty == "timer" {
+        "timer"
+    } else {
+        "request outcome"
+    };
+    let table = hub.registry.table_full();
+    let Some(target) = table.plugin(plugin) else {
+        tracing::warn!(%plugin, handler, "{what} dropped: plugin `{plugin}` is not loaded");
+        return;
+    };
+    if !target.code.handler_names().contains(&handler) {
+        tracing::warn!(
+            %plugin,
+            version = %target.version,
+            "{what} dropped: the serving version of `{plugin}` has no handler `{handler}`"
+        );
+        return;
+    }
+    let input = CallInput {
+        handler,
+        ty,
+        room: None,
+        payload,
+        sender: "",
+        connection_id: "",
+        message_id: None,
+        metadata: None,
+    };
+    if let Err(e) = run_call(hub, None, target, &input, 0).await {
+        tracing::warn!(%plugin, handler, "{what} call failed: {}", e.wire().1);
+    }
+}
+
+/// Calls timers and request outcomes as they come due, each in a task of its own (tracked by
+/// `tasks`, so that shutdown waits for calls in flight), until the host stops.
+pub async fn run_later(
+    hub: Arc<Hub>,
+    tasks: tokio_util::task::TaskTracker,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            due = hub.registry.timers().next_due_batch() => {
+                for timer in due {
+                    let hub = hub.clone();
+                    tasks.spawn(async move {
+                        call_later(&hub, &timer.plugin, &timer.handler, "timer", &timer.payload)
+                            .await;
+                    });
+                }
+            }
+            done = hub.registry.requests().next_completed() => {
+                for request in done {
+                    let hub = hub.clone();
+                    tasks.spawn(async move {
+                        call_later(
+                            &hub,
+                            &request.plugin,
+                            &request.handler,
+                            "request.outcome",
+                            &request.outcome,
+                        )
+                        .await;
+                    });
+                }
+            }
+            _ = stop.wait_for(|stopped| *stopped) => break,
+        }
+    }
+}
 
 /// Applies a timer or request effect of `plugin`; `origin` is the connection whose message (or
 /// event) the call handled, if any: a request's frame names its identity as `sender`.

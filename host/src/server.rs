@@ -148,6 +148,13 @@ impl Server {
             tokio::spawn(async move { hub.registry.supervise(stopped(&mut stop)).await })
         };
         let lifecycle = tokio::spawn(lifecycle::run(hub.clone(), due_rx, shutdown_rx.clone()));
+        // Timers and request outcomes: their calls are tracked like connections, so that
+        // shutdown lets the calls in flight finish.
+        tracker.spawn(crate::router::run_later(
+            hub.clone(),
+            tracker.clone(),
+            shutdown_rx.clone(),
+        ));
         let watcher = match config.watch {
             WatchMode::Off => None,
             mode => {
