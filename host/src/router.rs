@@ -64,6 +64,9 @@ pub struct Hub {
     pub due: tokio::sync::mpsc::UnboundedSender<Due>,
     /// Turns of room-serialized routes (`serialize = "room"`).
     pub room_locks: RoomLocks,
+    /// Turns of the `connect` and `disconnect` events of one identity (keyed by identity), so
+    /// that a plugin keeping an identity's connections in its store sees them one at a time.
+    pub identity_turns: RoomLocks,
 }
 
 /// What one connection's task owns: the session it drives and that session's live queue.
@@ -813,8 +816,11 @@ pub fn welcome(conn: &ConnState) {
 // ---------------------------------------------------------------------------------------------
 
 /// Fires `connect` or `disconnect` for `session` (payload `{"connectionId", "identity"}`):
-/// `connect` when a session starts, `disconnect` when it ends, after its rooms were left.
+/// `connect` when a session starts, `disconnect` when it ends, after its rooms were left. The
+/// `connect` and `disconnect` events of one identity are handled one at a time, in order.
 pub async fn session_event(hub: &Hub, session: &Arc<Session>, event: HostEvent) {
+    // The events of one identity reach the plugins one at a time, in the order they happened.
+    let _turn = hub.identity_turns.turn("", &session.identity.0).await;
     let payload = json!({
         "connectionId": &*session.connection_id,
         "identity": &*session.identity.0,

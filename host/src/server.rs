@@ -121,6 +121,7 @@ impl Server {
             presence: Default::default(),
             due,
             room_locks: Default::default(),
+            identity_turns: Default::default(),
         });
         if config.session.dev_identity {
             tracing::warn!(

@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | `chat.send` `{"text"}` | `send` | broadcasts `chat.message` `{"text", "nick", "room", "identity"}` to the whole room, sender included, and keeps it in the room's history; a text starting with `/` is a command (below); `//text` sends `/text` literally |
 //! | `chat.typing` | `typing` | broadcasts the volatile `chat.typing` `{"room", "identity", "nick", "expiresInMs"}` to the room's other members (a client shows it until `expiresInMs` passed or the sender's next message came; a slow client may not get it) |
-//! | `room.joined` | `joined` | sends the joiner `chat.topic` `{"room", "topic", "by"}` if the room has a topic, then `chat.history` `{"room", "messages"}` (the room's last 50 `chat.message` payloads, oldest first) if it has any |
+//! | `room.joined` | `joined` | sends the joiner `chat.topic` `{"room", "topic", "by"}` if the room has a topic, then `chat.history` `{"room", "messages"}` (the room's last 50 `chat.message` payloads, oldest first) if it has any, then any direct messages still kept for its identity |
 //! | `connect` | `connected` | records the connection under its identity, and delivers the identity's kept direct messages to it, in the order they were sent |
 //! | `disconnect` | `disconnected` | forgets the connection and its nick |
 //!
@@ -30,7 +30,11 @@
 //! `history:<room>` (the last 50 messages), `conns:<identity>` (its connection ids),
 //! `seen:<identity>` (it connected once; dropped with a guest's last connection) and
 //! `inbox:<identity>` (kept direct messages), as JSON. `chat.send` is serialized per room
-//! (`serialize = "room"`), so a room's history is written by one call at a time.
+//! (`serialize = "room"`), so a room's history is written by one call at a time, and the host
+//! hands a plugin the `connect` and `disconnect` events of one identity one at a time, so
+//! `conns:<identity>` loses no connection. A `/msg` sent at the very moment its recipient
+//! connects may find no connection yet and be kept: it is delivered on the recipient's next
+//! join (or connect).
 
 use plexus_plugin_sdk::{Ctx, HandlerResult, Message, PluginError, RawPayload, ack, plugin};
 use serde::{Deserialize, Serialize};
@@ -285,6 +289,9 @@ fn joined(ctx: &Ctx, msg: Message<RawPayload>) -> HandlerResult {
     if !history.is_empty() {
         ctx.reply("chat.history", &json!({"room": room, "messages": history}))?;
     }
+    // A message kept at the very moment its recipient connected (the `/msg` read no
+    // connection, the `connect` found no message yet) is delivered here at the latest.
+    deliver_kept(ctx, msg.sender())?;
     Ok(None)
 }
 
@@ -298,6 +305,12 @@ fn connected(ctx: &Ctx, msg: Message) -> HandlerResult {
     }
     ctx.kv_set_json(&key, &conns)?;
     ctx.kv_set(&seen_key(identity), "1");
+    deliver_kept(ctx, identity)?;
+    Ok(None)
+}
+
+/// Sends the origin the direct messages kept for its identity, in order, and forgets them.
+fn deliver_kept(ctx: &Ctx, identity: &str) -> Result<(), PluginError> {
     let inbox: Vec<Value> = ctx.kv_get_json(&inbox_key(identity))?.unwrap_or_default();
     for message in &inbox {
         ctx.reply("chat.direct", message)?;
@@ -305,7 +318,7 @@ fn connected(ctx: &Ctx, msg: Message) -> HandlerResult {
     if !inbox.is_empty() {
         ctx.kv_delete(&inbox_key(identity));
     }
-    Ok(None)
+    Ok(())
 }
 
 /// `disconnect`: the connection will never speak again: its nick goes, and its identity no

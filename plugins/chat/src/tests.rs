@@ -435,3 +435,24 @@ fn typing_is_a_volatile_frame_to_the_others() {
         "room_required"
     );
 }
+
+#[test]
+fn a_join_delivers_what_was_kept_meanwhile() {
+    let host = MockHost::new();
+    event(&host, "connected", "c1", "ada");
+    event(&host, "disconnected", "c1", "ada");
+    // Kept while ada had no connection; she connected since (the connect found nothing).
+    send_as(&host, "c3", "bob", "r", "/msg ada late").unwrap();
+    let msg = RawMessage::json(
+        "room.joined",
+        &json!({"room": "r", "connectionId": "c4", "identity": "ada"}),
+    )
+    .with_room("r")
+    .from_connection("c4", "ada");
+    let effects = host.call(plexus_dispatch, "joined", msg).unwrap().1;
+    assert!(
+        matches!(&effects[..], [Effect::Reply { ty, payload }] if ty == "chat.direct" && payload["text"] == "late"),
+        "{effects:?}"
+    );
+    assert_eq!(host.kv_get("inbox:ada"), None);
+}
