@@ -423,10 +423,9 @@ async fn direct_messages_reach_every_connection_and_wait_for_the_next_connect() 
 
     // Connections of one identity opened at the same time: the plugin loses none of them
     // (the host hands it their `connect` events one at a time).
-    let eves = futures_util::future::join_all(
-        (0..8).map(|_| Client::connect_as(host.addr(), "eve")),
-    )
-    .await;
+    let eves =
+        futures_util::future::join_all((0..8).map(|_| Client::connect_as(host.addr(), "eve")))
+            .await;
     let (_, ack) = send_text(&mut bob, "lobby", "/msg eve all of you").await;
     assert_eq!(ack["delivered"], eves.len(), "{ack}");
     for mut eve in eves {

@@ -163,3 +163,25 @@ async fn a_closing_connection_joins_no_room() {
     expected.sort();
     assert_eq!(members, expected, "no ghost of the closed connection");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connect_events_of_one_identity_come_one_at_a_time() {
+    let host = Host::start_with(
+        &[(
+            "relay.toml",
+            relay_manifest(&wasm("relay"), "a", &[("connect", "tally")]),
+        )],
+        |c| c.session.dev_identity = true,
+    )
+    .await;
+    // `tally` reads the identity's list, waits, and writes it back: overlapping calls would
+    // lose entries.
+    let eves =
+        futures_util::future::join_all((0..6).map(|_| Client::connect_as(host.addr(), "eve")))
+            .await;
+    let mut c = host.client().await;
+    let ack = c
+        .ack(json!({"type": "relay.conns", "payload": {"identity": "eve"}}))
+        .await;
+    assert_eq!(ack["payload"]["count"], eves.len(), "{ack}");
+}

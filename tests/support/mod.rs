@@ -213,7 +213,7 @@ timeout_ms = 50
 /// A manifest of plugin `relay` serving the `relay` fixture (timers, requests, events) from
 /// `wasm`, its frames naming `version`: `relay.later` → `later`, `relay.cancel` → `cancel`,
 /// `relay.ask` → `ask` (which may name a room its sender is not in), `relay.join` → `join`,
-/// and `events` as (event, handler).
+/// `relay.conns` → `conns`, and `events` as (event, handler).
 pub fn relay_manifest(wasm: &Path, version: &str, events: &[(&str, &str)]) -> String {
     let mut events_text = String::new();
     for (event, handler) in events {
@@ -246,6 +246,10 @@ allow_outside_room = true
 [[route]]
 type = "relay.join"
 handler = "join"
+
+[[route]]
+type = "relay.conns"
+handler = "conns"
 {events_text}
 [capabilities]
 host = ["messaging", "rooms", "kv", "config", "timers"]

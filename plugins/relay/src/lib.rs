@@ -9,6 +9,8 @@
 //! | `relay.join` `{"room"}` → `join` | makes the origin join `room` |
 //! | `seen` (any event) | broadcasts `seen` `{"event", "room", "connectionId", "payload"}` to room `events` |
 //! | `rejoin` (an event) | makes the origin join room `limbo` |
+//! | `tally` (`connect`) | adds the origin to the list `conns:<identity>` in the store, slowly (a read, a busy wait, a write: calls that overlap would lose an entry) |
+//! | `relay.conns` `{"identity"}` → `conns` | acks `{"count"}`: the length of that list |
 //! | `relay.ask` `{"to"?, "timeoutMs", "q"}` → `ask` | asks connection `to` (default: the origin), or the envelope's room, a `question` `{"q"}`; remembers the asker; acks `{"request"}` |
 //! | `answered` (an outcome) | sends the asker `outcome` `{"outcome", "version"}` |
 
@@ -62,6 +64,27 @@ fn seen(ctx: &Ctx, msg: Message) -> HandlerResult {
     Ok(None)
 }
 
+fn tally(ctx: &Ctx, msg: Message) -> HandlerResult {
+    let key = format!("conns:{}", msg.sender());
+    let mut conns: Vec<String> = ctx.kv_get_json(&key)?.unwrap_or_default();
+    // Long enough that two overlapping calls would both read the list before either writes.
+    let mut spin = 0u64;
+    for i in 0..2_000_000u64 {
+        spin = std::hint::black_box(spin.wrapping_add(i));
+    }
+    conns.push(msg.connection_id().to_owned());
+    ctx.kv_set_json(&key, &conns)?;
+    Ok(None)
+}
+
+fn conns(ctx: &Ctx, msg: Message) -> HandlerResult {
+    let identity = msg.payload["identity"].as_str().unwrap_or_default();
+    let conns: Vec<String> = ctx
+        .kv_get_json(&format!("conns:{identity}"))?
+        .unwrap_or_default();
+    ack(&json!({"count": conns.len()}))
+}
+
 fn rejoin(ctx: &Ctx, _: Message) -> HandlerResult {
     ctx.join("limbo")?;
     Ok(None)
@@ -99,6 +122,8 @@ plugin! {
     "join" => join,
     "seen" => seen,
     "rejoin" => rejoin,
+    "tally" => tally,
+    "conns" => conns,
 }
 
 #[cfg(test)]
