@@ -255,6 +255,10 @@ handler = "conns"
 host = ["messaging", "rooms", "kv", "config", "timers"]
 rooms = ["*"]
 
+[limits]
+# `tally` waits on purpose; a slow machine must not time it out.
+timeout_ms = 2000
+
 [config]
 version = {version}
 "#,

@@ -69,7 +69,7 @@ fn tally(ctx: &Ctx, msg: Message) -> HandlerResult {
     let mut conns: Vec<String> = ctx.kv_get_json(&key)?.unwrap_or_default();
     // Long enough that two overlapping calls would both read the list before either writes.
     let mut spin = 0u64;
-    for i in 0..2_000_000u64 {
+    for i in 0..20_000_000u64 {
         spin = std::hint::black_box(spin.wrapping_add(i));
     }
     conns.push(msg.connection_id().to_owned());
