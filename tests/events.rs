@@ -185,3 +185,31 @@ async fn the_connect_events_of_one_identity_come_one_at_a_time() {
         .await;
     assert_eq!(ack["payload"]["count"], eves.len(), "{ack}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_changes_reach_subscribers_without_an_origin() {
+    let host = Host::start(&[(
+        "relay.toml",
+        relay_manifest(&wasm("relay"), "a", &[("presence.changed", "seen")]),
+    )])
+    .await;
+    let mut w = host.client().await;
+    let id = w.next_id();
+    let (before, _) = w
+        .request(json!({"type": "sys.join", "room": "events", "messageId": id}))
+        .await;
+    // Its own arrival in `events`.
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["payload"]["event"], "presence.changed");
+    let mut x = host.client().await;
+    x.ack(json!({"type": "sys.join", "room": "r"})).await;
+    let identity = x.identity.clone();
+    let presence = |state: &str| {
+        json!({"event": "presence.changed", "room": "r", "connectionId": "",
+               "payload": {"room": "r", "identity": identity, "state": state, "status": null}})
+    };
+    assert_eq!(seen(&mut w).await, presence("online"));
+    x.ack(json!({"type": "sys.leave", "room": "r"})).await;
+    assert_eq!(seen(&mut w).await, presence("offline"));
+    w.sync().await;
+}
