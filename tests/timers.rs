@@ -102,6 +102,15 @@ async fn a_cancelled_timer_never_fires() {
         .await;
     assert_eq!(fired(&mut c).await, (2, "a".to_owned()));
     assert!(frames_before_a_ping(&mut c).await.is_empty());
+
+    // /healthz counts the pending ones.
+    let ack = c
+        .ack(json!({"type": "relay.later", "payload": {"delayMs": 3_600_000, "n": 3}}))
+        .await;
+    assert_eq!(host.healthz().await["plugins"]["relay"]["timers"], 1);
+    c.ack(json!({"type": "relay.cancel", "payload": {"timer": ack["payload"]["timer"]}}))
+        .await;
+    assert_eq!(host.healthz().await["plugins"]["relay"]["timers"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -344,6 +344,8 @@ fn healthz(hub: &Hub) -> Response<Full<Bytes>> {
                 "probation": p.on_probation,
                 "previous": previous,
                 "lastRollback": rollback,
+                "timers": p.timers,
+                "requests": p.requests,
             });
             (p.id, entry)
         })

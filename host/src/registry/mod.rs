@@ -191,6 +191,10 @@ pub struct PluginReport {
     /// The previous version, while it is kept warm, and until when.
     pub previous: Option<(String, SystemTime)>,
     pub last_rollback: Option<Rollback>,
+    /// Timers the plugin has pending.
+    pub timers: usize,
+    /// Requests of the plugin awaiting client answers.
+    pub requests: usize,
 }
 
 /// Why a rollback was not done.
@@ -846,6 +850,8 @@ impl Registry {
                     on_probation: p.health.on_probation(),
                     previous,
                     last_rollback: book.rollbacks.get(id).cloned(),
+                    timers: self.timers.pending(id),
+                    requests: self.requests.pending(id),
                 }
             })
             .collect()
