@@ -71,6 +71,7 @@ fn main() {
             presence: Default::default(),
             due,
             room_locks: Default::default(),
+            identity_turns: Default::default(),
         }
     });
     let kept = hub.policy.bounds.kept_frames;
