@@ -442,3 +442,30 @@ async fn direct_messages_reach_every_connection_and_wait_for_the_next_connect() 
         .await;
     assert_error(&error, "unknown_identity", Some(&id));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_is_a_volatile_frame_to_the_others() {
+    let host = chat_host().await;
+    let mut a = host.client().await;
+    let mut b = host.client().await;
+    join(&mut a, "lobby").await;
+    join(&mut b, "lobby").await;
+    a.recv_type("room.joined").await;
+    let (skipped, _) = a.recv_until_type("presence.changed").await;
+    assert!(skipped.is_empty(), "{skipped:?}");
+    // The typist gets only its ack; the others a frame without `seq` (not kept for a resume).
+    a.ack(json!({"type": "chat.typing", "room": "lobby"})).await;
+    let frame = b.recv_type("chat.typing").await;
+    assert!(frame.get("seq").is_none(), "volatile: {frame}");
+    assert_eq!(
+        frame["payload"],
+        json!({"room": "lobby", "identity": a.identity, "nick": a.identity, "expiresInMs": 5000})
+    );
+    b.expect_error(
+        json!({"type": "chat.typing", "room": "elsewhere"}),
+        "not_in_room",
+    )
+    .await;
+    a.sync().await;
+    b.sync().await;
+}
