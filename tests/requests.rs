@@ -229,3 +229,40 @@ async fn replies_that_answer_nothing_are_refused() {
     assert_eq!(reply(&mut b, &reference, json!(2)).await["type"], "sys.ack");
     assert_eq!(outcome(&mut a).await["answers"][0]["payload"], 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resumes_answers_the_question_it_missed() {
+    let host = relay_host().await;
+    let mut a = host.client().await;
+    let b = host.client().await;
+    let (b_session, b_token, b_seq, b_conn) = (
+        b.session_id.clone(),
+        b.resume_token.clone(),
+        b.last_seq,
+        b.connection_id.clone(),
+    );
+    let who_b = who(&b);
+    // The question is queued to b's session before a's ack; b's connection then drops.
+    let id = ask(&mut a, json!({"to": b_conn, "timeoutMs": 60_000})).await;
+    b.drop_connection();
+    let (mut b, replayed, answer) = Client::resume(host.addr(), &b_session, &b_token, b_seq).await;
+    assert_eq!(answer["type"], "sys.ack", "{answer}");
+    assert_eq!(
+        b.connection_id, b_conn,
+        "a resumed session keeps its connection id"
+    );
+    assert_eq!(replayed.len(), 1, "{replayed:?}");
+    assert_eq!(replayed[0]["type"], "question", "{replayed:?}");
+    let reference = str_at(&replayed[0], "/messageId").to_owned();
+    assert_eq!(reference, format!("h-{id}"));
+    assert_eq!(
+        reply(&mut b, &reference, json!("back")).await["type"],
+        "sys.ack"
+    );
+    let mut answered = who_b;
+    answered["payload"] = json!("back");
+    assert_eq!(
+        outcome(&mut a).await,
+        json!({"requestId": id, "room": null, "answers": [answered], "missing": []})
+    );
+}
