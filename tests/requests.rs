@@ -266,3 +266,18 @@ async fn a_client_that_resumes_answers_the_question_it_missed() {
         json!({"requestId": id, "room": null, "answers": [answered], "missing": []})
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_closes_is_missing_at_once() {
+    let host = relay_host().await;
+    let mut a = host.client().await;
+    let b = host.client().await;
+    let who_b = who(&b);
+    // A minute to answer; b closes instead: the outcome does not wait for the minute.
+    let id = ask(&mut a, json!({"to": b.connection_id, "timeoutMs": 60_000})).await;
+    b.close().await;
+    assert_eq!(
+        outcome(&mut a).await,
+        json!({"requestId": id, "room": null, "answers": [], "missing": [who_b]})
+    );
+}

@@ -222,6 +222,8 @@ pub async fn end_session(hub: &Hub, session: &Arc<Session>, end: End) {
             depart(hub, &room, &session.identity.0, end != End::Replaced).await;
         }
     }
+    // Requests awaiting its answer report it missing now, not at their timeout.
+    hub.registry.requests().ended(&session.connection_id);
     router::session_event(hub, session, HostEvent::Disconnect).await;
     hub.sessions.remove(session, end == End::Expired);
 }

@@ -101,6 +101,8 @@ struct Pending {
     room: Option<String>,
     /// Targets that have not answered yet.
     waiting: Vec<MemberInfo>,
+    /// Targets whose session ended before they answered.
+    gone: Vec<MemberInfo>,
     answers: Vec<(MemberInfo, Box<RawValue>)>,
     answer_bytes: usize,
     due: Instant,
@@ -123,6 +125,7 @@ impl Pending {
             missing: self
                 .waiting
                 .iter()
+                .chain(&self.gone)
                 .map(|who| Who {
                     connection_id: &who.connection_id,
                     identity: &who.identity,
@@ -146,13 +149,28 @@ struct Inner {
     /// (due, id) of every pending request; a completed one's entry is skipped when it comes up.
     heap: BinaryHeap<Reverse<(Instant, u64)>>,
     per_plugin: HashMap<Arc<str>, usize>,
+    /// The pending requests awaiting each connection's answer.
+    by_connection: HashMap<Arc<str>, Vec<u64>>,
     /// Completed before their timeout, waiting for the driver.
     done: Vec<Completed>,
 }
 
 impl Inner {
+    /// Request `id` no longer awaits `connection`'s answer.
+    fn unindex(&mut self, connection: &str, id: u64) {
+        if let Some(ids) = self.by_connection.get_mut(connection) {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                self.by_connection.remove(connection);
+            }
+        }
+    }
+
     fn finish(&mut self, id: u64) -> Option<Completed> {
         let pending = self.pending.remove(&id)?;
+        for who in &pending.waiting {
+            self.unindex(&who.connection_id, id);
+        }
         if let Some(n) = self.per_plugin.get_mut(&pending.plugin) {
             *n -= 1;
             if *n == 0 {
@@ -228,16 +246,24 @@ impl Requests {
             handler,
             room,
             waiting: targets,
+            gone: Vec::new(),
             answers: Vec::new(),
             answer_bytes: 0,
             due,
         };
         if pending.waiting.is_empty() {
             let mut pending = pending;
-            pending.waiting.extend(gone);
+            pending.gone.extend(gone);
             inner.done.push(pending.complete(id));
         } else {
             *inner.per_plugin.entry(plugin).or_default() += 1;
+            for who in &pending.waiting {
+                let ids = inner
+                    .by_connection
+                    .entry(who.connection_id.clone())
+                    .or_default();
+                ids.push(id);
+            }
             let soonest = inner.heap.peek().is_none_or(|Reverse((d, _))| due < *d);
             inner.heap.push(Reverse((due, id)));
             inner.pending.insert(id, pending);
@@ -276,8 +302,11 @@ impl Requests {
         }
         let who = pending.waiting.swap_remove(at);
         pending.answer_bytes += size;
+        let connection = who.connection_id.clone();
         pending.answers.push((who, payload.to_owned()));
-        if !pending.waiting.is_empty() {
+        let last = pending.waiting.is_empty();
+        inner.unindex(&connection, id);
+        if !last {
             return Ok(());
         }
         if let Some(done) = inner.finish(id) {
@@ -286,6 +315,39 @@ impl Requests {
         drop(inner);
         self.changed.notify_one();
         Ok(())
+    }
+
+    /// The session of connection `connection_id` ended: no request waits for its answer any
+    /// more (it is reported missing), and a request left with nobody to wait for completes.
+    pub fn ended(&self, connection_id: &str) {
+        let mut inner = self.lock();
+        let Some(ids) = inner.by_connection.remove(connection_id) else {
+            return;
+        };
+        let mut completed = false;
+        for id in ids {
+            let Some(pending) = inner.pending.get_mut(&id) else {
+                continue;
+            };
+            if let Some(at) = pending
+                .waiting
+                .iter()
+                .position(|w| &*w.connection_id == connection_id)
+            {
+                let who = pending.waiting.swap_remove(at);
+                pending.gone.push(who);
+            }
+            if pending.waiting.is_empty()
+                && let Some(done) = inner.finish(id)
+            {
+                inner.done.push(done);
+                completed = true;
+            }
+        }
+        drop(inner);
+        if completed {
+            self.changed.notify_one();
+        }
     }
 
     /// Takes the requests completed by their last answer and those timed out at `now`.
@@ -454,6 +516,45 @@ mod tests {
         assert_eq!(outcome(&done[0])["missing"], json!([]));
         assert_eq!(outcome(&done[1])["missing"][0]["connectionId"], "c-4");
         assert!(requests.is_empty());
+    }
+
+    #[test]
+    fn a_target_whose_session_ends_is_missing_at_once() {
+        let requests = Requests::default();
+        let room = Some("r".to_owned());
+        let members = Targets::Members(vec![member(1), member(2)]);
+        requests
+            .open(5, "p", "h".into(), room, members, 60_000)
+            .unwrap();
+        requests
+            .open(
+                6,
+                "p",
+                "h".into(),
+                None,
+                Targets::Members(vec![member(2)]),
+                60_000,
+            )
+            .unwrap();
+        requests.reply("h-5", "c-1", &raw("1")).unwrap();
+        assert!(requests.take_completed(Instant::now()).is_empty());
+        requests.ended("c-2");
+        let done = requests.take_completed(Instant::now());
+        assert_eq!(done.len(), 2, "{done:?}");
+        for d in &done {
+            assert_eq!(outcome(d)["missing"][0]["connectionId"], "c-2");
+        }
+        assert_eq!(outcome(&done[0])["answers"][0]["connectionId"], "c-1");
+        assert!(requests.is_empty());
+        assert!(
+            requests.lock().by_connection.is_empty(),
+            "no index left behind"
+        );
+        requests.ended("c-2");
+        assert_eq!(
+            requests.reply("h-6", "c-2", &raw("1")),
+            Err(ReplyError::UnknownRef("h-6".into()))
+        );
     }
 
     #[test]

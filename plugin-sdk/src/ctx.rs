@@ -217,8 +217,8 @@ impl Ctx {
     /// Sends a message of type `ty` to the connection `connection_id` and asks for the
     /// client's answer (a `sys.reply` naming the frame's `messageId`). The plugin's handler
     /// `handler` is called once, with no origin connection, with a [`RequestOutcome`]: the
-    /// answer, or the connection in `missing` after `timeout` (or at once when the connection
-    /// is gone). Returns the request's id. An effect: nothing is sent, and no outcome comes,
+    /// answer, or the connection in `missing` after `timeout` (or as soon as the connection
+    /// is gone: its session ended). Returns the request's id. An effect: nothing is sent, and no outcome comes,
     /// when the handler fails.
     ///
     /// Fails (code `forbidden`) when `handler` is not one of the plugin's handlers, `timeout`
