@@ -138,3 +138,23 @@ async fn a_version_without_the_handler_drops_the_timer() {
     }
     assert!(frames_before_a_ping(&mut c).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_call_that_replies_fails_and_applies_nothing() {
+    let logs = logs();
+    let host = relay_host().await;
+    let mut c = host.client().await;
+    // `fire` sends `fired`, then replies: a timer's call has no origin to reply to.
+    c.ack(json!({"type": "relay.later", "payload": {"delayMs": 0, "n": 7, "reply": true}}))
+        .await;
+    logs.wait_for(&["timer call failed", "relay", "cannot reply, join or leave"])
+        .await;
+    assert!(
+        frames_before_a_ping(&mut c).await.is_empty(),
+        "the failed call's `fired` was not sent"
+    );
+    // The plugin goes on: the next timer fires.
+    c.ack(json!({"type": "relay.later", "payload": {"delayMs": 0, "n": 8}}))
+        .await;
+    assert_eq!(fired(&mut c).await, (8, "a".to_owned()));
+}

@@ -3,9 +3,9 @@
 //!
 //! | route / handler | does |
 //! | --- | --- |
-//! | `relay.later` `{"delayMs", "n", "every"?}` → `later` | schedules `fire` after `delayMs` with `{"to": <origin>, "n", "every"}`; acks `{"timer"}` |
+//! | `relay.later` `{"delayMs", "n", "every"?, "reply"?}` → `later` | schedules `fire` after `delayMs` with `{"to": <origin>, "n", "every", "reply"}`; acks `{"timer"}` |
 //! | `relay.cancel` `{"timer"}` → `cancel` | cancels the timer; acks `{"cancelled"}` |
-//! | `fire` (a timer) | sends `fired` `{"n", "version"}` to `to`; with `every`, schedules itself again after `every` ms with `n + 1` |
+//! | `fire` (a timer) | sends `fired` `{"n", "version"}` to `to`; with `every`, schedules itself again after `every` ms with `n + 1`; with `reply`, also replies, which a call with no origin may not (the call fails) |
 //! | `relay.join` `{"room"}` → `join` | makes the origin join `room` |
 //! | `seen` (any event) | broadcasts `seen` `{"event", "room", "connectionId", "payload"}` to room `events` |
 //! | `rejoin` (an event) | makes the origin join room `limbo` |
@@ -25,8 +25,7 @@ fn version(ctx: &Ctx) -> String {
 
 fn later(ctx: &Ctx, msg: Message) -> HandlerResult {
     let delay = msg.payload["delayMs"].as_u64().unwrap_or(0);
-    let payload =
-        json!({"to": msg.connection_id(), "n": msg.payload["n"], "every": msg.payload["every"]});
+    let payload = json!({"to": msg.connection_id(), "n": msg.payload["n"], "every": msg.payload["every"], "reply": msg.payload["reply"]});
     let timer = ctx.schedule("fire", Duration::from_millis(delay), &payload)?;
     ack(&json!({"timer": timer}))
 }
@@ -40,6 +39,9 @@ fn fire(ctx: &Ctx, msg: Message) -> HandlerResult {
     let to = msg.payload["to"].as_str().unwrap_or_default();
     let n = msg.payload.get("n").cloned().unwrap_or(Value::Null);
     ctx.send(to, "fired", &json!({"n": n, "version": version(ctx)}))?;
+    if msg.payload["reply"] == true {
+        ctx.reply("nobody", &n)?;
+    }
     if let Some(every) = msg.payload["every"].as_u64() {
         let next = json!({"to": to, "n": n.as_u64().unwrap_or(0) + 1, "every": every});
         ctx.schedule("fire", Duration::from_millis(every), &next)?;
