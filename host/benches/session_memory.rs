@@ -72,6 +72,7 @@ fn main() {
             identity_rates: None,
             due,
             room_locks: Default::default(),
+            identity_turns: Default::default(),
         }
     });
     let kept = hub.policy.bounds.kept_frames;

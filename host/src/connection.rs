@@ -39,6 +39,13 @@ pub async fn serve<S>(
 {
     let mut conn = ConnState::open(&hub, identity);
     router::welcome(&conn);
+    // Plugins subscribed to `connect` learn of the session after its welcome is queued.
+    Box::pin(router::session_event(
+        &hub,
+        &conn.session,
+        crate::manifest::HostEvent::Connect,
+    ))
+    .await;
     // Shutdown reaches a connection as a close request in its outbox (see
     // `Sessions::close_all`), after the frames already queued. A session registered after the
     // host began shutting down closes itself here.

@@ -23,6 +23,8 @@ pub enum ErrorCode {
     RoomFull,
     /// The client sends faster than its message rate limit.
     RateLimited,
+    /// A `sys.reply` whose `ref` names no request awaiting this connection's answer.
+    UnknownRef,
 }
 
 impl ErrorCode {
@@ -42,6 +44,7 @@ impl ErrorCode {
             ErrorCode::RoomLimit => "room_limit",
             ErrorCode::RoomFull => "room_full",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::UnknownRef => "unknown_ref",
         }
     }
 }
@@ -105,6 +108,31 @@ impl From<CallError> for HandleError {
             CallError::Refused { code, message } => HandleError::Plugin { code, message },
             other => HandleError::new(ErrorCode::PluginFailed, other.to_string()),
         }
+    }
+}
+
+impl From<crate::requests::ReplyError> for HandleError {
+    fn from(err: crate::requests::ReplyError) -> Self {
+        use crate::requests::ReplyError;
+        let code = match err {
+            ReplyError::UnknownRef(_) => ErrorCode::UnknownRef,
+            ReplyError::AnswerTooLarge(_) | ReplyError::AnswersFull => ErrorCode::TooLarge,
+        };
+        HandleError::new(code, err.to_string())
+    }
+}
+
+/// A plugin asked for more timers or requests than it may have, or a delay or timeout out of
+/// bounds: its call's effects are refused.
+impl From<crate::timers::TimerError> for HandleError {
+    fn from(err: crate::timers::TimerError) -> Self {
+        HandleError::new(ErrorCode::PluginFailed, err.to_string())
+    }
+}
+
+impl From<crate::requests::RequestError> for HandleError {
+    fn from(err: crate::requests::RequestError) -> Self {
+        HandleError::new(ErrorCode::PluginFailed, err.to_string())
     }
 }
 
@@ -182,6 +210,17 @@ mod tests {
             timeout_ms: 5,
         }
         .into();
+        assert_eq!(e.wire().0, "plugin_failed");
+    }
+
+    #[test]
+    fn reply_errors_have_their_codes() {
+        use crate::requests::ReplyError;
+        let e: HandleError = ReplyError::UnknownRef("h-1".into()).into();
+        assert_eq!(e.wire().0, "unknown_ref");
+        let e: HandleError = ReplyError::AnswerTooLarge(1 << 20).into();
+        assert_eq!(e.wire().0, "too_large");
+        let e: HandleError = crate::timers::TimerError::TooLong(1).into();
         assert_eq!(e.wire().0, "plugin_failed");
     }
 }

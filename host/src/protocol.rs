@@ -272,6 +272,12 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// A fresh number for a host `messageId` (`h-<n>`), for a frame encoded later with
+/// [`Outbound::encode_with_id`] (a request's id is its frame's, known before it is sent).
+pub fn next_message_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A host frame under construction. `payload` must be valid JSON text.
 #[derive(Debug, Clone, Copy)]
 pub struct Outbound<'a> {
@@ -284,10 +290,14 @@ pub struct Outbound<'a> {
 impl Outbound<'_> {
     /// Serializes the frame, assigning it a fresh host `messageId` and a timestamp.
     pub fn encode(&self) -> Frame {
+        self.encode_with_id(next_message_id())
+    }
+
+    /// Serializes the frame with the host `messageId` `h-<id>` (from [`next_message_id`]).
+    pub fn encode_with_id(&self, id: u64) -> Frame {
         /// The envelope around the fields: keys, quotes, an id and a timestamp of 20 digits
         /// each at most. Sized so that the buffer is allocated once.
         const ENVELOPE: usize = 128;
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let mut numbers = itoa::Buffer::new();
         let mut out = String::with_capacity(
             ENVELOPE
@@ -458,6 +468,21 @@ pub fn payload_status(payload: &RawValue) -> Result<Option<String>, String> {
     serde_json::from_str::<Status>(payload.get())
         .map(|s| s.status)
         .map_err(|e| format!("`sys.status` needs {{\"status\": \"...\"}}: {e}"))
+}
+
+/// Reads a `sys.reply` payload (`{"ref": "h-<n>", "payload": ...}`): the `messageId` of the
+/// host frame answered, and the answer (`null` when absent).
+pub fn payload_reply(payload: &RawValue) -> Result<(String, &RawValue), String> {
+    #[derive(Deserialize)]
+    struct Reply<'a> {
+        #[serde(rename = "ref")]
+        reference: String,
+        #[serde(borrow, default)]
+        payload: Option<&'a RawValue>,
+    }
+    serde_json::from_str::<Reply<'_>>(payload.get())
+        .map(|r| (r.reference, r.payload.unwrap_or_else(|| null_raw())))
+        .map_err(|e| format!("`sys.reply` needs {{\"ref\", \"payload\"}}: {e}"))
 }
 
 /// Checks that `text` is one valid JSON value (for payloads coming from plugins).

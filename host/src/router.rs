@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::effects::{self, Effect, LogLevel};
+use crate::effects::{self, Effect, LogLevel, RequestTo};
 use crate::error::{CloseReason, ErrorCode, HandleError};
 use crate::lifecycle::{self, Due};
 use crate::limits::{Admit, ConnectionRate, IdentityRates, RateLimit};
@@ -15,8 +15,9 @@ use crate::manifest::HostEvent;
 use crate::plugin::{CallInput, CallOutput};
 use crate::protocol::{self, Inbound, Outbound};
 use crate::registry::{LoadedPlugin, Registry, Verdict};
-use crate::rooms::Rooms;
+use crate::requests::Targets;
 use crate::rooms::presence::{Online, Presence};
+use crate::rooms::{MemberInfo, Rooms};
 use crate::serial::{RoomLocks, Turn};
 use crate::session::outbox::{AttachError, OutboxRx};
 use crate::session::{Driver, Identity, Missing, Session, SessionPolicy, Sessions};
@@ -69,6 +70,9 @@ pub struct Hub {
     pub due: tokio::sync::mpsc::UnboundedSender<Due>,
     /// Turns of room-serialized routes (`serialize = "room"`).
     pub room_locks: RoomLocks,
+    /// Turns of the `connect` and `disconnect` events of one identity (keyed by identity), so
+    /// that a plugin keeping an identity's connections in its store sees them one at a time.
+    pub identity_turns: RoomLocks,
 }
 
 /// What one connection's task owns: the session it drives and that session's live queue.
@@ -113,8 +117,12 @@ impl ConnState {
     }
 }
 
-/// How deep plugin-triggered host events may nest (an event handler's joins fire no events).
-const MAX_EVENT_DEPTH: u8 = 1;
+/// How deep plugin-triggered host events may nest. A client's frame or the host acts at depth
+/// 0; a plugin call it causes runs at depth 1, and each join or leave a call makes, and the
+/// event calls that fires, one deeper. Events fire below this depth: a route's joins fire
+/// them, and so do the joins of the handlers of those events, but not the joins of the
+/// handlers of those second events (so plugins joining each other's rooms cannot loop).
+const MAX_EVENT_DEPTH: u8 = 4;
 
 /// The longest status a client may set with `sys.status`, in characters.
 pub const MAX_STATUS_CHARS: usize = 64;
@@ -275,6 +283,14 @@ async fn dispatch<'h>(
             Ok(None)
         }
         "sys.resume" => resume(hub, conn, msg).await,
+        "sys.reply" => {
+            let (reference, answer) = protocol::payload_reply(msg.payload)
+                .map_err(|m| HandleError::new(ErrorCode::BadFrame, m))?;
+            hub.registry
+                .requests()
+                .reply(&reference, &session.connection_id, answer)?;
+            Ok(None)
+        }
         "sys.received" => {
             let seq = protocol::payload_seq(msg.payload)
                 .map_err(|m| HandleError::new(ErrorCode::BadFrame, m))?;
@@ -509,6 +525,14 @@ fn check_output(
             {
                 return Err(bad(format!("message type `{ty}` is not allowed")));
             }
+            // A timer's call or a request's outcome has no connection to reply to or move.
+            Effect::Reply { .. } | Effect::Join { .. } | Effect::Leave { .. }
+                if input.connection_id.is_empty() =>
+            {
+                return Err(bad(
+                    "a call with no origin connection cannot reply, join or leave".into(),
+                ));
+            }
             _ => {}
         }
     }
@@ -633,6 +657,11 @@ async fn apply(
             Effect::KvDelete { key } => {
                 plugin.kv.remove(&key);
             }
+            deferred @ (Effect::Schedule { .. }
+            | Effect::CancelTimer { .. }
+            | Effect::Request { .. }) => {
+                apply_deferred(hub, plugin, origin, deferred);
+            }
         }
     }
     effects::recycle(effects);
@@ -707,9 +736,9 @@ pub async fn join_room(
         }
         Box::pin(fire_event(
             hub,
-            session,
+            Some(session),
             HostEvent::RoomJoined,
-            room,
+            Some(room),
             &payload,
             depth,
         ))
@@ -745,9 +774,9 @@ pub async fn leave_room(
     }
     Box::pin(fire_event(
         hub,
-        session,
+        Some(session),
         HostEvent::RoomLeft,
-        room,
+        Some(room),
         &payload,
         depth,
     ))
@@ -755,11 +784,13 @@ pub async fn leave_room(
     true
 }
 
-async fn fire_event(
+/// Calls every plugin subscribed to `event` with `payload`; `origin` is the session the event
+/// is about (none for an event about no one connection, such as an identity going offline).
+pub async fn fire_event(
     hub: &Hub,
-    session: &Arc<Session>,
+    origin: Option<&Arc<Session>>,
     event: HostEvent,
-    room: &str,
+    room: Option<&str>,
     payload: &serde_json::Value,
     depth: u8,
 ) {
@@ -776,14 +807,14 @@ async fn fire_event(
         let input = CallInput {
             handler: &target.handler,
             ty: event.name(),
-            room: Some(room),
+            room,
             payload: &payload,
-            sender: &session.identity.0,
-            connection_id: &session.connection_id,
+            sender: origin.map_or("", |s| &s.identity.0),
+            connection_id: origin.map_or("", |s| &s.connection_id),
             message_id: None,
             metadata: None,
         };
-        if let Err(e) = run_call(hub, Some(session), &target.plugin, &input, depth + 1).await {
+        if let Err(e) = run_call(hub, origin, &target.plugin, &input, depth + 1).await {
             tracing::warn!(plugin = %target.plugin.manifest.id, event = event.name(), "event handler failed: {}", e.wire().1);
         }
     }
@@ -802,6 +833,180 @@ pub fn welcome(conn: &ConnState) {
         "hostVersion": env!("CARGO_PKG_VERSION"),
     });
     conn.push(protocol::host_frame("sys.welcome", None, &payload));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timers and requests (plugin calls that come later, with no origin connection)
+// ---------------------------------------------------------------------------------------------
+
+/// Fires `connect` or `disconnect` for `session` (payload `{"connectionId", "identity"}`):
+/// `connect` when a session starts, `disconnect` when it ends, after its rooms were left. The
+/// `connect` and `disconnect` events of one identity are handled one at a time, in order.
+pub async fn session_event(hub: &Hub, session: &Arc<Session>, event: HostEvent) {
+    // The events of one identity reach the plugins one at a time, in the order they happened.
+    let _turn = hub.identity_turns.turn("", &session.identity.0).await;
+    let payload = json!({
+        "connectionId": &*session.connection_id,
+        "identity": &*session.identity.0,
+    });
+    Box::pin(fire_event(hub, Some(session), event, None, &payload, 0)).await;
+}
+
+/// Calls handler `handler` of plugin `plugin` on the version serving now, with `payload` and
+/// no origin connection: a timer that came due (`ty` `timer`) or a request's outcome
+/// (`request.outcome`). A plugin that is gone, or a version without the handler, drops it.
+pub async fn call_later(hub: &Hub, plugin: &str, handler: &str, ty: &str, payload: &str) {
+    let what = if ty == "timer" {
+        "timer"
+    } else {
+        "request outcome"
+    };
+    let table = hub.registry.table_full();
+    let Some(target) = table.plugin(plugin) else {
+        tracing::warn!(%plugin, handler, "{what} dropped: plugin `{plugin}` is not loaded");
+        return;
+    };
+    if !target.code.handler_names().contains(&handler) {
+        tracing::warn!(
+            %plugin,
+            version = %target.version,
+            "{what} dropped: the serving version of `{plugin}` has no handler `{handler}`"
+        );
+        return;
+    }
+    let input = CallInput {
+        handler,
+        ty,
+        room: None,
+        payload,
+        sender: "",
+        connection_id: "",
+        message_id: None,
+        metadata: None,
+    };
+    if let Err(e) = run_call(hub, None, target, &input, 0).await {
+        tracing::warn!(%plugin, handler, "{what} call failed: {}", e.wire().1);
+    }
+}
+
+/// Calls timers and request outcomes as they come due, each in a task of its own (tracked by
+/// `tasks`, so that shutdown waits for calls in flight), until the host stops.
+pub async fn run_later(
+    hub: Arc<Hub>,
+    tasks: tokio_util::task::TaskTracker,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            due = hub.registry.timers().next_due_batch() => {
+                for timer in due {
+                    let hub = hub.clone();
+                    tasks.spawn(async move {
+                        call_later(&hub, &timer.plugin, &timer.handler, "timer", &timer.payload)
+                            .await;
+                    });
+                }
+            }
+            done = hub.registry.requests().next_completed() => {
+                for request in done {
+                    let hub = hub.clone();
+                    tasks.spawn(async move {
+                        call_later(
+                            &hub,
+                            &request.plugin,
+                            &request.handler,
+                            "request.outcome",
+                            &request.outcome,
+                        )
+                        .await;
+                    });
+                }
+            }
+            _ = stop.wait_for(|stopped| *stopped) => break,
+        }
+    }
+}
+
+/// Applies a timer or request effect of `plugin`; `origin` is the connection whose message (or
+/// event) the call handled, if any: a request's frame names its identity as `sender`.
+fn apply_deferred(hub: &Hub, plugin: &LoadedPlugin, origin: Option<&Arc<Session>>, effect: Effect) {
+    let id = &*plugin.manifest.id;
+    let timers = hub.registry.timers();
+    match effect {
+        Effect::Schedule {
+            id: timer,
+            handler,
+            delay_ms,
+            payload,
+        } => {
+            if let Err(e) = timers.schedule(timer, id, handler, delay_ms, payload) {
+                tracing::warn!(plugin = %id, "timer not scheduled: {e}");
+            }
+        }
+        Effect::CancelTimer { id: timer } => {
+            timers.cancel(id, timer);
+        }
+        Effect::Request {
+            id: request,
+            to,
+            ty,
+            payload,
+            timeout_ms,
+            handler,
+        } => {
+            let (room, targets) = match &to {
+                RequestTo::Connection(to) => {
+                    let target = hub.sessions.get(to);
+                    let who = MemberInfo {
+                        connection_id: Arc::from(to.as_str()),
+                        identity: target
+                            .as_ref()
+                            .map_or_else(|| Arc::from(""), |s| s.identity.0.clone()),
+                    };
+                    let targets = match target {
+                        Some(_) => Targets::Members(vec![who]),
+                        None => Targets::Gone(who),
+                    };
+                    (None, targets)
+                }
+                RequestTo::Room(room) => (
+                    Some(room.clone()),
+                    Targets::Members(hub.rooms.members(room)),
+                ),
+            };
+            let recipients: Vec<Arc<str>> = match &targets {
+                Targets::Members(members) => {
+                    members.iter().map(|m| m.connection_id.clone()).collect()
+                }
+                Targets::Gone(_) => Vec::new(),
+            };
+            // Open before sending: an answer may come back before this function returns.
+            if let Err(e) = hub.registry.requests().open(
+                request,
+                id,
+                handler,
+                room.clone(),
+                targets,
+                timeout_ms,
+            ) {
+                tracing::warn!(plugin = %id, "request not sent: {e}");
+                return;
+            }
+            let frame = Outbound {
+                ty: &ty,
+                room: room.as_deref(),
+                payload: &payload,
+                sender: origin.map(|s| &*s.identity.0),
+            }
+            .encode_with_id(request);
+            for to in recipients {
+                if let Some(session) = hub.sessions.get(&to) {
+                    session.outbox.push(frame.clone());
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]

@@ -122,6 +122,7 @@ impl Server {
             identity_rates: config.limits.rate.map(crate::limits::IdentityRates::new),
             due,
             room_locks: Default::default(),
+            identity_turns: Default::default(),
         });
         if config.session.dev_identity {
             tracing::warn!(
@@ -149,6 +150,13 @@ impl Server {
             tokio::spawn(async move { hub.registry.supervise(stopped(&mut stop)).await })
         };
         let lifecycle = tokio::spawn(lifecycle::run(hub.clone(), due_rx, shutdown_rx.clone()));
+        // Timers and request outcomes: their calls are tracked like connections, so that
+        // shutdown lets the calls in flight finish.
+        tracker.spawn(crate::router::run_later(
+            hub.clone(),
+            tracker.clone(),
+            shutdown_rx.clone(),
+        ));
         let watcher = match config.watch {
             WatchMode::Off => None,
             mode => {
@@ -337,6 +345,8 @@ fn healthz(hub: &Hub) -> Response<Full<Bytes>> {
                 "probation": p.on_probation,
                 "previous": previous,
                 "lastRollback": rollback,
+                "timers": p.timers,
+                "requests": p.requests,
             });
             (p.id, entry)
         })

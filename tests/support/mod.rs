@@ -210,6 +210,63 @@ timeout_ms = 50
     )
 }
 
+/// A manifest of plugin `relay` serving the `relay` fixture (timers, requests, events) from
+/// `wasm`, its frames naming `version`: `relay.later` → `later`, `relay.cancel` → `cancel`,
+/// `relay.ask` → `ask` (which may name a room its sender is not in), `relay.join` → `join`,
+/// `relay.conns` → `conns`, and `events` as (event, handler).
+pub fn relay_manifest(wasm: &Path, version: &str, events: &[(&str, &str)]) -> String {
+    let mut events_text = String::new();
+    for (event, handler) in events {
+        events_text.push_str(&format!(
+            "\n[[event]]\non = \"{event}\"\nhandler = \"{handler}\"\n"
+        ));
+    }
+    format!(
+        r#"manifest_version = 1
+
+[plugin]
+id = "relay"
+
+[source]
+wasm = {wasm}
+
+[[route]]
+type = "relay.later"
+handler = "later"
+
+[[route]]
+type = "relay.cancel"
+handler = "cancel"
+
+[[route]]
+type = "relay.ask"
+handler = "ask"
+allow_outside_room = true
+
+[[route]]
+type = "relay.join"
+handler = "join"
+
+[[route]]
+type = "relay.conns"
+handler = "conns"
+{events_text}
+[capabilities]
+host = ["messaging", "rooms", "kv", "config", "timers"]
+rooms = ["*"]
+
+[limits]
+# `tally` waits on purpose; a slow machine must not time it out.
+timeout_ms = 2000
+
+[config]
+version = {version}
+"#,
+        wasm = toml_str(&wasm.display().to_string()),
+        version = toml_str(version),
+    )
+}
+
 /// A manifest of plugin `answer` serving the hot-swap fixtures (`swap-a`, `swap-b`,
 /// `swap-broken`) from `answer.wasm` next to it: `routes` and `events` as (type or event,
 /// handler), the host interfaces `caps`, and the call time limit.
@@ -420,9 +477,33 @@ pub fn logs() -> &'static LogCapture {
 
 /// Log output collected in memory.
 #[derive(Debug, Clone, Default)]
-pub struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+pub struct LogCapture(
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Woken on every write, for [`LogCapture::wait_for`].
+    std::sync::Arc<tokio::sync::Notify>,
+);
 
 impl LogCapture {
+    /// Waits until a line containing every one of `needles` is logged; returns it.
+    pub async fn wait_for(&self, needles: &[&str]) -> String {
+        within(&format!("a log line with {needles:?}"), async {
+            loop {
+                let written = self.1.notified();
+                tokio::pin!(written);
+                written.as_mut().enable();
+                let found = self
+                    .lines_with(needles[0])
+                    .into_iter()
+                    .find(|l| needles.iter().all(|n| l.contains(n)));
+                if let Some(line) = found {
+                    return line;
+                }
+                written.await;
+            }
+        })
+        .await
+    }
+
     /// The lines logged so far that contain `needle`.
     pub fn lines_with(&self, needle: &str) -> Vec<String> {
         let bytes = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -440,6 +521,7 @@ impl std::io::Write for LogCapture {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend_from_slice(buf);
+        self.1.notify_waiters();
         Ok(buf.len())
     }
 
