@@ -25,6 +25,8 @@ pub enum ErrorCode {
     RateLimited,
     /// A `sys.reply` whose `ref` names no request awaiting this connection's answer.
     UnknownRef,
+    /// The plugin version kept failing and is out of service for a cool-down.
+    PluginUnavailable,
 }
 
 impl ErrorCode {
@@ -45,6 +47,7 @@ impl ErrorCode {
             ErrorCode::RoomFull => "room_full",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::UnknownRef => "unknown_ref",
+            ErrorCode::PluginUnavailable => "plugin_unavailable",
         }
     }
 }

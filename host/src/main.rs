@@ -65,6 +65,18 @@ struct ServeArgs {
     /// (1008).
     #[arg(long, default_value_t = 5)]
     flood_close_secs: u64,
+    /// Failed calls in a row that take a plugin version out of service (0: never).
+    #[arg(long, default_value_t = 5)]
+    breaker_failures: u32,
+    /// Seconds a version out of service refuses calls before one call tries it again.
+    #[arg(long, default_value_t = 10)]
+    breaker_cool_down_secs: u64,
+    /// Milliseconds a call may run before its version's calls go through the slow lane.
+    #[arg(long, default_value_t = 5)]
+    slow_call_ms: u64,
+    /// Calls of one version that may run in the slow lane at once.
+    #[arg(long, default_value_t = 1)]
+    slow_lane: usize,
     /// Seconds the previous version of a plugin stays loaded after a swap, ready for a
     /// rollback (0: none, and no automatic rollback).
     #[arg(long, default_value_t = 60)]
@@ -189,6 +201,13 @@ async fn serve(args: ServeArgs, watch: WatchMode) -> ExitCode {
     };
     config.limits.max_rooms_per_connection = args.max_rooms_per_connection;
     config.limits.max_room_members = args.max_room_members;
+    config.limits.breaker = plexus::registry::BreakerPolicy {
+        failures: args.breaker_failures,
+        cool_down: Duration::from_secs(args.breaker_cool_down_secs),
+        slow_call: Duration::from_millis(args.slow_call_ms.max(1)),
+        slow_lane: args.slow_lane.max(1),
+        ..Default::default()
+    };
     config.limits.rate =
         std::num::NonZeroU32::new(args.max_messages_per_second).map(|per_second| {
             plexus::limits::RateLimit {

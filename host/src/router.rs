@@ -14,7 +14,8 @@ use crate::limits::{Admit, ConnectionRate, IdentityRates, RateLimit};
 use crate::manifest::HostEvent;
 use crate::plugin::{CallInput, CallOutput};
 use crate::protocol::{self, Inbound, Outbound};
-use crate::registry::{LoadedPlugin, Registry, Verdict};
+use crate::registry::health::Change;
+use crate::registry::{BreakerPolicy, LoadedPlugin, Registry, Verdict};
 use crate::requests::Targets;
 use crate::rooms::presence::{Online, Presence};
 use crate::rooms::{MemberInfo, Rooms};
@@ -37,6 +38,8 @@ pub struct HostLimits {
     pub max_room_members: usize,
     /// Message rate limits per connection and per identity (none: unlimited).
     pub rate: Option<RateLimit>,
+    /// The circuit breaker and the slow lane of plugin versions.
+    pub breaker: BreakerPolicy,
 }
 
 impl Default for HostLimits {
@@ -48,6 +51,7 @@ impl Default for HostLimits {
             max_rooms_per_connection: 100,
             max_room_members: 100_000,
             rate: Some(RateLimit::default()),
+            breaker: BreakerPolicy::default(),
         }
     }
 }
@@ -458,9 +462,31 @@ pub async fn run_call(
     input: &CallInput<'_>,
     depth: u8,
 ) -> Result<Option<String>, HandleError> {
+    let breaker = &hub.limits.breaker;
+    if let Err(refused) = plugin.health.admit() {
+        return Err(HandleError::new(
+            ErrorCode::PluginUnavailable,
+            format!(
+                "plugin `{}` kept failing and is out of service; it is tried again in {} s",
+                plugin.manifest.id,
+                refused.retry_in.as_secs_f64().ceil()
+            ),
+        ));
+    }
     let output = {
         let _in_flight = plugin.health.begin();
-        plugin.code.call(input)
+        let started = Instant::now();
+        let output = match plugin.health.slow_lane(breaker) {
+            None => plugin.code.call(input),
+            // A version whose calls run long: one call (by default) at a time, each on a thread
+            // of its own, so that the runtime's threads go on serving everyone else.
+            Some(lane) => {
+                let _permit = lane.acquire().await;
+                off_the_runtime(|| plugin.code.call(input))
+            }
+        };
+        plugin.health.record_duration(started.elapsed(), breaker);
+        output
     };
     emit_logs(plugin, &output.logs);
     let checked = check_output(plugin, input, output);
@@ -471,6 +497,20 @@ pub async fn run_call(
             ..
         })
     );
+    match plugin.health.record_circuit(failed, breaker) {
+        Change::Opened => tracing::warn!(
+            plugin = %plugin.manifest.id,
+            version = %plugin.version,
+            "circuit opened: the version keeps failing; its calls get plugin_unavailable for {:?}",
+            breaker.cool_down
+        ),
+        Change::Closed => tracing::info!(
+            plugin = %plugin.manifest.id,
+            version = %plugin.version,
+            "circuit closed: the version answered again"
+        ),
+        Change::None => {}
+    }
     if let Verdict::RollBack { calls, failures } =
         plugin.health.record(failed, hub.registry.policy())
     {
@@ -483,6 +523,16 @@ pub async fn run_call(
     let (ack, effects) = checked?;
     apply(hub, origin, plugin, input.room, effects, depth).await;
     Ok(ack)
+}
+
+/// Runs `call` on a thread the runtime can do without (its other tasks move to another worker),
+/// or right here on a runtime with one thread.
+fn off_the_runtime<T>(call: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(call),
+        _ => call(),
+    }
 }
 
 /// The ack and the effects of a successful call whose effects are all well-formed, or the

@@ -347,6 +347,9 @@ fn healthz(hub: &Hub) -> Response<Full<Bytes>> {
                 "lastRollback": rollback,
                 "timers": p.timers,
                 "requests": p.requests,
+                "circuit": p.circuit.0.as_str(),
+                "circuitTrips": p.circuit.1,
+                "slowLane": p.slow,
             });
             (p.id, entry)
         })

@@ -199,6 +199,10 @@ handler = "forge-ref"
 type = "faulty.kv-huge"
 handler = "kv-huge"
 
+[[route]]
+type = "faulty.hog"
+handler = "hog"
+
 [capabilities]
 host = ["messaging", "rooms", "kv", "logging", "config"]
 rooms = ["*"]

@@ -16,7 +16,7 @@ use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, broadcast, mpsc};
 
-pub use health::{Health, HealthCounts, SwapPolicy, Verdict};
+pub use health::{BreakerPolicy, Circuit, Health, HealthCounts, SwapPolicy, Verdict};
 
 use crate::builder;
 use crate::manifest::{self, HostEvent, Manifest, ManifestError, Source};
@@ -195,6 +195,10 @@ pub struct PluginReport {
     pub timers: usize,
     /// Requests of the plugin awaiting client answers.
     pub requests: usize,
+    /// The circuit of the serving version, and how many times it opened.
+    pub circuit: (Circuit, u64),
+    /// Whether the serving version's calls go through the slow lane.
+    pub slow: bool,
 }
 
 /// Why a rollback was not done.
@@ -852,6 +856,8 @@ impl Registry {
                     last_rollback: book.rollbacks.get(id).cloned(),
                     timers: self.timers.pending(id),
                     requests: self.requests.pending(id),
+                    circuit: p.health.circuit(),
+                    slow: p.health.is_slow(),
                 }
             })
             .collect()

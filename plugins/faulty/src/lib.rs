@@ -13,6 +13,8 @@
 //!   `"key"`), past the host's key-value limits.
 //! * `print`: writes to stdout and stderr through WASI, then replies `faulty.printed`: plugin
 //!   output must not fail the call.
+//! * `hog`: allocates a megabyte after another until the instance's memory limit stops it (a
+//!   trap).
 
 use plexus_plugin_sdk::{Ctx, HandlerResult, Message, RawPayload, plugin};
 
@@ -25,6 +27,13 @@ fn unreachable(_ctx: &Ctx, _msg: Message<RawPayload>) -> HandlerResult {
     core::arch::wasm32::unreachable();
     #[cfg(not(target_arch = "wasm32"))]
     std::process::abort();
+}
+
+fn hog(_ctx: &Ctx, _msg: Message<RawPayload>) -> HandlerResult {
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    loop {
+        held.push(std::hint::black_box(vec![1u8; 1 << 20]));
+    }
 }
 
 fn spin(_ctx: &Ctx, _msg: Message<RawPayload>) -> HandlerResult {
@@ -76,4 +85,5 @@ plugin! {
     "print" => print,
     "forge-ref" => forge_ref,
     "kv-huge" => kv_huge,
+    "hog" => hog,
 }
