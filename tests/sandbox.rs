@@ -223,3 +223,31 @@ async fn with_the_circuit_breaker_off_the_slow_lane_keeps_an_endless_loop_off_th
         p99(&latencies)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_outside_the_grant_fails_the_whole_call() {
+    let logs = support::logs();
+    let granted = faulty_manifest().replace(r#"rooms = ["*"]"#, r#"rooms = ["public:*"]"#);
+    assert_ne!(granted, faulty_manifest(), "the fixture's grant moved");
+    let host = Host::start(&[("faulty.toml", granted)]).await;
+    let mut insider = host.client().await;
+    insider
+        .ack(json!({"type": "sys.join", "room": "secret"}))
+        .await;
+    let mut c = host.client().await;
+    let refused = c
+        .expect_error(json!({"type": "faulty.outside"}), "plugin_failed")
+        .await;
+    assert!(
+        support::str_at(&refused, "/payload/message").contains("room `secret` is not granted"),
+        "{refused}"
+    );
+    // Neither reply of the call reached its sender, nor the broadcast the room.
+    c.sync().await;
+    insider.sync().await;
+    assert!(
+        !logs
+            .lines_with("effect outside the plugin's grant refused")
+            .is_empty()
+    );
+}

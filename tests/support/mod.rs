@@ -203,6 +203,10 @@ handler = "kv-huge"
 type = "faulty.hog"
 handler = "hog"
 
+[[route]]
+type = "faulty.outside"
+handler = "outside"
+
 [capabilities]
 host = ["messaging", "rooms", "kv", "logging", "config"]
 rooms = ["*"]

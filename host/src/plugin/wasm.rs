@@ -201,7 +201,7 @@ impl PluginState {
         include_sender: bool,
         volatile: bool,
     ) -> Result<(), String> {
-        self.check_room(&room)?;
+        self.grant_room(&room)?;
         self.record(Effect::Broadcast {
             room,
             ty,
@@ -264,6 +264,16 @@ impl PluginState {
             handler,
         });
         Ok(id)
+    }
+
+    /// Checks that an effect on `room` is within the plugin's grant. One outside it is logged
+    /// and refuses the whole call (none of its effects apply, whatever the handler does with
+    /// the error), so that a plugin never reaches a room it was not granted.
+    fn grant_room(&mut self, room: &str) -> Result<(), String> {
+        self.check_room(room).inspect_err(|reason| {
+            tracing::warn!(plugin = %self.env.id, %room, "effect outside the plugin's grant refused");
+            self.refuse(reason.clone());
+        })
     }
 
     fn check_room(&self, room: &str) -> Result<(), String> {
@@ -334,7 +344,7 @@ impl messaging::Host for PluginState {
         timeout_ms: u64,
         handler: String,
     ) -> Result<u64, String> {
-        self.check_room(&room)?;
+        self.grant_room(&room)?;
         self.record_request(RequestTo::Room(room), ty, payload, timeout_ms, handler)
     }
 }
@@ -380,13 +390,13 @@ impl timers::Host for PluginState {
 
 impl rooms::Host for PluginState {
     fn join(&mut self, room: String) -> Result<(), String> {
-        self.check_room(&room)?;
+        self.grant_room(&room)?;
         self.record(Effect::Join { room });
         Ok(())
     }
 
     fn leave(&mut self, room: String) -> Result<(), String> {
-        self.check_room(&room)?;
+        self.grant_room(&room)?;
         self.record(Effect::Leave { room });
         Ok(())
     }
