@@ -498,12 +498,23 @@ pub async fn run_call(
         })
     );
     match plugin.health.record_circuit(failed, breaker) {
-        Change::Opened => tracing::warn!(
-            plugin = %plugin.manifest.id,
-            version = %plugin.version,
-            "circuit opened: the version keeps failing; its calls get plugin_unavailable for {:?}",
-            breaker.cool_down
-        ),
+        Change::Opened => {
+            tracing::warn!(
+                plugin = %plugin.manifest.id,
+                version = %plugin.version,
+                "circuit opened: the version keeps failing; its calls get plugin_unavailable for {:?}",
+                breaker.cool_down
+            );
+            // A new version that keeps failing while on probation goes back to the previous
+            // one now, rather than waiting out a cool-down.
+            if plugin.health.on_probation() {
+                hub.registry.request_rollback(
+                    &plugin.manifest.id,
+                    &plugin.version,
+                    format!("{} calls in a row failed after the swap", breaker.failures),
+                );
+            }
+        }
         Change::Closed => tracing::info!(
             plugin = %plugin.manifest.id,
             version = %plugin.version,
