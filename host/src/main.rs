@@ -71,8 +71,9 @@ struct ServeArgs {
     /// Seconds a version out of service refuses calls before one call tries it again.
     #[arg(long, default_value_t = 10)]
     breaker_cool_down_secs: u64,
-    /// Milliseconds a call may run before its version's calls go through the slow lane.
-    #[arg(long, default_value_t = 5)]
+    /// Milliseconds a call may run; three calls in a row longer than this put their version's
+    /// calls in the slow lane.
+    #[arg(long, default_value_t = 10)]
     slow_call_ms: u64,
     /// Calls of one version that may run in the slow lane at once.
     #[arg(long, default_value_t = 1)]

@@ -175,8 +175,9 @@ pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
     };
     // A retry of a frame this session handled lately gets the same answer again.
     let dedupe = msg.message_id.as_deref().filter(|_| msg.ty != "sys.resume");
-    if let Some(id) = dedupe
-        && let Some(answer) = conn.session.dedupe().answer(id, Instant::now())
+    let now = dedupe.map(|_| Instant::now());
+    if let (Some(id), Some(now)) = (dedupe, now)
+        && let Some(answer) = conn.session.dedupe().answer(id, now)
     {
         conn.push(answer);
         return;
@@ -197,10 +198,8 @@ pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
         }
     };
     if let Some(answer) = answer {
-        if let Some(id) = dedupe {
-            conn.session
-                .dedupe()
-                .record(id, answer.clone(), Instant::now());
+        if let (Some(id), Some(now)) = (dedupe, now) {
+            conn.session.dedupe().record(id, answer.clone(), now);
         }
         conn.push(answer);
     }
