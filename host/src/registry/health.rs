@@ -263,7 +263,10 @@ impl Health {
     /// call that tried the version after the cool-down closes it, or opens it again.
     pub fn record_circuit(&self, failed: bool, policy: &BreakerPolicy) -> Change {
         if !failed {
-            self.consecutive_failures.store(0, Ordering::Relaxed);
+            // Read first: a store on every call would bounce the line between cores.
+            if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+            }
             if !self.breaker_engaged.load(Ordering::Relaxed) {
                 return Change::None;
             }
