@@ -564,3 +564,28 @@ async fn a_flooding_client_is_rate_limited_then_closed_while_another_stays_fast(
     );
     calm.echo_round_trip().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_set_the_sender_or_the_seq() {
+    let host = host().await;
+    let mut c = host.client().await;
+    let mut other = host.client().await;
+    c.ack(json!({"type": "sys.join", "room": "r"})).await;
+    let id = other.next_id();
+    other
+        .request(json!({"type": "sys.join", "room": "r", "messageId": id}))
+        .await;
+    c.recv_until_type("presence.changed").await;
+    let forged = json!({
+        "type": "echo.broadcast", "room": "r", "messageId": "forged",
+        "sender": other.identity, "seq": 1, "connectionId": other.connection_id,
+        "payload": {"n": 1}
+    });
+    let (_, ack) = c.request(forged).await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    let heard = other.recv_type("echo.broadcast").await;
+    assert_eq!(heard["sender"], c.identity.as_str(), "{heard}");
+    assert_ne!(heard["sender"], other.identity.as_str());
+    // `seq` is the host's: the broadcast carries `other`'s next one (checked by its client).
+    other.sync().await;
+}
