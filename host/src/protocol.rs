@@ -87,53 +87,66 @@ pub const MAX_JSON_DEPTH_CEILING: usize = 128;
 /// (strings skipped, nothing allocated), so that a hostile frame is refused before a parser
 /// builds anything from it. Malformed JSON passes; the parser reports it.
 fn check_shape(text: &str, limits: JsonLimits) -> Result<(), String> {
-    let max_depth = limits.max_depth.min(MAX_JSON_DEPTH_CEILING);
-    // Per open level: the commas seen in it, and whether it is an array (a bit per level).
-    let mut commas = [0usize; MAX_JSON_DEPTH_CEILING];
-    let mut arrays: u128 = 0;
-    let mut depth = 0usize;
-    let (mut in_string, mut escaped) = (false, false);
-    for &b in text.as_bytes() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                if depth >= max_depth {
-                    return Err(format!(
-                        "JSON nested deeper than the limit of {max_depth} levels"
-                    ));
-                }
-                commas[depth] = 0;
-                if b == b'[' {
-                    arrays |= 1 << depth;
-                } else {
-                    arrays &= !(1 << depth);
-                }
-                depth += 1;
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            b',' if depth > 0 && arrays & (1 << (depth - 1)) != 0 => {
-                commas[depth - 1] += 1;
-                if commas[depth - 1] >= limits.max_array {
-                    return Err(format!(
-                        "a JSON array longer than the limit of {} elements",
-                        limits.max_array
-                    ));
-                }
-            }
-            _ => {}
-        }
+    thread_local! {
+        /// The commas seen in each open level, reused from frame to frame (a fresh array per
+        /// frame would be cleared each time: a kilobyte of stores per message).
+        static COMMAS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    Ok(())
+    let max_depth = limits.max_depth.min(MAX_JSON_DEPTH_CEILING);
+    COMMAS.with_borrow_mut(|commas| {
+        commas.clear();
+        // Whether each open level is an array (a bit per level).
+        let mut arrays: u128 = 0;
+        let (mut in_string, mut escaped) = (false, false);
+        for &b in text.as_bytes() {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'{' | b'[' => {
+                    let depth = commas.len();
+                    if depth >= max_depth {
+                        return Err(format!(
+                            "JSON nested deeper than the limit of {max_depth} levels"
+                        ));
+                    }
+                    if b == b'[' {
+                        arrays |= 1 << depth;
+                    } else {
+                        arrays &= !(1 << depth);
+                    }
+                    commas.push(0);
+                }
+                b'}' | b']' => {
+                    commas.pop();
+                }
+                b',' => {
+                    let depth = commas.len();
+                    if let Some(count) = commas.last_mut()
+                        && arrays & (1 << (depth - 1)) != 0
+                    {
+                        *count += 1;
+                        if *count >= limits.max_array {
+                            return Err(format!(
+                                "a JSON array longer than the limit of {} elements",
+                                limits.max_array
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Decodes one client text frame whose JSON stays within `limits`.
