@@ -58,6 +58,7 @@ fn hub(dir: &Path, rt: &tokio::runtime::Runtime) -> Arc<Hub> {
             presence: Default::default(),
             due,
             room_locks: Default::default(),
+            auth: Default::default(),
         })
     })
 }

@@ -71,6 +71,7 @@ fn main() {
             presence: Default::default(),
             due,
             room_locks: Default::default(),
+            auth: Default::default(),
         }
     });
     let kept = hub.policy.bounds.kept_frames;

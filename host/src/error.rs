@@ -17,6 +17,8 @@ pub enum ErrorCode {
     Unavailable,
     /// A `sys.resume` that could not be honoured; the frame says why in `reason`.
     ResumeFailed,
+    /// A `sys.refresh` token that does not verify; the message starts with its reason.
+    BadToken,
 }
 
 impl ErrorCode {
@@ -33,6 +35,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::ResumeFailed => "resume_failed",
+            ErrorCode::BadToken => "bad_token",
         }
     }
 }
@@ -118,6 +121,8 @@ pub enum CloseReason {
     TakenOver,
     /// The client did not answer a WebSocket ping within the pong deadline.
     HeartbeatTimeout,
+    /// The connection's token expired (its `exp` plus the leeway) without a `sys.refresh`.
+    TokenExpired,
 }
 
 impl CloseReason {
@@ -135,6 +140,7 @@ impl CloseReason {
                 "session resumed on another connection",
             ),
             CloseReason::HeartbeatTimeout => (CloseCode::from(4001), "no pong within the deadline"),
+            CloseReason::TokenExpired => (CloseCode::from(4401), "token expired"),
         }
     }
 }
@@ -154,6 +160,7 @@ mod tests {
         assert_eq!(code(CloseReason::Internal), 1011);
         assert_eq!(code(CloseReason::TakenOver), 4000);
         assert_eq!(code(CloseReason::HeartbeatTimeout), 4001);
+        assert_eq!(code(CloseReason::TokenExpired), 4401);
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct Hub {
     pub due: tokio::sync::mpsc::UnboundedSender<Due>,
     /// Turns of room-serialized routes (`serialize = "room"`).
     pub room_locks: RoomLocks,
+    /// Token verification (`sys.refresh`).
+    pub auth: crate::auth::Auth,
 }
 
 /// What one connection's task owns: the session it drives and that session's live queue.
@@ -242,6 +244,7 @@ async fn dispatch<'h>(
             Ok(None)
         }
         "sys.resume" => resume(hub, conn, msg).await,
+        "sys.refresh" => crate::auth::handle_refresh(&hub.auth, &session, msg.payload),
         "sys.received" => {
             let seq = protocol::payload_seq(msg.payload)
                 .map_err(|m| HandleError::new(ErrorCode::BadFrame, m))?;
@@ -294,6 +297,7 @@ async fn resume(
     if !target.token_matches(&request.resume_token) {
         return Err(fail("bad_token", "the resume token does not match".into()));
     }
+    crate::auth::check_resume(&conn.session, &target)?;
     let gap = |e: AttachError| match e {
         AttachError::Ended => fail(
             "expired",
@@ -315,6 +319,7 @@ async fn resume(
         ));
     }
     let fresh = std::mem::replace(&mut conn.session, target.clone());
+    target.set_claims(fresh.claims());
     conn.rx = rx;
     conn.driver = driver;
     conn.switched = true;
