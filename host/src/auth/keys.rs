@@ -141,7 +141,8 @@ impl Keys {
                     TokenError::BadSignature("the token names no key (`kid`)".into())
                 })?;
                 let (alg, key) = keys.get(kid).ok_or_else(|| {
-                    TokenError::BadSignature(format!("no key `{}`", kid.escape_debug()))
+                    let shown: String = kid.chars().take(64).collect();
+                    TokenError::BadSignature(format!("no key `{}`", shown.escape_debug()))
                 })?;
                 (*alg, key)
             }
