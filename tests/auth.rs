@@ -361,10 +361,19 @@ async fn rs256_and_es256_keys_from_pem_and_jwks_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guests_need_no_key_and_are_refused_once_a_key_is_configured() {
-    // No key: everyone is a guest, tokens or not.
+    let logs = support::logs();
+    // No key: everyone is a guest, tokens or not, and the start-up log says so.
     let open = Host::start(&[("echo.toml", echo_manifest())]).await;
     let c = open.client().await;
     assert!(c.identity.starts_with("guest-"), "{}", c.identity);
+    let token = hs256(&claims("zoe", json!({})));
+    let c = Client::connect_to(open.addr(), &format!("/ws?token={token}")).await;
+    assert!(c.identity.starts_with("guest-"), "{}", c.identity);
+    assert!(
+        !logs
+            .lines_with("every client is admitted as an anonymous guest")
+            .is_empty()
+    );
 
     let strict = hs256_host().await;
     assert_401(strict.addr(), "/ws", &[], "missing_token").await;
@@ -375,6 +384,7 @@ async fn guests_need_no_key_and_are_refused_once_a_key_is_configured() {
     .await;
     let guest = lenient.client().await;
     assert!(guest.identity.starts_with("guest-"), "{}", guest.identity);
+    assert!(!logs.lines_with("(auth.allow_guests)").is_empty());
     // A token is still verified when one is sent.
     assert_401(lenient.addr(), "/ws?token=abc", &[], "malformed_token").await;
     let token = hs256(&claims("carol", json!({})));
