@@ -3,6 +3,7 @@
 //! the one mapping of every refusal to its HTTP answer (see docs/protocol.md, "Authentication").
 
 mod keys;
+mod ring_verify;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -229,6 +230,9 @@ impl Auth {
     /// session setting that lets clients choose their identity.
     pub fn new(config: &AuthConfig, dev_identity: bool) -> Result<Auth, SetupError> {
         let keys = config.key.as_ref().map(keys::Keys::load).transpose()?;
+        if keys.is_some() {
+            ring_verify::install();
+        }
         if keys.is_some() && dev_identity {
             return Err(SetupError::DevIdentityWithKey);
         }
