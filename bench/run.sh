@@ -227,6 +227,8 @@ dialect_of() {
 }
 
 # start_peer PEER TAG [MANIFEST_DIR]: starts the server, waits for its port, sets SERVER_PID.
+PLEXUS_LIMITS=(--max-messages-per-second 100000000 --message-burst 100000000)
+
 start_peer() {
     local peer=$1 tag=$2 manifests=${3:-}
     PORT_SEQ=$((PORT_SEQ + 1))
@@ -237,11 +239,12 @@ start_peer() {
         floor) taskset -c "$SERVER_CPU" "$FLOOR" --listen "$addr" >"$log" 2>&1 & ;;
         ws) taskset -c "$SERVER_CPU" node "$HERE/peers/ws-server.js" "$SERVER_PORT" >"$log" 2>&1 & ;;
         socketio) taskset -c "$SERVER_CPU" node "$HERE/peers/socketio-server.js" "$SERVER_PORT" >"$log" 2>&1 & ;;
+        # The message rate limiter runs on every message, and never refuses a benchmark's load.
         plexus-native)
-            taskset -c "$SERVER_CPU" "$PLEXUS" serve --listen "$addr" \
+            taskset -c "$SERVER_CPU" "$PLEXUS" serve --listen "$addr" "${PLEXUS_LIMITS[@]}" \
                 --manifests "${manifests:-$HERE/manifests/native}" >"$log" 2>&1 & ;;
         plexus-wasm)
-            taskset -c "$SERVER_CPU" "$PLEXUS" serve --listen "$addr" \
+            taskset -c "$SERVER_CPU" "$PLEXUS" serve --listen "$addr" "${PLEXUS_LIMITS[@]}" \
                 --manifests "${manifests:-$HERE/manifests/wasm}" >"$log" 2>&1 & ;;
         *) echo "run.sh: unknown peer $peer" >&2; return 1 ;;
     esac

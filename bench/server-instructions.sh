@@ -43,7 +43,8 @@ if [ -n "$FLOOR" ]; then
     DIALECT=(--dialect raw)
     LABEL=floor
 else
-    SERVER=("$PLEXUS" serve --listen "127.0.0.1:$PORT" --manifests "$MANIFESTS")
+    SERVER=("$PLEXUS" serve --listen "127.0.0.1:$PORT" --manifests "$MANIFESTS"
+        --max-messages-per-second 100000000 --message-burst 100000000)
     DIALECT=()
     LABEL=$(basename "$MANIFESTS")
 fi

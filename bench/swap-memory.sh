@@ -171,7 +171,8 @@ host = ["messaging", "rooms", "kv", "logging", "config"]
 EOF
     cp "$SWAP_A" "$dir/answer.wasm"
     taskset -c "$SERVER_CPU" "$PLEXUS" serve --listen "127.0.0.1:$port" \
-        --manifests "$dir/manifests" --keep-previous-secs "$keep" >"$dir/server.log" 2>&1 &
+        --manifests "$dir/manifests" --keep-previous-secs "$keep" \
+        --max-messages-per-second 100000000 --message-burst 100000000 >"$dir/server.log" 2>&1 &
     SERVER_PID=$!
     local i
     for i in $(seq 1 600); do

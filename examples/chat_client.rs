@@ -1,6 +1,7 @@
 //! A terminal chat client for the demo `chat` plugin: joins a room, sends each line you type as
-//! `chat.send` (commands like `/nick ada`, `/topic Rust`, `/who`, `/me waves` included), and
-//! prints every frame the host sends.
+//! `chat.send` (commands like `/nick ada`, `/topic Rust`, `/who`, `/me waves`, `/msg IDENTITY
+//! hi` included), and prints every frame the host sends (the room's history when it joins,
+//! direct messages, and others' typing indicators, which it does not send itself).
 //!
 //! Run (with `plexus serve` running): `cargo run --example chat_client -- lobby`
 //! Options: `--url ws://127.0.0.1:8080/ws`.
@@ -82,6 +83,28 @@ fn render(text: &str) -> String {
             p["room"].as_str().unwrap_or("?"),
             p["topic"].as_str().unwrap_or("")
         ),
+        "chat.history" => p["messages"]
+            .as_array()
+            .map(|messages| {
+                messages
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "   <{}> {}",
+                            m["nick"].as_str().unwrap_or("?"),
+                            m["text"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default(),
+        "chat.direct" => format!(
+            "*{}* {}",
+            p["nick"].as_str().unwrap_or("?"),
+            p["text"].as_str().unwrap_or("")
+        ),
+        "chat.typing" => format!("-- {} is typing", p["nick"].as_str().unwrap_or("?")),
         "room.joined" => format!("-- {} joined", p["identity"].as_str().unwrap_or("?")),
         "room.left" => format!(
             "-- {} left ({})",

@@ -6,39 +6,30 @@ mod support;
 use serde_json::{Value, json};
 use support::{Client, Host, assert_error, toml_str, wasm};
 
-/// The chat manifest, as `manifests/chat.toml` declares it, with an absolute component path.
+/// The chat manifest, `manifests/chat.toml`, with an absolute component path and no build.
 fn chat_manifest() -> String {
-    format!(
-        r#"manifest_version = 1
-
-[plugin]
-id = "chat"
-description = "Rooms chat with commands"
-
-[source]
-wasm = {wasm}
-
-[[route]]
-type = "chat.send"
-handler = "send"
-
-[[event]]
-on = "room.joined"
-handler = "joined"
-
-[[event]]
-on = "room.left"
-handler = "left"
-
-[capabilities]
-host = ["messaging", "rooms", "kv", "config"]
-rooms = ["*"]
-
-[config]
-max_text_length = "2000"
-"#,
-        wasm = toml_str(&wasm("chat").display().to_string())
-    )
+    let text = std::fs::read_to_string(support::repo_root().join("manifests/chat.toml"))
+        .expect("reading manifests/chat.toml");
+    let mut out = String::new();
+    let mut in_build = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            in_build = line == "[source.build]";
+        }
+        if in_build {
+            continue;
+        }
+        if line.starts_with("wasm = ") {
+            out.push_str(&format!(
+                "wasm = {}\n",
+                toml_str(&wasm("chat").display().to_string())
+            ));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// A host with no presence grace period and a short resume wait, so that what a dropped
@@ -224,13 +215,21 @@ async fn commands() {
     assert_eq!(before[0]["payload"], topic);
     b.sync().await;
 
-    // A client joining later is shown the topic (the plugin's room.joined handler), before
-    // its join is acknowledged.
+    // A client joining later is shown the topic, then the room's history (the plugin's
+    // room.joined handler), before its join is acknowledged.
     let mut c = host.client().await;
     let (before, members) = join(&mut c, "lobby").await;
-    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before.len(), 2, "{before:?}");
     assert_eq!(before[0]["type"], "chat.topic");
     assert_eq!(before[0]["payload"], topic);
+    assert_eq!(before[1]["type"], "chat.history");
+    let texts: Vec<&str> = before[1]["payload"]["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("messages: {}", before[1]))
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(texts, ["call me ada", "waves"], "{}", before[1]);
     assert_eq!(members.len(), 3);
     saw_join(&mut a, "lobby", &c).await;
     saw_join(&mut b, "lobby", &c).await;
@@ -364,4 +363,109 @@ async fn leaving_and_disconnecting() {
         "{ack}"
     );
     a.sync().await;
+}
+
+/// Sends `/msg` (or any `chat.send`) from `c` in `room`; returns the frames before the ack and
+/// the ack's payload.
+async fn send_text(c: &mut Client, room: &str, text: &str) -> (Vec<Value>, Value) {
+    let id = c.next_id();
+    let (before, ack) = c
+        .request(json!({
+            "type": "chat.send", "messageId": id, "room": room, "payload": {"text": text}
+        }))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "`{text}`: {ack}");
+    (before, ack["payload"].clone())
+}
+
+fn assert_direct(frame: &Value, from: &str, to: &str, text: &str) {
+    assert_eq!(frame["type"], "chat.direct", "{frame}");
+    assert_eq!(frame["payload"]["from"], from, "{frame}");
+    assert_eq!(frame["payload"]["to"], to, "{frame}");
+    assert_eq!(frame["payload"]["text"], text, "{frame}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_messages_reach_every_connection_and_wait_for_the_next_connect() {
+    let host = Host::start_with(&[("chat.toml", chat_manifest())], |c| {
+        c.session.dev_identity = true;
+    })
+    .await;
+    // Two connections of ada: a direct message reaches both.
+    let mut ada1 = Client::connect_as(host.addr(), "ada").await;
+    let mut ada2 = Client::connect_as(host.addr(), "ada").await;
+    let mut bob = Client::connect_as(host.addr(), "bob").await;
+    join(&mut bob, "lobby").await;
+    let (before, ack) = send_text(&mut bob, "lobby", "/msg ada hello both").await;
+    assert!(before.is_empty(), "{before:?}");
+    assert_eq!(ack["delivered"], 2, "{ack}");
+    assert_eq!(ack["kept"], false, "{ack}");
+    for ada in [&mut ada1, &mut ada2] {
+        assert_direct(&ada.recv().await, "bob", "ada", "hello both");
+    }
+
+    // ada has no connection: the messages are kept, and delivered, in order, on her next
+    // connect, once.
+    ada1.close().await;
+    ada2.close().await;
+    for text in ["first", "second", "third"] {
+        let (_, ack) = send_text(&mut bob, "lobby", &format!("/msg ada {text}")).await;
+        assert_eq!(ack["delivered"], 0, "{ack}");
+        assert_eq!(ack["kept"], true, "{ack}");
+    }
+    let mut ada = Client::connect_as(host.addr(), "ada").await;
+    for text in ["first", "second", "third"] {
+        assert_direct(&ada.recv().await, "bob", "ada", text);
+    }
+    ada.sync().await;
+    let mut again = Client::connect_as(host.addr(), "ada").await;
+    again.sync().await;
+
+    // Connections of one identity opened at the same time: the plugin loses none of them
+    // (the host hands it their `connect` events one at a time).
+    let eves =
+        futures_util::future::join_all((0..8).map(|_| Client::connect_as(host.addr(), "eve")))
+            .await;
+    let (_, ack) = send_text(&mut bob, "lobby", "/msg eve all of you").await;
+    assert_eq!(ack["delivered"], eves.len(), "{ack}");
+    for mut eve in eves {
+        assert_direct(&eve.recv().await, "bob", "eve", "all of you");
+    }
+
+    // An identity that never connected is refused.
+    let id = bob.next_id();
+    let (_, error) = bob
+        .request(
+            json!({"type": "chat.send", "messageId": id, "room": "lobby",
+                        "payload": {"text": "/msg nobody hi"}}),
+        )
+        .await;
+    assert_error(&error, "unknown_identity", Some(&id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_is_a_volatile_frame_to_the_others() {
+    let host = chat_host().await;
+    let mut a = host.client().await;
+    let mut b = host.client().await;
+    join(&mut a, "lobby").await;
+    join(&mut b, "lobby").await;
+    a.recv_type("room.joined").await;
+    let (skipped, _) = a.recv_until_type("presence.changed").await;
+    assert!(skipped.is_empty(), "{skipped:?}");
+    // The typist gets only its ack; the others a frame without `seq` (not kept for a resume).
+    a.ack(json!({"type": "chat.typing", "room": "lobby"})).await;
+    let frame = b.recv_type("chat.typing").await;
+    assert!(frame.get("seq").is_none(), "volatile: {frame}");
+    assert_eq!(
+        frame["payload"],
+        json!({"room": "lobby", "identity": a.identity, "nick": a.identity, "expiresInMs": 5000})
+    );
+    b.expect_error(
+        json!({"type": "chat.typing", "room": "elsewhere"}),
+        "not_in_room",
+    )
+    .await;
+    a.sync().await;
+    b.sync().await;
 }

@@ -5,7 +5,7 @@
 mod support;
 
 use serde_json::json;
-use support::{Client, Host, assert_error, echo_manifest, faulty_manifest};
+use support::{Client, Host, assert_error, echo_manifest, faulty_manifest, str_at};
 use tokio_tungstenite::tungstenite::Message;
 
 async fn host() -> Host {
@@ -416,4 +416,151 @@ async fn key_value_writes_past_the_limits_fail_the_call_clearly() {
     // Nothing was stored.
     assert!(host.server.hub().registry.kv_store("faulty").is_empty());
     c.echo_round_trip().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_json_shapes_are_refused_and_the_connection_stays_usable() {
+    let host = host().await;
+    let mut c = host.client().await;
+    // 20,000 levels deep: refused by the depth limit before any parser recursion.
+    let deep = format!(
+        r#"{{"type":"echo","messageId":"deep","payload":{}1{}}}"#,
+        "[".repeat(20_000),
+        "]".repeat(20_000)
+    );
+    c.send_text(deep).await;
+    let err = c.recv().await;
+    assert_error(&err, "bad_frame", Some("deep"));
+    assert!(
+        str_at(&err, "/payload/message").contains("64 levels"),
+        "{err}"
+    );
+    // At the limit: served.
+    let nested = format!("{}1{}", "[".repeat(62), "]".repeat(62));
+    let payload: serde_json::Value = serde_json::from_str(&nested).unwrap();
+    let (before, ack) = c
+        .request(json!({"type": "echo", "messageId": "at-limit", "payload": payload}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    assert_eq!(before[0]["payload"], payload);
+    // An array of 10,001 elements: refused, naming the limit, with its messageId.
+    let long = json!({"type": "echo", "messageId": "long", "payload": vec![0; 10_001]});
+    let (_, err) = c.request(long).await;
+    assert_error(&err, "bad_frame", Some("long"));
+    assert!(
+        str_at(&err, "/payload/message").contains("10000 elements"),
+        "{err}"
+    );
+    c.echo_round_trip().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_past_the_room_limits_are_refused() {
+    let host = Host::start_with(&[("echo.toml", echo_manifest())], |config| {
+        config.limits.max_rooms_per_connection = 2;
+        config.limits.max_room_members = 2;
+    })
+    .await;
+    let mut a = host.client().await;
+    let mut b = host.client().await;
+    let mut c = host.client().await;
+    for room in ["r1", "r2"] {
+        a.ack(json!({"type": "sys.join", "room": room})).await;
+    }
+    a.expect_error(json!({"type": "sys.join", "room": "r3"}), "room_limit")
+        .await;
+    // A room it is in already is no new room.
+    a.ack(json!({"type": "sys.join", "room": "r1"})).await;
+    let id = b.next_id();
+    let (_, ack) = b
+        .request(json!({"type": "sys.join", "room": "r1", "messageId": id}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    c.expect_error(json!({"type": "sys.join", "room": "r1"}), "room_full")
+        .await;
+    // A leave makes room.
+    let id = b.next_id();
+    let (_, ack) = b
+        .request(json!({"type": "sys.leave", "room": "r1", "messageId": id}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    let id = c.next_id();
+    let (_, ack) = c
+        .request(json!({"type": "sys.join", "room": "r1", "messageId": id}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_is_rate_limited_then_closed_while_another_stays_fast() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let host = Host::start_with(&[("echo.toml", echo_manifest())], |config| {
+        config.limits.rate = Some(plexus::limits::RateLimit {
+            per_second: std::num::NonZeroU32::new(50).unwrap(),
+            burst: std::num::NonZeroU32::new(50).unwrap(),
+            close_after: std::time::Duration::from_millis(500),
+        });
+    })
+    .await;
+    let mut calm = host.client().await;
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", host.addr()))
+        .await
+        .expect("connect");
+    let (mut sink, mut stream) = ws.split();
+    // The flood: echo frames as fast as the socket takes them, until the host closes.
+    let flood = tokio::spawn(async move {
+        let mut n = 0u64;
+        loop {
+            n += 1;
+            let frame = json!({"type": "echo", "messageId": format!("f-{n}"), "payload": n});
+            if sink.send(Message::text(frame.to_string())).await.is_err() {
+                return n;
+            }
+        }
+    });
+    let reader = tokio::spawn(async move {
+        let (mut answered, mut limited) = (0u64, 0u64);
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    match frame["type"].as_str() {
+                        Some("sys.error") => {
+                            assert_eq!(frame["payload"]["code"], "rate_limited", "{frame}");
+                            assert!(frame["payload"]["ref"].is_string(), "{frame}");
+                            limited += 1;
+                        }
+                        Some("sys.ack") => answered += 1,
+                        _ => {}
+                    }
+                }
+                Some(Ok(Message::Close(close))) => return (answered, limited, close),
+                Some(Ok(_)) => {}
+                other => panic!("expected a close, got {other:?}"),
+            }
+        }
+    });
+    // Meanwhile another client, within its limit (20 echoes a second: a load shape, not a
+    // wait), has its echoes answered at once.
+    let mut slowest = std::time::Duration::ZERO;
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(50));
+    while !reader.is_finished() {
+        pace.tick().await;
+        let started = std::time::Instant::now();
+        calm.echo_round_trip().await;
+        slowest = slowest.max(started.elapsed());
+    }
+    let (answered, limited, close) = support::within("the flood's end", reader).await.unwrap();
+    let close = close.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008, "{close:?}");
+    assert!(answered >= 50, "the burst was served: {answered}");
+    assert!(limited > 0, "refused with rate_limited first");
+    flood.abort();
+    assert!(
+        slowest < std::time::Duration::from_millis(500),
+        "another client's echo took {slowest:?}"
+    );
+    calm.echo_round_trip().await;
 }

@@ -228,13 +228,13 @@ async fn every_kind_of_refused_version_is_refused_while_the_serving_one_answers(
         (
             "a component built against an incompatible interface",
             "answer.wasm",
-            patched(&b, "@0.3.1", "@0.2.1"),
-            "plexus:plugin@0.2.1, which this host (plexus:plugin@0.3.1) cannot run",
+            patched(&b, "@0.3.2", "@0.2.1"),
+            "plexus:plugin@0.2.1, which this host (plexus:plugin@0.3.2) cannot run",
         ),
         (
             "a component built against a newer interface",
             "answer.wasm",
-            patched(&b, "@0.3.1", "@0.3.9"),
+            patched(&b, "@0.3.2", "@0.3.9"),
             "plexus:plugin@0.3.9, newer than",
         ),
         (
@@ -330,7 +330,7 @@ async fn a_plugin_built_against_the_previous_interface_version_runs_and_swaps() 
     );
     let host = Host::start_in(dir, |c| c.watch = WatchMode::Artifacts).await;
     let health = host.healthz().await;
-    assert_eq!(health["interfaceVersion"], "0.3.1", "{health}");
+    assert_eq!(health["interfaceVersion"], "0.3.2", "{health}");
     assert_eq!(
         health["plugins"]["answer"]["interface"], "0.3.0",
         "{health}"
@@ -341,7 +341,7 @@ async fn a_plugin_built_against_the_previous_interface_version_runs_and_swaps() 
     // Swapped for a build against this host's interface, and back, under the same client.
     let mut reloads = host.reloads();
     for (bytes, version, interface) in [
-        (read(wasm("swap-b")), "b", "0.3.1"),
+        (read(wasm("swap-b")), "b", "0.3.2"),
         (read(fixture_0_3_0()), "a", "0.3.0"),
     ] {
         host.dir.replace("answer.wasm", bytes);

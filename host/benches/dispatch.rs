@@ -56,9 +56,11 @@ fn hub(dir: &Path, rt: &tokio::runtime::Runtime) -> Arc<Hub> {
             limits: HostLimits::default(),
             policy: SessionPolicy::default(),
             presence: Default::default(),
+            identity_rates: None,
             due,
             room_locks: Default::default(),
             auth: Default::default(),
+            identity_turns: Default::default(),
         })
     })
 }

@@ -69,9 +69,11 @@ fn main() {
             limits: HostLimits::default(),
             policy: SessionPolicy::default(),
             presence: Default::default(),
+            identity_rates: None,
             due,
             room_locks: Default::default(),
             auth: Default::default(),
+            identity_turns: Default::default(),
         }
     });
     let kept = hub.policy.bounds.kept_frames;
@@ -100,7 +102,7 @@ fn main() {
     let before = heap();
     let members = detached(&hub, n, |conn| {
         conn.session.outbox.trim(u64::MAX);
-        hub.rooms.join("lobby", &conn.session);
+        hub.rooms.join("lobby", &conn.session, usize::MAX).unwrap();
         conn.session.add_room("lobby".into());
     });
     let joined = heap();

@@ -10,8 +10,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use std::num::NonZeroU32;
+
 use crate::auth::KeySource;
 use crate::edge::tls::TlsFiles;
+use crate::limits::RateLimit;
 use crate::server::Config;
 
 /// The file `plexus serve` reads from its working directory when `--config` is not given.
@@ -43,6 +46,18 @@ pub struct Settings {
     pub manifests: Option<PathBuf>,
     pub build: Option<bool>,
     pub max_message_bytes: Option<usize>,
+    pub max_json_depth: Option<usize>,
+    pub max_json_array: Option<usize>,
+    pub max_rooms_per_connection: Option<usize>,
+    pub max_room_members: Option<usize>,
+    /// 0: no rate limit.
+    pub max_messages_per_second: Option<u32>,
+    pub message_burst: Option<u32>,
+    pub flood_close_secs: Option<u64>,
+    pub breaker_failures: Option<u32>,
+    pub breaker_cool_down_secs: Option<u64>,
+    pub slow_call_ms: Option<u64>,
+    pub slow_lane: Option<usize>,
     pub request_head_timeout_secs: Option<u64>,
     pub keep_previous_secs: Option<u64>,
     pub probation_secs: Option<u64>,
@@ -115,6 +130,17 @@ impl Settings {
             manifests,
             build,
             max_message_bytes,
+            max_json_depth,
+            max_json_array,
+            max_rooms_per_connection,
+            max_room_members,
+            max_messages_per_second,
+            message_burst,
+            flood_close_secs,
+            breaker_failures,
+            breaker_cool_down_secs,
+            slow_call_ms,
+            slow_lane,
             request_head_timeout_secs,
             keep_previous_secs,
             probation_secs,
@@ -161,6 +187,46 @@ impl Settings {
             &mut config.limits.max_message_bytes,
             &self.max_message_bytes,
         );
+        let limits = &mut config.limits;
+        set(
+            &mut limits.json.max_depth,
+            &self
+                .max_json_depth
+                .map(|d| d.clamp(1, crate::protocol::MAX_JSON_DEPTH_CEILING)),
+        );
+        set(
+            &mut limits.json.max_array,
+            &self.max_json_array.map(|n| n.max(1)),
+        );
+        set(
+            &mut limits.max_rooms_per_connection,
+            &self.max_rooms_per_connection,
+        );
+        set(&mut limits.max_room_members, &self.max_room_members);
+        // A rate of 0 turns the limit off; the burst and the flood time apply to a limit in
+        // force (the default one unless a rate is given).
+        match self.max_messages_per_second.map(NonZeroU32::new) {
+            Some(None) => limits.rate = None,
+            Some(Some(per_second)) => {
+                let rate = limits.rate.get_or_insert_with(RateLimit::default);
+                rate.per_second = per_second;
+            }
+            None => {}
+        }
+        if let Some(rate) = &mut limits.rate {
+            if let Some(burst) = self.message_burst {
+                rate.burst = NonZeroU32::new(burst).unwrap_or(rate.per_second);
+            }
+            set(&mut rate.close_after, &secs(&self.flood_close_secs));
+        }
+        let breaker = &mut limits.breaker;
+        set(&mut breaker.failures, &self.breaker_failures);
+        set(&mut breaker.cool_down, &secs(&self.breaker_cool_down_secs));
+        set(
+            &mut breaker.slow_call,
+            &self.slow_call_ms.map(|ms| Duration::from_millis(ms.max(1))),
+        );
+        set(&mut breaker.slow_lane, &self.slow_lane.map(|n| n.max(1)));
         set(
             &mut config.request_head_timeout,
             &secs_min1(&self.request_head_timeout_secs),
@@ -253,6 +319,8 @@ struct Raw {
     #[serde(default)]
     swap: RawSwap,
     #[serde(default)]
+    breaker: RawBreaker,
+    #[serde(default)]
     auth: RawAuth,
     tls: Option<Spanned<RawTls>>,
 }
@@ -261,7 +329,23 @@ struct Raw {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_message_bytes: Option<usize>,
+    max_json_depth: Option<usize>,
+    max_json_array: Option<usize>,
+    max_rooms_per_connection: Option<usize>,
+    max_room_members: Option<usize>,
+    max_messages_per_second: Option<u32>,
+    message_burst: Option<u32>,
+    flood_close_secs: Option<u64>,
     request_head_timeout_secs: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    failures: Option<u32>,
+    cool_down_secs: Option<u64>,
+    slow_call_ms: Option<u64>,
+    slow_lane: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -380,6 +464,17 @@ pub fn parse(text: &str, base: &Path) -> Result<Settings, (Option<usize>, String
         manifests: path(raw.manifests),
         build: raw.build,
         max_message_bytes: raw.limits.max_message_bytes,
+        max_json_depth: raw.limits.max_json_depth,
+        max_json_array: raw.limits.max_json_array,
+        max_rooms_per_connection: raw.limits.max_rooms_per_connection,
+        max_room_members: raw.limits.max_room_members,
+        max_messages_per_second: raw.limits.max_messages_per_second,
+        message_burst: raw.limits.message_burst,
+        flood_close_secs: raw.limits.flood_close_secs,
+        breaker_failures: raw.breaker.failures,
+        breaker_cool_down_secs: raw.breaker.cool_down_secs,
+        slow_call_ms: raw.breaker.slow_call_ms,
+        slow_lane: raw.breaker.slow_lane,
         request_head_timeout_secs: raw.limits.request_head_timeout_secs,
         keep_previous_secs: raw.swap.keep_previous_secs,
         probation_secs: raw.swap.probation_secs,

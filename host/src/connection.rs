@@ -42,6 +42,13 @@ pub async fn serve<S>(
     let mut conn = ConnState::open(&hub, identity);
     conn.session.set_claims(claims);
     router::welcome(&conn);
+    // Plugins subscribed to `connect` learn of the session after its welcome is queued.
+    Box::pin(router::session_event(
+        &hub,
+        &conn.session,
+        crate::manifest::HostEvent::Connect,
+    ))
+    .await;
     // Shutdown reaches a connection as a close request in its outbox (see
     // `Sessions::close_all`), after the frames already queued. A session registered after the
     // host began shutting down closes itself here.
@@ -107,12 +114,23 @@ pub async fn serve<S>(
         conn.rx.disarm();
         match event {
             Event::Outbox(Next::Frames) => {
-                match tokio::time::timeout(policy.write_timeout, write_batch(&mut ws, &mut batch))
-                    .await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => break Exit::Dropped,
-                    Err(_) => break Exit::Close(CloseReason::SlowConsumer),
+                // A write the client does not take ends at its deadline, or as soon as the
+                // outbox overflows behind it.
+                let write =
+                    tokio::time::timeout(policy.write_timeout, write_batch(&mut ws, &mut batch));
+                let overflow = poll_fn(|cx| conn.rx.poll_overflow(cx));
+                let too_slow = tokio::select! {
+                    biased;
+                    written = write => match written {
+                        Ok(Ok(())) => false,
+                        Ok(Err(_)) => break Exit::Dropped,
+                        Err(_) => true,
+                    },
+                    () = overflow => true,
+                };
+                if too_slow {
+                    batch.clear();
+                    break Exit::Close(CloseReason::SlowConsumer);
                 }
             }
             Event::Outbox(Next::Close(reason)) => break Exit::Close(reason),

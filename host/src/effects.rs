@@ -1,5 +1,6 @@
 //! Effects: what a plugin call asked the host to do. Host functions record them during the call;
-//! the router applies them afterwards, in order, to rooms, outboxes and the plugin's store.
+//! the router applies them afterwards, in order, to rooms, outboxes, the plugin's store, its
+//! timers and its requests.
 
 /// One recorded action.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +40,35 @@ pub enum Effect {
     KvDelete {
         key: String,
     },
+    /// A timer of the plugin: a call of `handler` with `payload` after `delay_ms`.
+    Schedule {
+        id: u64,
+        handler: String,
+        delay_ms: u64,
+        payload: String,
+    },
+    /// Cancels the plugin's pending timer `id`.
+    CancelTimer {
+        id: u64,
+    },
+    /// A message asking for the clients' answers (`sys.reply`), sent in a frame whose
+    /// `messageId` is `h-<id>`; `handler` gets the outcome.
+    Request {
+        id: u64,
+        to: RequestTo,
+        ty: String,
+        payload: String,
+        timeout_ms: u64,
+        handler: String,
+    },
+}
+
+/// Whom a request asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestTo {
+    Connection(String),
+    /// Every member of the room when the effect is applied.
+    Room(String),
 }
 
 impl Effect {
@@ -53,6 +83,20 @@ impl Effect {
             Effect::Join { room } | Effect::Leave { room } => room.len(),
             Effect::KvSet { key, value } => key.len() + value.len(),
             Effect::KvDelete { key } => key.len(),
+            Effect::Schedule {
+                handler, payload, ..
+            } => handler.len() + payload.len(),
+            Effect::CancelTimer { .. } => 0,
+            Effect::Request {
+                to,
+                ty,
+                payload,
+                handler,
+                ..
+            } => {
+                let (RequestTo::Connection(to) | RequestTo::Room(to)) = to;
+                to.len() + ty.len() + payload.len() + handler.len()
+            }
         }
     }
 
@@ -61,7 +105,9 @@ impl Effect {
         match self {
             Effect::Reply { payload, .. }
             | Effect::Send { payload, .. }
-            | Effect::Broadcast { payload, .. } => Some(payload),
+            | Effect::Broadcast { payload, .. }
+            | Effect::Schedule { payload, .. }
+            | Effect::Request { payload, .. } => Some(payload),
             _ => None,
         }
     }

@@ -19,6 +19,16 @@ pub enum ErrorCode {
     ResumeFailed,
     /// A `sys.refresh` token that does not verify; the message starts with its reason.
     BadToken,
+    /// The connection is in as many rooms as it may be.
+    RoomLimit,
+    /// The room has as many members as it may have.
+    RoomFull,
+    /// The client sends faster than its message rate limit.
+    RateLimited,
+    /// A `sys.reply` whose `ref` names no request awaiting this connection's answer.
+    UnknownRef,
+    /// The plugin version kept failing and is out of service for a cool-down.
+    PluginUnavailable,
 }
 
 impl ErrorCode {
@@ -36,6 +46,11 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::ResumeFailed => "resume_failed",
             ErrorCode::BadToken => "bad_token",
+            ErrorCode::RoomLimit => "room_limit",
+            ErrorCode::RoomFull => "room_full",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::UnknownRef => "unknown_ref",
+            ErrorCode::PluginUnavailable => "plugin_unavailable",
         }
     }
 }
@@ -102,6 +117,31 @@ impl From<CallError> for HandleError {
     }
 }
 
+impl From<crate::requests::ReplyError> for HandleError {
+    fn from(err: crate::requests::ReplyError) -> Self {
+        use crate::requests::ReplyError;
+        let code = match err {
+            ReplyError::UnknownRef(_) => ErrorCode::UnknownRef,
+            ReplyError::AnswerTooLarge(_) | ReplyError::AnswersFull => ErrorCode::TooLarge,
+        };
+        HandleError::new(code, err.to_string())
+    }
+}
+
+/// A plugin asked for more timers or requests than it may have, or a delay or timeout out of
+/// bounds: its call's effects are refused.
+impl From<crate::timers::TimerError> for HandleError {
+    fn from(err: crate::timers::TimerError) -> Self {
+        HandleError::new(ErrorCode::PluginFailed, err.to_string())
+    }
+}
+
+impl From<crate::requests::RequestError> for HandleError {
+    fn from(err: crate::requests::RequestError) -> Self {
+        HandleError::new(ErrorCode::PluginFailed, err.to_string())
+    }
+}
+
 /// Why the host closes a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -123,6 +163,8 @@ pub enum CloseReason {
     HeartbeatTimeout,
     /// The connection's token expired (its `exp` plus the leeway) without a `sys.refresh`.
     TokenExpired,
+    /// The client kept sending at more than twice its message rate limit.
+    RateLimited,
 }
 
 impl CloseReason {
@@ -141,6 +183,7 @@ impl CloseReason {
             ),
             CloseReason::HeartbeatTimeout => (CloseCode::from(4001), "no pong within the deadline"),
             CloseReason::TokenExpired => (CloseCode::from(4401), "token expired"),
+            CloseReason::RateLimited => (CloseCode::Policy, "message rate limit exceeded"),
         }
     }
 }
@@ -161,6 +204,7 @@ mod tests {
         assert_eq!(code(CloseReason::TakenOver), 4000);
         assert_eq!(code(CloseReason::HeartbeatTimeout), 4001);
         assert_eq!(code(CloseReason::TokenExpired), 4401);
+        assert_eq!(code(CloseReason::RateLimited), 1008);
     }
 
     #[test]
@@ -176,6 +220,17 @@ mod tests {
             timeout_ms: 5,
         }
         .into();
+        assert_eq!(e.wire().0, "plugin_failed");
+    }
+
+    #[test]
+    fn reply_errors_have_their_codes() {
+        use crate::requests::ReplyError;
+        let e: HandleError = ReplyError::UnknownRef("h-1".into()).into();
+        assert_eq!(e.wire().0, "unknown_ref");
+        let e: HandleError = ReplyError::AnswerTooLarge(1 << 20).into();
+        assert_eq!(e.wire().0, "too_large");
+        let e: HandleError = crate::timers::TimerError::TooLong(1).into();
         assert_eq!(e.wire().0, "plugin_failed");
     }
 }

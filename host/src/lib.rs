@@ -15,15 +15,18 @@ pub mod edge;
 pub mod effects;
 pub mod error;
 pub mod lifecycle;
+pub mod limits;
 pub mod manifest;
 pub mod plugin;
 pub mod protocol;
 pub mod registry;
+pub mod requests;
 pub mod rooms;
 pub mod router;
 pub mod serial;
 pub mod server;
 pub mod session;
+pub mod timers;
 pub mod watch;
 
 pub use registry::ReloadEvent;

@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::CloseReason;
+use crate::manifest::HostEvent;
 use crate::protocol;
 use crate::rooms::presence::Departure;
 use crate::router::{self, Hub};
@@ -65,9 +66,17 @@ pub async fn run(
     mut due: mpsc::UnboundedReceiver<Due>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Identities idle long enough to have full buckets again are forgotten now and then.
+    let mut sweep = tokio::time::interval(Duration::from_secs(60));
     loop {
         let next = tokio::select! {
             next = due.recv() => next,
+            _ = sweep.tick() => {
+                if let Some(rates) = &hub.identity_rates {
+                    rates.forget_idle();
+                }
+                continue;
+            }
             _ = stop.wait_for(|stopped| *stopped) => None,
         };
         match next {
@@ -99,6 +108,7 @@ pub async fn arrive(hub: &Hub, room: &str, session: &Session) {
         let frame = presence_frame(room, identity, "online", status.as_deref());
         hub.rooms
             .broadcast(room, &frame, Some(&session.connection_id));
+        presence_event(hub, room, identity, "online", status.as_deref()).await;
     }
 }
 
@@ -142,6 +152,27 @@ async fn presence_changed(
 ) {
     let frame = presence_frame(room, identity, state, status);
     hub.rooms.broadcast(room, &frame, None);
+    presence_event(hub, room, identity, state, status).await;
+}
+
+/// `presence.changed` to the plugins subscribed to it (no origin connection: it is about an
+/// identity).
+async fn presence_event(hub: &Hub, room: &str, identity: &str, state: &str, status: Option<&str>) {
+    let payload = json!({
+        "room": room,
+        "identity": identity,
+        "state": state,
+        "status": status,
+    });
+    Box::pin(router::fire_event(
+        hub,
+        None,
+        HostEvent::PresenceChanged,
+        Some(room),
+        &payload,
+        0,
+    ))
+    .await;
 }
 
 fn presence_frame(
@@ -199,5 +230,8 @@ pub async fn end_session(hub: &Hub, session: &Arc<Session>, end: End) {
             depart(hub, &room, &session.identity.0, end != End::Replaced).await;
         }
     }
+    // Requests awaiting its answer report it missing now, not at their timeout.
+    hub.registry.requests().ended(&session.connection_id);
+    router::session_event(hub, session, HostEvent::Disconnect).await;
     hub.sessions.remove(session, end == End::Expired);
 }

@@ -42,9 +42,46 @@ struct ServeArgs {
     /// Do not build plugins whose artifacts are missing or stale.
     #[arg(long)]
     no_build: bool,
-    /// Largest client message, in bytes [default: 1048576].
+    /// Largest client message, in bytes (the WebSocket frame limit is 4x) [default: 65536].
     #[arg(long)]
     max_message_bytes: Option<usize>,
+    /// Deepest nesting of objects and arrays in a client message (at most 128) [default: 64].
+    #[arg(long)]
+    max_json_depth: Option<usize>,
+    /// Most elements of one array in a client message [default: 10000].
+    #[arg(long)]
+    max_json_array: Option<usize>,
+    /// Rooms one connection may be in at once [default: 100].
+    #[arg(long)]
+    max_rooms_per_connection: Option<usize>,
+    /// Members one room may have [default: 100000].
+    #[arg(long)]
+    max_room_members: Option<usize>,
+    /// Messages per second a connection, and an identity, may send (0: no limit) [default: 100].
+    #[arg(long)]
+    max_messages_per_second: Option<u32>,
+    /// Messages a connection, and an identity, may send at once after a quiet spell
+    /// [default: 200].
+    #[arg(long)]
+    message_burst: Option<u32>,
+    /// Seconds a connection may keep sending at more than twice its limit before it is closed
+    /// (1008) [default: 5].
+    #[arg(long)]
+    flood_close_secs: Option<u64>,
+    /// Failed calls in a row that take a plugin version out of service (0: never) [default: 5].
+    #[arg(long)]
+    breaker_failures: Option<u32>,
+    /// Seconds a version out of service refuses calls before one call tries it again
+    /// [default: 10].
+    #[arg(long)]
+    breaker_cool_down_secs: Option<u64>,
+    /// Milliseconds a call may run before its version's calls go through the slow lane
+    /// [default: 5].
+    #[arg(long)]
+    slow_call_ms: Option<u64>,
+    /// Calls of one version that may run in the slow lane at once [default: 1].
+    #[arg(long)]
+    slow_lane: Option<usize>,
     /// Seconds the previous version of a plugin stays loaded after a swap, ready for a
     /// rollback (0: none, and no automatic rollback) [default: 60].
     #[arg(long)]
@@ -147,6 +184,17 @@ impl ServeArgs {
             manifests: self.manifests.clone(),
             build: self.no_build.then_some(false),
             max_message_bytes: self.max_message_bytes,
+            max_json_depth: self.max_json_depth,
+            max_json_array: self.max_json_array,
+            max_rooms_per_connection: self.max_rooms_per_connection,
+            max_room_members: self.max_room_members,
+            max_messages_per_second: self.max_messages_per_second,
+            message_burst: self.message_burst,
+            flood_close_secs: self.flood_close_secs,
+            breaker_failures: self.breaker_failures,
+            breaker_cool_down_secs: self.breaker_cool_down_secs,
+            slow_call_ms: self.slow_call_ms,
+            slow_lane: self.slow_lane,
             request_head_timeout_secs: self.request_head_timeout_secs,
             keep_previous_secs: self.keep_previous_secs,
             probation_secs: self.probation_secs,

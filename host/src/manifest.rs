@@ -42,15 +42,18 @@ pub enum HostCap {
     Kv,
     Logging,
     Config,
+    /// Since plugin interface 0.3.2.
+    Timers,
 }
 
 impl HostCap {
-    pub const ALL: [HostCap; 5] = [
+    pub const ALL: [HostCap; 6] = [
         HostCap::Messaging,
         HostCap::Rooms,
         HostCap::Kv,
         HostCap::Logging,
         HostCap::Config,
+        HostCap::Timers,
     ];
 
     /// The name used in manifests and in the WIT package.
@@ -61,24 +64,47 @@ impl HostCap {
             HostCap::Kv => "kv",
             HostCap::Logging => "logging",
             HostCap::Config => "config",
+            HostCap::Timers => "timers",
         }
     }
 }
 
-/// A host event a plugin can subscribe to.
+/// A host event a plugin can subscribe to. The event's call has the connection it is about
+/// as its origin; `room.*` and `presence.changed` name the room too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 pub enum HostEvent {
+    /// A session started: `{"connectionId", "identity"}`.
+    #[serde(rename = "connect")]
+    Connect,
+    /// A session ended: `{"connectionId", "identity"}`.
+    #[serde(rename = "disconnect")]
+    Disconnect,
     #[serde(rename = "room.joined")]
     RoomJoined,
     #[serde(rename = "room.left")]
     RoomLeft,
+    /// An identity came online or went offline in a room, or changed its status:
+    /// `{"room", "identity", "state", "status"}`.
+    #[serde(rename = "presence.changed")]
+    PresenceChanged,
 }
 
 impl HostEvent {
+    pub const ALL: [HostEvent; 5] = [
+        HostEvent::Connect,
+        HostEvent::Disconnect,
+        HostEvent::RoomJoined,
+        HostEvent::RoomLeft,
+        HostEvent::PresenceChanged,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
+            HostEvent::Connect => "connect",
+            HostEvent::Disconnect => "disconnect",
             HostEvent::RoomJoined => "room.joined",
             HostEvent::RoomLeft => "room.left",
+            HostEvent::PresenceChanged => "presence.changed",
         }
     }
 }
@@ -618,6 +644,27 @@ k = "v"
         assert_eq!(errs[0].line, Some(10), "{errs:?}");
         assert!(
             errs[0].message.contains("unknown variant `plugin`"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn every_host_event_and_the_timers_capability_parse() {
+        for event in HostEvent::ALL {
+            let text = GOOD
+                .replace(
+                    "on = \"room.joined\"",
+                    &format!("on = \"{}\"", event.name()),
+                )
+                .replace("\"messaging\", \"kv\"", "\"messaging\", \"timers\"");
+            let m = parse(Path::new("c.toml"), &text).unwrap();
+            assert_eq!(m.events[0].event, event);
+            assert!(m.capabilities.host.contains(&HostCap::Timers));
+        }
+        let text = GOOD.replace("on = \"room.joined\"", "on = \"connected\"");
+        let errs = parse(Path::new("c.toml"), &text).unwrap_err();
+        assert!(
+            errs[0].message.contains("unknown variant `connected`"),
             "{errs:?}"
         );
     }

@@ -62,8 +62,89 @@ fn null_raw() -> &'static RawValue {
     NULL.get_or_init(|| RawValue::from_string(NULL_JSON.to_owned()).expect("null is JSON"))
 }
 
-/// Decodes one client text frame.
-pub fn decode(text: &str) -> Result<Inbound<'_>, DecodeError> {
+/// The shape a client frame's JSON may have, checked before it is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JsonLimits {
+    /// Deepest nesting of objects and arrays (at most [`MAX_JSON_DEPTH_CEILING`]).
+    pub max_depth: usize,
+    /// Most elements of one array.
+    pub max_array: usize,
+}
+
+impl Default for JsonLimits {
+    fn default() -> Self {
+        JsonLimits {
+            max_depth: 64,
+            max_array: 10_000,
+        }
+    }
+}
+
+/// The highest nesting limit that can be configured.
+pub const MAX_JSON_DEPTH_CEILING: usize = 128;
+
+/// Checks the nesting depth and the array lengths of JSON text in one pass over its bytes
+/// (strings skipped, nothing allocated), so that a hostile frame is refused before a parser
+/// builds anything from it. Malformed JSON passes; the parser reports it.
+fn check_shape(text: &str, limits: JsonLimits) -> Result<(), String> {
+    let max_depth = limits.max_depth.min(MAX_JSON_DEPTH_CEILING);
+    // Per open level: the commas seen in it, and whether it is an array (a bit per level).
+    let mut commas = [0usize; MAX_JSON_DEPTH_CEILING];
+    let mut arrays: u128 = 0;
+    let mut depth = 0usize;
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                if depth >= max_depth {
+                    return Err(format!(
+                        "JSON nested deeper than the limit of {max_depth} levels"
+                    ));
+                }
+                commas[depth] = 0;
+                if b == b'[' {
+                    arrays |= 1 << depth;
+                } else {
+                    arrays &= !(1 << depth);
+                }
+                depth += 1;
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b',' if depth > 0 && arrays & (1 << (depth - 1)) != 0 => {
+                commas[depth - 1] += 1;
+                if commas[depth - 1] >= limits.max_array {
+                    return Err(format!(
+                        "a JSON array longer than the limit of {} elements",
+                        limits.max_array
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Decodes one client text frame whose JSON stays within `limits`.
+pub fn decode(text: &str, limits: JsonLimits) -> Result<Inbound<'_>, DecodeError> {
+    if let Err(message) = check_shape(text, limits) {
+        return Err(DecodeError {
+            code: ErrorCode::BadFrame,
+            message,
+            message_id: salvage_message_id(text),
+        });
+    }
     // serde would also read a struct from a JSON array; an envelope is an object.
     if !text.trim_start().starts_with('{') {
         let message = match serde_json::from_str::<serde::de::IgnoredAny>(text) {
@@ -191,6 +272,12 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// A fresh number for a host `messageId` (`h-<n>`), for a frame encoded later with
+/// [`Outbound::encode_with_id`] (a request's id is its frame's, known before it is sent).
+pub fn next_message_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A host frame under construction. `payload` must be valid JSON text.
 #[derive(Debug, Clone, Copy)]
 pub struct Outbound<'a> {
@@ -203,10 +290,14 @@ pub struct Outbound<'a> {
 impl Outbound<'_> {
     /// Serializes the frame, assigning it a fresh host `messageId` and a timestamp.
     pub fn encode(&self) -> Frame {
+        self.encode_with_id(next_message_id())
+    }
+
+    /// Serializes the frame with the host `messageId` `h-<id>` (from [`next_message_id`]).
+    pub fn encode_with_id(&self, id: u64) -> Frame {
         /// The envelope around the fields: keys, quotes, an id and a timestamp of 20 digits
         /// each at most. Sized so that the buffer is allocated once.
         const ENVELOPE: usize = 128;
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let mut numbers = itoa::Buffer::new();
         let mut out = String::with_capacity(
             ENVELOPE
@@ -390,6 +481,21 @@ pub fn payload_status(payload: &RawValue) -> Result<Option<String>, String> {
         .map_err(|e| format!("`sys.status` needs {{\"status\": \"...\"}}: {e}"))
 }
 
+/// Reads a `sys.reply` payload (`{"ref": "h-<n>", "payload": ...}`): the `messageId` of the
+/// host frame answered, and the answer (`null` when absent).
+pub fn payload_reply(payload: &RawValue) -> Result<(String, &RawValue), String> {
+    #[derive(Deserialize)]
+    struct Reply<'a> {
+        #[serde(rename = "ref")]
+        reference: String,
+        #[serde(borrow, default)]
+        payload: Option<&'a RawValue>,
+    }
+    serde_json::from_str::<Reply<'_>>(payload.get())
+        .map(|r| (r.reference, r.payload.unwrap_or_else(|| null_raw())))
+        .map_err(|e| format!("`sys.reply` needs {{\"ref\", \"payload\"}}: {e}"))
+}
+
 /// Checks that `text` is one valid JSON value (for payloads coming from plugins).
 pub fn validate_json(text: &str) -> Result<(), String> {
     serde_json::from_str::<&RawValue>(text)
@@ -412,9 +518,36 @@ pub fn payload_room(payload: &RawValue) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn decode_default(text: &str) -> Result<Inbound<'_>, DecodeError> {
+        decode(text, JsonLimits::default())
+    }
+
+    #[test]
+    fn the_shape_of_json_is_bounded_before_parsing() {
+        let limits = JsonLimits {
+            max_depth: 3,
+            max_array: 3,
+        };
+        let ok = r#"{"type":"x","payload":[[1,2,3],{"a":"[[[[,,,,"}]}"#;
+        assert!(decode(ok, limits).is_ok());
+        let deep = r#"{"type":"x","messageId":"m","payload":[[[1]]]}"#;
+        let err = decode(deep, limits).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadFrame);
+        assert!(err.message.contains("nested deeper"), "{}", err.message);
+        assert_eq!(err.message_id.as_deref(), Some("m"));
+        let long = r#"{"type":"x","payload":[1,2,3,4]}"#;
+        assert!(decode(long, limits).unwrap_err().message.contains("array"));
+        // Commas of objects and strings do not count.
+        assert!(decode(r#"{"type":"x","a":1,"b":2,"c":3,"d":"a,b,c,d"}"#, limits).is_ok());
+        // Far deeper than the parser's own limit: refused by the limit, not by the parser.
+        let hostile = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
+        let err = decode_default(&hostile).unwrap_err();
+        assert!(err.message.contains("nested deeper"), "{}", err.message);
+    }
+
     #[test]
     fn decodes_minimal_envelope() {
-        let m = decode(r#"{"type":"echo"}"#).unwrap();
+        let m = decode_default(r#"{"type":"echo"}"#).unwrap();
         assert_eq!(m.ty, "echo");
         assert_eq!(m.payload.get(), "null");
         assert!(m.message_id.is_none());
@@ -422,7 +555,7 @@ mod tests {
 
     #[test]
     fn decodes_full_envelope_and_ignores_unknown_fields() {
-        let m = decode(
+        let m = decode_default(
             r#"{"type":"chat.send","messageId":7,"room":"lobby","payload":{"text":"hi"},"version":"1.3","metadata":{"a":1},"future":true}"#,
         )
         .unwrap();
@@ -447,15 +580,15 @@ mod tests {
             ),
             (r#"{"type":"x","metadata":3}"#, ErrorCode::BadFrame),
         ] {
-            assert_eq!(decode(text).unwrap_err().code, code, "{text}");
+            assert_eq!(decode_default(text).unwrap_err().code, code, "{text}");
         }
     }
 
     #[test]
     fn keeps_message_id_of_bad_frames() {
-        let err = decode(r#"{"messageId":"m1","type":5}"#).unwrap_err();
+        let err = decode_default(r#"{"messageId":"m1","type":5}"#).unwrap_err();
         assert_eq!(err.message_id.as_deref(), Some("m1"));
-        let err = decode(r#"{"messageId":"m2"}"#).unwrap_err();
+        let err = decode_default(r#"{"messageId":"m2"}"#).unwrap_err();
         assert_eq!(err.message_id.as_deref(), Some("m2"));
         let big = format!(
             r#"{{"type":"echo","messageId":"m3","payload":"{}"}}"#,

@@ -7,15 +7,18 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::effects::{self, Effect, LogLevel};
+use crate::effects::{self, Effect, LogLevel, RequestTo};
 use crate::error::{CloseReason, ErrorCode, HandleError};
 use crate::lifecycle::{self, Due};
+use crate::limits::{Admit, ConnectionRate, IdentityRates, RateLimit};
 use crate::manifest::HostEvent;
 use crate::plugin::{CallInput, CallOutput};
 use crate::protocol::{self, Inbound, Outbound};
-use crate::registry::{LoadedPlugin, Registry, Verdict};
-use crate::rooms::Rooms;
+use crate::registry::health::Change;
+use crate::registry::{BreakerPolicy, LoadedPlugin, Registry, Verdict};
+use crate::requests::Targets;
 use crate::rooms::presence::{Online, Presence};
+use crate::rooms::{MemberInfo, Rooms};
 use crate::serial::{RoomLocks, Turn};
 use crate::session::outbox::{AttachError, OutboxRx};
 use crate::session::{Driver, Identity, Missing, Session, SessionPolicy, Sessions};
@@ -27,13 +30,28 @@ pub struct HostLimits {
     pub max_message_bytes: usize,
     /// Longest room name.
     pub max_room_name: usize,
+    /// Deepest nesting and longest array of a client frame's JSON.
+    pub json: protocol::JsonLimits,
+    /// Rooms one session may be in at once.
+    pub max_rooms_per_connection: usize,
+    /// Members one room may have.
+    pub max_room_members: usize,
+    /// Message rate limits per connection and per identity (none: unlimited).
+    pub rate: Option<RateLimit>,
+    /// The circuit breaker and the slow lane of plugin versions.
+    pub breaker: BreakerPolicy,
 }
 
 impl Default for HostLimits {
     fn default() -> Self {
         HostLimits {
-            max_message_bytes: 1 << 20,
+            max_message_bytes: 64 << 10,
             max_room_name: 256,
+            json: protocol::JsonLimits::default(),
+            max_rooms_per_connection: 100,
+            max_room_members: 100_000,
+            rate: Some(RateLimit::default()),
+            breaker: BreakerPolicy::default(),
         }
     }
 }
@@ -49,6 +67,8 @@ pub struct Hub {
     pub policy: SessionPolicy,
     /// Who is online in each room.
     pub presence: Presence,
+    /// The message rate of every identity (when `limits.rate` is set).
+    pub identity_rates: Option<IdentityRates>,
     /// Work due later (ends of grace periods and of resume waits), done by the host's
     /// lifecycle task (`lifecycle::run`).
     pub due: tokio::sync::mpsc::UnboundedSender<Due>,
@@ -56,6 +76,9 @@ pub struct Hub {
     pub room_locks: RoomLocks,
     /// Token verification (`sys.refresh`).
     pub auth: crate::auth::Auth,
+    /// Turns of the `connect` and `disconnect` events of one identity (keyed by identity), so
+    /// that a plugin keeping an identity's connections in its store sees them one at a time.
+    pub identity_turns: RoomLocks,
 }
 
 /// What one connection's task owns: the session it drives and that session's live queue.
@@ -67,6 +90,8 @@ pub struct ConnState {
     /// Set when a resume moved this connection to another session: the connection task
     /// re-arms its wake-ups on the new session's outbox.
     pub switched: bool,
+    /// This connection's message rate (it stays with the connection across a resume).
+    rate: Option<ConnectionRate>,
 }
 
 impl ConnState {
@@ -83,6 +108,7 @@ impl ConnState {
             rx,
             driver,
             switched: false,
+            rate: hub.limits.rate.map(ConnectionRate::new),
         }
     }
 
@@ -97,14 +123,33 @@ impl ConnState {
     }
 }
 
-/// How deep plugin-triggered host events may nest (an event handler's joins fire no events).
-const MAX_EVENT_DEPTH: u8 = 1;
+/// How deep plugin-triggered host events may nest. A client's frame or the host acts at depth
+/// 0; a plugin call it causes runs at depth 1, and each join or leave a call makes, and the
+/// event calls that fires, one deeper. Events fire below this depth: a route's joins fire
+/// them, and so do the joins of the handlers of those events, but not the joins of the
+/// handlers of those second events (so plugins joining each other's rooms cannot loop).
+const MAX_EVENT_DEPTH: u8 = 4;
 
 /// The longest status a client may set with `sys.status`, in characters.
 pub const MAX_STATUS_CHARS: usize = 64;
 
-/// Handles one client text frame: decode, dispatch, answer.
+/// Handles one client text frame: rate limit, decode, dispatch, answer.
 pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
+    if let (Some(rate), Some(identities)) = (conn.rate.as_mut(), hub.identity_rates.as_ref()) {
+        let admit = rate.admit(identities, &conn.session.identity.0);
+        if admit != Admit::Yes {
+            let id = protocol::salvage_message_id(text);
+            conn.push(protocol::error(
+                id.as_deref(),
+                ErrorCode::RateLimited.as_str(),
+                "too many messages: slow down",
+            ));
+            if admit == Admit::Close {
+                conn.session.outbox.close(CloseReason::RateLimited);
+            }
+            return;
+        }
+    }
     if text.len() > hub.limits.max_message_bytes {
         let message = format!(
             "frame of {} bytes exceeds the limit of {} bytes",
@@ -119,7 +164,7 @@ pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
         ));
         return;
     }
-    let msg = match protocol::decode(text) {
+    let msg = match protocol::decode(text, hub.limits.json) {
         Ok(msg) => msg,
         Err(e) => {
             conn.push(protocol::error(
@@ -183,7 +228,7 @@ async fn dispatch<'h>(
     match msg.ty.as_ref() {
         "sys.join" => {
             let room = room_of(hub, msg)?;
-            let members = join_room(hub, &session, &room, 0).await;
+            let members = join_room(hub, &session, &room, 0).await?;
             let presence = hub.presence.list(&room);
             Ok(Some(
                 json!({
@@ -245,6 +290,14 @@ async fn dispatch<'h>(
         }
         "sys.resume" => resume(hub, conn, msg).await,
         "sys.refresh" => crate::auth::handle_refresh(&hub.auth, &session, msg.payload),
+        "sys.reply" => {
+            let (reference, answer) = protocol::payload_reply(msg.payload)
+                .map_err(|m| HandleError::new(ErrorCode::BadFrame, m))?;
+            hub.registry
+                .requests()
+                .reply(&reference, &session.connection_id, answer)?;
+            Ok(None)
+        }
         "sys.received" => {
             let seq = protocol::payload_seq(msg.payload)
                 .map_err(|m| HandleError::new(ErrorCode::BadFrame, m))?;
@@ -309,8 +362,7 @@ async fn resume(
     target.outbox.resumable(request.last_seq).map_err(gap)?;
     // Connection migration: the connection driving it, if any, finishes the message in hand,
     // lets go of the session and closes (4000).
-    target.outbox.close(CloseReason::TakenOver);
-    let driver = target.drive().await;
+    let driver = target.take_over(CloseReason::TakenOver).await;
     let (rx, replayed) = target.outbox.attach(request.last_seq).map_err(gap)?;
     if !target.mark_attached() {
         return Err(fail(
@@ -415,9 +467,31 @@ pub async fn run_call(
     input: &CallInput<'_>,
     depth: u8,
 ) -> Result<Option<String>, HandleError> {
+    let breaker = &hub.limits.breaker;
+    if let Err(refused) = plugin.health.admit() {
+        return Err(HandleError::new(
+            ErrorCode::PluginUnavailable,
+            format!(
+                "plugin `{}` kept failing and is out of service; it is tried again in {} s",
+                plugin.manifest.id,
+                refused.retry_in.as_secs_f64().ceil()
+            ),
+        ));
+    }
     let output = {
         let _in_flight = plugin.health.begin();
-        plugin.code.call(input)
+        let started = Instant::now();
+        let output = match plugin.health.slow_lane(breaker) {
+            None => plugin.code.call(input),
+            // A version whose calls run long: one call (by default) at a time, each on a thread
+            // of its own, so that the runtime's threads go on serving everyone else.
+            Some(lane) => {
+                let _permit = lane.acquire().await;
+                off_the_runtime(|| plugin.code.call(input))
+            }
+        };
+        plugin.health.record_duration(started.elapsed(), breaker);
+        output
     };
     emit_logs(plugin, &output.logs);
     let checked = check_output(plugin, input, output);
@@ -428,6 +502,20 @@ pub async fn run_call(
             ..
         })
     );
+    match plugin.health.record_circuit(failed, breaker) {
+        Change::Opened => tracing::warn!(
+            plugin = %plugin.manifest.id,
+            version = %plugin.version,
+            "circuit opened: the version keeps failing; its calls get plugin_unavailable for {:?}",
+            breaker.cool_down
+        ),
+        Change::Closed => tracing::info!(
+            plugin = %plugin.manifest.id,
+            version = %plugin.version,
+            "circuit closed: the version answered again"
+        ),
+        Change::None => {}
+    }
     if let Verdict::RollBack { calls, failures } =
         plugin.health.record(failed, hub.registry.policy())
     {
@@ -440,6 +528,16 @@ pub async fn run_call(
     let (ack, effects) = checked?;
     apply(hub, origin, plugin, input.room, effects, depth).await;
     Ok(ack)
+}
+
+/// Runs `call` on a thread the runtime can do without (its other tasks move to another worker),
+/// or right here on a runtime with one thread.
+fn off_the_runtime<T>(call: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(call),
+        _ => call(),
+    }
 }
 
 /// The ack and the effects of a successful call whose effects are all well-formed, or the
@@ -481,6 +579,14 @@ fn check_output(
                 if ty.is_empty() || ty.starts_with("sys.") =>
             {
                 return Err(bad(format!("message type `{ty}` is not allowed")));
+            }
+            // A timer's call or a request's outcome has no connection to reply to or move.
+            Effect::Reply { .. } | Effect::Join { .. } | Effect::Leave { .. }
+                if input.connection_id.is_empty() =>
+            {
+                return Err(bad(
+                    "a call with no origin connection cannot reply, join or leave".into(),
+                ));
             }
             _ => {}
         }
@@ -588,7 +694,9 @@ async fn apply(
             }
             Effect::Join { room } => match origin {
                 Some(origin) => {
-                    join_room(hub, origin, &room, depth + 1).await;
+                    if let Err(e) = join_room(hub, origin, &room, depth + 1).await {
+                        tracing::warn!(plugin = %plugin.manifest.id, %room, "a join refused: {}", e.wire().1);
+                    }
                 }
                 None => no_origin("a join"),
             },
@@ -603,6 +711,11 @@ async fn apply(
             }
             Effect::KvDelete { key } => {
                 plugin.kv.remove(&key);
+            }
+            deferred @ (Effect::Schedule { .. }
+            | Effect::CancelTimer { .. }
+            | Effect::Request { .. }) => {
+                apply_deferred(hub, plugin, origin, deferred);
             }
         }
     }
@@ -630,18 +743,40 @@ pub fn presence_json(list: &[Online]) -> serde_json::Value {
 }
 
 /// Makes the session join a room: tells the other members, counts the identity present, then
-/// tells the plugins subscribed to `room.joined`. Returns the member list. A session that has
-/// ended joins nothing (a `room.left` handler joining a closing connection leaves no ghost).
+/// tells the plugins subscribed to `room.joined`. Returns the member list, or `room_limit` /
+/// `room_full`. A session that has ended joins nothing (a `room.left` handler joining a closing
+/// connection leaves no ghost).
 pub async fn join_room(
     hub: &Hub,
     session: &Arc<Session>,
     room: &str,
     depth: u8,
-) -> Vec<crate::rooms::MemberInfo> {
+) -> Result<Vec<crate::rooms::MemberInfo>, HandleError> {
     if session.is_ended() {
-        return hub.rooms.members(room);
+        return Ok(hub.rooms.members(room));
     }
-    if hub.rooms.join(room, session) {
+    if !session.in_room(room) && session.room_count() >= hub.limits.max_rooms_per_connection {
+        return Err(HandleError::new(
+            ErrorCode::RoomLimit,
+            format!(
+                "a connection may be in at most {} rooms",
+                hub.limits.max_rooms_per_connection
+            ),
+        ));
+    }
+    let joined = hub
+        .rooms
+        .join(room, session, hub.limits.max_room_members)
+        .map_err(|_| {
+            HandleError::new(
+                ErrorCode::RoomFull,
+                format!(
+                    "room `{room}` has {} members, the most it may have",
+                    hub.limits.max_room_members
+                ),
+            )
+        })?;
+    if joined {
         session.add_room(Arc::from(room));
         let payload = json!({
             "room": room,
@@ -656,15 +791,15 @@ pub async fn join_room(
         }
         Box::pin(fire_event(
             hub,
-            session,
+            Some(session),
             HostEvent::RoomJoined,
-            room,
+            Some(room),
             &payload,
             depth,
         ))
         .await;
     }
-    hub.rooms.members(room)
+    Ok(hub.rooms.members(room))
 }
 
 /// Makes the session leave a room. Returns false when it was not a member. An explicit leave
@@ -694,9 +829,9 @@ pub async fn leave_room(
     }
     Box::pin(fire_event(
         hub,
-        session,
+        Some(session),
         HostEvent::RoomLeft,
-        room,
+        Some(room),
         &payload,
         depth,
     ))
@@ -704,11 +839,13 @@ pub async fn leave_room(
     true
 }
 
-async fn fire_event(
+/// Calls every plugin subscribed to `event` with `payload`; `origin` is the session the event
+/// is about (none for an event about no one connection, such as an identity going offline).
+pub async fn fire_event(
     hub: &Hub,
-    session: &Arc<Session>,
+    origin: Option<&Arc<Session>>,
     event: HostEvent,
-    room: &str,
+    room: Option<&str>,
     payload: &serde_json::Value,
     depth: u8,
 ) {
@@ -725,14 +862,14 @@ async fn fire_event(
         let input = CallInput {
             handler: &target.handler,
             ty: event.name(),
-            room: Some(room),
+            room,
             payload: &payload,
-            sender: &session.identity.0,
-            connection_id: &session.connection_id,
+            sender: origin.map_or("", |s| &s.identity.0),
+            connection_id: origin.map_or("", |s| &s.connection_id),
             message_id: None,
             metadata: None,
         };
-        if let Err(e) = run_call(hub, Some(session), &target.plugin, &input, depth + 1).await {
+        if let Err(e) = run_call(hub, origin, &target.plugin, &input, depth + 1).await {
             tracing::warn!(plugin = %target.plugin.manifest.id, event = event.name(), "event handler failed: {}", e.wire().1);
         }
     }
@@ -751,6 +888,180 @@ pub fn welcome(conn: &ConnState) {
         "hostVersion": env!("CARGO_PKG_VERSION"),
     });
     conn.push(protocol::host_frame("sys.welcome", None, &payload));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timers and requests (plugin calls that come later, with no origin connection)
+// ---------------------------------------------------------------------------------------------
+
+/// Fires `connect` or `disconnect` for `session` (payload `{"connectionId", "identity"}`):
+/// `connect` when a session starts, `disconnect` when it ends, after its rooms were left. The
+/// `connect` and `disconnect` events of one identity are handled one at a time, in order.
+pub async fn session_event(hub: &Hub, session: &Arc<Session>, event: HostEvent) {
+    // The events of one identity reach the plugins one at a time, in the order they happened.
+    let _turn = hub.identity_turns.turn("", &session.identity.0).await;
+    let payload = json!({
+        "connectionId": &*session.connection_id,
+        "identity": &*session.identity.0,
+    });
+    Box::pin(fire_event(hub, Some(session), event, None, &payload, 0)).await;
+}
+
+/// Calls handler `handler` of plugin `plugin` on the version serving now, with `payload` and
+/// no origin connection: a timer that came due (`ty` `timer`) or a request's outcome
+/// (`request.outcome`). A plugin that is gone, or a version without the handler, drops it.
+pub async fn call_later(hub: &Hub, plugin: &str, handler: &str, ty: &str, payload: &str) {
+    let what = if ty == "timer" {
+        "timer"
+    } else {
+        "request outcome"
+    };
+    let table = hub.registry.table_full();
+    let Some(target) = table.plugin(plugin) else {
+        tracing::warn!(%plugin, handler, "{what} dropped: plugin `{plugin}` is not loaded");
+        return;
+    };
+    if !target.code.handler_names().contains(&handler) {
+        tracing::warn!(
+            %plugin,
+            version = %target.version,
+            "{what} dropped: the serving version of `{plugin}` has no handler `{handler}`"
+        );
+        return;
+    }
+    let input = CallInput {
+        handler,
+        ty,
+        room: None,
+        payload,
+        sender: "",
+        connection_id: "",
+        message_id: None,
+        metadata: None,
+    };
+    if let Err(e) = run_call(hub, None, target, &input, 0).await {
+        tracing::warn!(%plugin, handler, "{what} call failed: {}", e.wire().1);
+    }
+}
+
+/// Calls timers and request outcomes as they come due, each in a task of its own (tracked by
+/// `tasks`, so that shutdown waits for calls in flight), until the host stops.
+pub async fn run_later(
+    hub: Arc<Hub>,
+    tasks: tokio_util::task::TaskTracker,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            due = hub.registry.timers().next_due_batch() => {
+                for timer in due {
+                    let hub = hub.clone();
+                    tasks.spawn(async move {
+                        call_later(&hub, &timer.plugin, &timer.handler, "timer", &timer.payload)
+                            .await;
+                    });
+                }
+            }
+            done = hub.registry.requests().next_completed() => {
+                for request in done {
+                    let hub = hub.clone();
+                    tasks.spawn(async move {
+                        call_later(
+                            &hub,
+                            &request.plugin,
+                            &request.handler,
+                            "request.outcome",
+                            &request.outcome,
+                        )
+                        .await;
+                    });
+                }
+            }
+            _ = stop.wait_for(|stopped| *stopped) => break,
+        }
+    }
+}
+
+/// Applies a timer or request effect of `plugin`; `origin` is the connection whose message (or
+/// event) the call handled, if any: a request's frame names its identity as `sender`.
+fn apply_deferred(hub: &Hub, plugin: &LoadedPlugin, origin: Option<&Arc<Session>>, effect: Effect) {
+    let id = &*plugin.manifest.id;
+    let timers = hub.registry.timers();
+    match effect {
+        Effect::Schedule {
+            id: timer,
+            handler,
+            delay_ms,
+            payload,
+        } => {
+            if let Err(e) = timers.schedule(timer, id, handler, delay_ms, payload) {
+                tracing::warn!(plugin = %id, "timer not scheduled: {e}");
+            }
+        }
+        Effect::CancelTimer { id: timer } => {
+            timers.cancel(id, timer);
+        }
+        Effect::Request {
+            id: request,
+            to,
+            ty,
+            payload,
+            timeout_ms,
+            handler,
+        } => {
+            let (room, targets) = match &to {
+                RequestTo::Connection(to) => {
+                    let target = hub.sessions.get(to);
+                    let who = MemberInfo {
+                        connection_id: Arc::from(to.as_str()),
+                        identity: target
+                            .as_ref()
+                            .map_or_else(|| Arc::from(""), |s| s.identity.0.clone()),
+                    };
+                    let targets = match target {
+                        Some(_) => Targets::Members(vec![who]),
+                        None => Targets::Gone(who),
+                    };
+                    (None, targets)
+                }
+                RequestTo::Room(room) => (
+                    Some(room.clone()),
+                    Targets::Members(hub.rooms.members(room)),
+                ),
+            };
+            let recipients: Vec<Arc<str>> = match &targets {
+                Targets::Members(members) => {
+                    members.iter().map(|m| m.connection_id.clone()).collect()
+                }
+                Targets::Gone(_) => Vec::new(),
+            };
+            // Open before sending: an answer may come back before this function returns.
+            if let Err(e) = hub.registry.requests().open(
+                request,
+                id,
+                handler,
+                room.clone(),
+                targets,
+                timeout_ms,
+            ) {
+                tracing::warn!(plugin = %id, "request not sent: {e}");
+                return;
+            }
+            let frame = Outbound {
+                ty: &ty,
+                room: room.as_deref(),
+                payload: &payload,
+                sender: origin.map(|s| &*s.identity.0),
+            }
+            .encode_with_id(request);
+            for to in recipients {
+                if let Some(session) = hub.sessions.get(&to) {
+                    session.outbox.push(frame.clone());
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]

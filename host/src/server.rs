@@ -137,9 +137,11 @@ impl Server {
             limits: config.limits,
             policy: config.session,
             presence: Default::default(),
+            identity_rates: config.limits.rate.map(crate::limits::IdentityRates::new),
             due,
             room_locks: Default::default(),
             auth,
+            identity_turns: Default::default(),
         });
         hub.auth.log_startup();
         if config.session.dev_identity {
@@ -169,6 +171,13 @@ impl Server {
             tokio::spawn(async move { hub.registry.supervise(stopped(&mut stop)).await })
         };
         let lifecycle = tokio::spawn(lifecycle::run(hub.clone(), due_rx, shutdown_rx.clone()));
+        // Timers and request outcomes: their calls are tracked like connections, so that
+        // shutdown lets the calls in flight finish.
+        tracker.spawn(crate::router::run_later(
+            hub.clone(),
+            tracker.clone(),
+            shutdown_rx.clone(),
+        ));
         let watcher = match config.watch {
             WatchMode::Off => None,
             mode => {
@@ -383,6 +392,11 @@ fn healthz(hub: &Hub) -> Response<Full<Bytes>> {
                 "probation": p.on_probation,
                 "previous": previous,
                 "lastRollback": rollback,
+                "timers": p.timers,
+                "requests": p.requests,
+                "circuit": p.circuit.0.as_str(),
+                "circuitTrips": p.circuit.1,
+                "slowLane": p.slow,
             });
             (p.id, entry)
         })

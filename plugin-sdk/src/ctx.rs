@@ -1,5 +1,7 @@
 //! What a handler can do: the host calls, typed.
 
+use std::time::Duration;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -23,6 +25,61 @@ impl Member {
             identity: identity.into(),
         }
     }
+}
+
+/// The outcome of a request made with [`Ctx::request`] or [`Ctx::request_room`]: the payload
+/// of the call of the handler the request named (take it as `Message<RequestOutcome>`). The
+/// call has no origin connection.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestOutcome {
+    /// The id the request call returned.
+    pub request_id: u64,
+    /// The room of a room request; `None` for a request to one connection.
+    pub room: Option<String>,
+    /// The answers, in the order they arrived.
+    pub answers: Vec<Answer>,
+    /// The targets that did not answer within the timeout (or were gone).
+    pub missing: Vec<Member>,
+}
+
+impl RequestOutcome {
+    /// Whether some target did not answer in time.
+    pub fn timed_out(&self) -> bool {
+        !self.missing.is_empty()
+    }
+
+    /// The answer of connection `connection_id`, if it answered.
+    pub fn answer_of(&self, connection_id: &str) -> Option<&serde_json::Value> {
+        self.answers
+            .iter()
+            .find(|a| a.connection_id == connection_id)
+            .map(|a| &a.payload)
+    }
+}
+
+/// One client's answer to a request (its `sys.reply` payload).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Answer {
+    /// The connection that answered.
+    pub connection_id: String,
+    /// Its identity.
+    pub identity: String,
+    /// What it answered.
+    pub payload: serde_json::Value,
+}
+
+/// A timer's id, returned by [`Ctx::schedule`], for [`Ctx::cancel_timer`].
+pub type TimerId = u64;
+
+/// A request's id, returned by [`Ctx::request`] and [`Ctx::request_room`]; the outcome's
+/// `request_id`.
+pub type RequestId = u64;
+
+/// Milliseconds of a duration, for the host (saturating).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The level of a log line.
@@ -155,6 +212,76 @@ impl Ctx {
             &to_json(payload)?,
             include_sender,
         ))
+    }
+
+    /// Sends a message of type `ty` to the connection `connection_id` and asks for the
+    /// client's answer (a `sys.reply` naming the frame's `messageId`). The plugin's handler
+    /// `handler` is called once, with no origin connection, with a [`RequestOutcome`]: the
+    /// answer, or the connection in `missing` after `timeout` (or as soon as the connection
+    /// is gone: its session ended). Returns the request's id. An effect: nothing is sent, and no outcome comes,
+    /// when the handler fails.
+    ///
+    /// Fails (code `forbidden`) when `handler` is not one of the plugin's handlers, `timeout`
+    /// is zero or longer than 5 minutes, or the plugin has 10,000 requests pending.
+    pub fn request<P: Serialize + ?Sized>(
+        &self,
+        connection_id: &str,
+        ty: &str,
+        payload: &P,
+        timeout: Duration,
+        handler: &str,
+    ) -> Result<RequestId, PluginError> {
+        host_result(host::request(
+            connection_id,
+            ty,
+            &to_json(payload)?,
+            millis(timeout),
+            handler,
+        ))
+    }
+
+    /// Like [`Ctx::request`], to every member of `room` (the origin connection included): the
+    /// handler is called once, when every member answered or when `timeout` passed, with the
+    /// answers gathered and the members that did not answer.
+    pub fn request_room<P: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        ty: &str,
+        payload: &P,
+        timeout: Duration,
+        handler: &str,
+    ) -> Result<RequestId, PluginError> {
+        host_result(host::request_room(
+            room,
+            ty,
+            &to_json(payload)?,
+            millis(timeout),
+            handler,
+        ))
+    }
+
+    // ---- timers ----
+
+    /// Schedules a call of the plugin's handler `handler` after `delay`, with `payload`. The
+    /// call has no origin connection (its message's type is `timer`) and runs on whichever
+    /// version of the plugin serves when it is due; a version without `handler` drops it.
+    /// Returns the timer's id. An effect: the timer exists only once the handler returns `Ok`.
+    ///
+    /// Fails (code `forbidden`) when `handler` is not one of the plugin's handlers, `delay` is
+    /// longer than 24 hours, or the plugin has 10,000 timers pending.
+    pub fn schedule<P: Serialize + ?Sized>(
+        &self,
+        handler: &str,
+        delay: Duration,
+        payload: &P,
+    ) -> Result<TimerId, PluginError> {
+        host_result(host::schedule(handler, millis(delay), &to_json(payload)?))
+    }
+
+    /// Cancels the plugin's pending timer `id` (applied when the handler returns `Ok`).
+    /// Returns whether it was pending.
+    pub fn cancel_timer(&self, id: TimerId) -> bool {
+        host::cancel_timer(id)
     }
 
     // ---- rooms ----

@@ -10,7 +10,9 @@ pub(crate) use crate::testing::host::*;
 #[cfg(target_arch = "wasm32")]
 mod wasm {
     use crate::bindings::plexus::plugin::types::LogLevel as WitLogLevel;
-    use crate::bindings::plexus::plugin::{config as wit_config, kv, logging, messaging, rooms};
+    use crate::bindings::plexus::plugin::{
+        config as wit_config, kv, logging, messaging, rooms, timers,
+    };
     use crate::{LogLevel, Member};
 
     #[inline]
@@ -41,6 +43,34 @@ mod wasm {
         include_sender: bool,
     ) -> Result<(), String> {
         messaging::broadcast_volatile(room, ty, payload, include_sender)
+    }
+
+    pub(crate) fn request(
+        connection_id: &str,
+        ty: &str,
+        payload: &str,
+        timeout_ms: u64,
+        handler: &str,
+    ) -> Result<u64, String> {
+        messaging::request(connection_id, ty, payload, timeout_ms, handler)
+    }
+
+    pub(crate) fn request_room(
+        room: &str,
+        ty: &str,
+        payload: &str,
+        timeout_ms: u64,
+        handler: &str,
+    ) -> Result<u64, String> {
+        messaging::request_room(room, ty, payload, timeout_ms, handler)
+    }
+
+    pub(crate) fn schedule(handler: &str, delay_ms: u64, payload: &str) -> Result<u64, String> {
+        timers::schedule(handler, delay_ms, payload)
+    }
+
+    pub(crate) fn cancel_timer(id: u64) -> bool {
+        timers::cancel(id)
     }
 
     pub(crate) fn join(room: &str) -> Result<(), String> {

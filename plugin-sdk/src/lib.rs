@@ -53,7 +53,7 @@ mod message;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
-pub use ctx::{Ctx, LogLevel, Member};
+pub use ctx::{Answer, Ctx, LogLevel, Member, RequestId, RequestOutcome, TimerId};
 pub use error::{HostError, PluginError, codes};
 pub use message::{FromPayload, Message, RawMessage, RawPayload};
 pub use serde;

@@ -174,6 +174,13 @@ impl RawMessage {
         self
     }
 
+    /// Makes it a call with no origin connection (a timer's or a request outcome's): empty
+    /// sender and connection id.
+    #[must_use]
+    pub fn without_origin(self) -> Self {
+        self.from_connection("", "")
+    }
+
     /// Sets the client's `messageId`.
     #[must_use]
     pub fn with_message_id(mut self, message_id: impl Into<String>) -> Self {
@@ -287,9 +294,15 @@ impl<T> Message<T> {
         self.envelope.get(SENDER)
     }
 
-    /// The origin connection.
+    /// The origin connection (empty for a call with no origin: a timer, a request outcome).
     pub fn connection_id(&self) -> &str {
         self.envelope.get(CONNECTION_ID)
+    }
+
+    /// Whether the call has an origin connection: false for a timer's call and a request's
+    /// outcome (then `reply`, `join` and `leave` fail the call).
+    pub fn has_origin(&self) -> bool {
+        !self.connection_id().is_empty()
     }
 
     /// The client's `messageId`, if it sent one.

@@ -32,7 +32,14 @@ use std::marker::PhantomData;
 
 use serde_json::Value;
 
-use crate::{LogLevel, Member, PluginError, RawMessage};
+use crate::{Answer, LogLevel, Member, PluginError, RawMessage, RequestOutcome};
+
+/// Most timers, and most requests, a plugin may have pending (as in the host).
+const MAX_PENDING: usize = 10_000;
+/// The longest timer delay, in milliseconds (as in the host).
+const MAX_DELAY_MS: u64 = 24 * 60 * 60 * 1000;
+/// The longest request timeout, in milliseconds (as in the host).
+const MAX_TIMEOUT_MS: u64 = 5 * 60 * 1000;
 
 /// One effect a handler recorded.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,6 +92,106 @@ pub enum Effect {
         /// The room.
         room: String,
     },
+    /// `Ctx::schedule`.
+    Schedule {
+        /// The timer's id.
+        id: u64,
+        /// The handler it calls.
+        handler: String,
+        /// Its delay, in milliseconds.
+        delay_ms: u64,
+        /// The payload of its call, parsed.
+        payload: Value,
+    },
+    /// `Ctx::cancel_timer` of a pending timer.
+    CancelTimer {
+        /// The timer's id.
+        id: u64,
+    },
+    /// `Ctx::request`.
+    Request {
+        /// The request's id.
+        id: u64,
+        /// The connection asked.
+        connection_id: String,
+        /// The message type.
+        ty: String,
+        /// The payload, parsed.
+        payload: Value,
+        /// The timeout, in milliseconds.
+        timeout_ms: u64,
+        /// The handler the outcome goes to.
+        handler: String,
+    },
+    /// `Ctx::request_room`.
+    RequestRoom {
+        /// The request's id.
+        id: u64,
+        /// The room asked.
+        room: String,
+        /// The message type.
+        ty: String,
+        /// The payload, parsed.
+        payload: Value,
+        /// The timeout, in milliseconds.
+        timeout_ms: u64,
+        /// The handler the outcome goes to.
+        handler: String,
+    },
+}
+
+/// A timer pending in the mock host (see [`MockHost::pending_timers`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockTimer {
+    /// Its id.
+    pub id: u64,
+    /// The handler it calls.
+    pub handler: String,
+    /// When it is due, on the mock's clock ([`MockHost::now_ms`]).
+    pub due_ms: u64,
+    /// The payload of its call.
+    pub payload: Value,
+}
+
+/// A request pending in the mock host (see [`MockHost::pending_requests`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockRequest {
+    /// Its id.
+    pub id: u64,
+    /// The handler its outcome goes to.
+    pub handler: String,
+    /// The room of a room request.
+    pub room: Option<String>,
+    /// The targets that have not answered yet.
+    pub waiting: Vec<Member>,
+    /// The answers so far.
+    pub answers: Vec<Answer>,
+    /// When it times out, on the mock's clock.
+    pub due_ms: u64,
+}
+
+impl MockRequest {
+    fn outcome(self) -> RequestOutcome {
+        RequestOutcome {
+            request_id: self.id,
+            room: self.room,
+            answers: self.answers,
+            missing: self.waiting,
+        }
+    }
+}
+
+/// A call the mock host made by itself: a timer that came due, or a request's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fired {
+    /// The handler called.
+    pub handler: String,
+    /// The message type: `timer` or `request.outcome`.
+    pub ty: String,
+    /// The payload it was called with.
+    pub payload: Value,
+    /// What the call returned: its effects, or its error.
+    pub result: Result<Vec<Effect>, PluginError>,
 }
 
 #[derive(Default)]
@@ -97,6 +204,14 @@ struct State {
     forbidden: BTreeSet<String>,
     effects: Vec<Effect>,
     logs: Vec<(LogLevel, String)>,
+    /// The plugin's handler names, when the test gave them: timers and requests must name one.
+    handlers: Option<Vec<String>>,
+    /// The mock's clock, in milliseconds.
+    now_ms: u64,
+    /// The last timer or request id handed out.
+    last_id: u64,
+    timers: BTreeMap<u64, MockTimer>,
+    requests: BTreeMap<u64, MockRequest>,
 }
 
 thread_local! {
@@ -175,6 +290,159 @@ impl MockHost {
         with(|state| state.logs.clone())
     }
 
+    /// Gives the plugin's handler names (its `PLEXUS_HANDLERS`): then, as in the host, a timer
+    /// or a request naming another handler fails the call.
+    #[must_use]
+    pub fn with_handlers(self, handlers: &[&str]) -> Self {
+        with(|state| state.handlers = Some(handlers.iter().map(|h| (*h).to_owned()).collect()));
+        self
+    }
+
+    /// The mock's clock, in milliseconds since the mock was created. Only
+    /// [`MockHost::advance`] moves it.
+    pub fn now_ms(&self) -> u64 {
+        with(|state| state.now_ms)
+    }
+
+    /// The pending timers, soonest first.
+    pub fn pending_timers(&self) -> Vec<MockTimer> {
+        let mut timers: Vec<MockTimer> = with(|state| state.timers.values().cloned().collect());
+        timers.sort_by_key(|t| (t.due_ms, t.id));
+        timers
+    }
+
+    /// The pending requests, by id.
+    pub fn pending_requests(&self) -> Vec<MockRequest> {
+        with(|state| state.requests.values().cloned().collect())
+    }
+
+    /// Moves the clock `by` forward, firing what comes due on the way, in due order: timers
+    /// (their handler called with their payload) and requests that time out (their handler
+    /// called with the [`RequestOutcome`], the targets that did not answer in `missing`).
+    /// What those calls schedule and that comes due before the end fires too. Returns the
+    /// calls made.
+    pub fn advance(&self, dispatch: Dispatch, by: std::time::Duration) -> Vec<Fired> {
+        let end = self.now_ms() + u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        let mut fired = Vec::new();
+        loop {
+            let next = with(|state| {
+                let timer = state
+                    .timers
+                    .values()
+                    .map(|t| (t.due_ms, 0, t.id))
+                    .filter(|(due, ..)| *due <= end)
+                    .min();
+                let request = state
+                    .requests
+                    .values()
+                    // With nobody to wait for (an empty room), it completes at once.
+                    .map(|r| {
+                        let due = if r.waiting.is_empty() {
+                            state.now_ms
+                        } else {
+                            r.due_ms
+                        };
+                        (due, 1, r.id)
+                    })
+                    .filter(|(due, ..)| *due <= end)
+                    .min();
+                let next = match (timer, request) {
+                    (Some(t), Some(r)) => Some(t.min(r)),
+                    (t, r) => t.or(r),
+                }?;
+                state.now_ms = state.now_ms.max(next.0);
+                Some(next)
+            });
+            match next {
+                Some((_, 0, id)) => {
+                    let timer = with(|state| state.timers.remove(&id)).expect("a pending timer");
+                    fired.push(self.fire(dispatch, "timer", &timer.handler, timer.payload));
+                }
+                Some((_, _, id)) => {
+                    let request =
+                        with(|state| state.requests.remove(&id)).expect("a pending request");
+                    fired.push(self.complete(dispatch, request));
+                }
+                None => break,
+            }
+        }
+        with(|state| state.now_ms = end);
+        fired
+    }
+
+    /// Connection `connection_id` answers request `id` with `payload` (its `sys.reply`). When
+    /// it was the last target, the request completes: its handler is called with the outcome,
+    /// and that call is returned.
+    ///
+    /// # Panics
+    /// If request `id` is not pending or does not await an answer from `connection_id` (the
+    /// host answers such a `sys.reply` with `unknown_ref`).
+    pub fn answer(
+        &self,
+        dispatch: Dispatch,
+        id: u64,
+        connection_id: &str,
+        payload: Value,
+    ) -> Option<Fired> {
+        let done = with(|state| {
+            let request = state
+                .requests
+                .get_mut(&id)
+                .unwrap_or_else(|| panic!("request {id} is not pending (unknown_ref)"));
+            let at = request
+                .waiting
+                .iter()
+                .position(|m| m.connection_id == connection_id)
+                .unwrap_or_else(|| {
+                    panic!("request {id} awaits no answer from `{connection_id}` (unknown_ref)")
+                });
+            let who = request.waiting.remove(at);
+            request.answers.push(Answer {
+                connection_id: who.connection_id,
+                identity: who.identity,
+                payload,
+            });
+            if request.waiting.is_empty() {
+                state.requests.remove(&id)
+            } else {
+                None
+            }
+        });
+        done.map(|request| self.complete(dispatch, request))
+    }
+
+    /// Times request `id` out now, whatever its timeout: its handler is called with the
+    /// answers so far and the targets that did not answer in `missing`.
+    ///
+    /// # Panics
+    /// If request `id` is not pending.
+    pub fn time_out(&self, dispatch: Dispatch, id: u64) -> Fired {
+        let request = with(|state| state.requests.remove(&id))
+            .unwrap_or_else(|| panic!("request {id} is not pending"));
+        self.complete(dispatch, request)
+    }
+
+    fn complete(&self, dispatch: Dispatch, request: MockRequest) -> Fired {
+        let handler = request.handler.clone();
+        let outcome = serde_json::to_value(request.outcome()).expect("an outcome serializes");
+        self.fire(dispatch, "request.outcome", &handler, outcome)
+    }
+
+    /// Calls `handler` with `payload` and no origin connection, as the host calls timers and
+    /// request outcomes.
+    fn fire(&self, dispatch: Dispatch, ty: &str, handler: &str, payload: Value) -> Fired {
+        let msg = RawMessage::json(ty, &payload).without_origin();
+        let result = self
+            .call(dispatch, handler, msg)
+            .map(|(_, effects)| effects);
+        Fired {
+            handler: handler.to_owned(),
+            ty: ty.to_owned(),
+            payload,
+            result,
+        }
+    }
+
     /// Runs `dispatch` (the `plexus_dispatch` function of a plugin) for `handler` on `msg`.
     ///
     /// On success returns the ack object (parsed) and the effects; on failure the error (the
@@ -202,6 +470,20 @@ impl MockHost {
             )
         });
         let ack = result?.map(|text| parse(&text, "ack"));
+        if connection_id.is_empty()
+            && let Some(effect) = effects.iter().find(|e| {
+                matches!(
+                    e,
+                    Effect::Reply { .. } | Effect::Join { .. } | Effect::Leave { .. }
+                )
+            })
+        {
+            // As the host refuses it: there is no origin to reply to, or to join or leave.
+            return Err(PluginError::new(
+                "plugin_failed",
+                format!("a call with no origin connection recorded {effect:?}"),
+            ));
+        }
         with(|state| {
             for (key, value) in writes {
                 match value {
@@ -218,11 +500,76 @@ impl MockHost {
                         members.retain(|m| m.connection_id != connection_id);
                     }
                 }),
+                Effect::Schedule {
+                    id,
+                    handler,
+                    delay_ms,
+                    payload,
+                } => with(|state| {
+                    let timer = MockTimer {
+                        id: *id,
+                        handler: handler.clone(),
+                        due_ms: state.now_ms.saturating_add(*delay_ms),
+                        payload: payload.clone(),
+                    };
+                    state.timers.insert(*id, timer);
+                }),
+                Effect::CancelTimer { id } => with(|state| {
+                    state.timers.remove(id);
+                }),
+                Effect::Request {
+                    id,
+                    connection_id: to,
+                    timeout_ms,
+                    handler,
+                    ..
+                } => with(|state| {
+                    // The identity of a connection the mock knows from its rooms, else empty.
+                    let who = state
+                        .rooms
+                        .values()
+                        .flatten()
+                        .find(|m| &m.connection_id == to)
+                        .cloned()
+                        .unwrap_or_else(|| Member::new(to.as_str(), ""));
+                    open_request(state, *id, handler, None, vec![who], *timeout_ms);
+                }),
+                Effect::RequestRoom {
+                    id,
+                    room,
+                    timeout_ms,
+                    handler,
+                    ..
+                } => with(|state| {
+                    let members = state.rooms.get(room).cloned().unwrap_or_default();
+                    open_request(state, *id, handler, Some(room), members, *timeout_ms);
+                }),
                 _ => {}
             }
         }
         Ok((ack, effects))
     }
+}
+
+fn open_request(
+    state: &mut State,
+    id: u64,
+    handler: &str,
+    room: Option<&str>,
+    waiting: Vec<Member>,
+    timeout_ms: u64,
+) {
+    let request = MockRequest {
+        id,
+        handler: handler.to_owned(),
+        room: room.map(str::to_owned),
+        waiting,
+        answers: Vec::new(),
+        due_ms: state.now_ms.saturating_add(timeout_ms),
+    };
+    // A room request to an empty room completes at the next `advance`, with nobody missing
+    // (the host completes it at once).
+    state.requests.insert(id, request);
 }
 
 fn parse(text: &str, what: &str) -> Value {
@@ -242,7 +589,9 @@ fn check_room(state: &State, room: &str) -> Result<(), String> {
 
 /// The mock's side of the host calls (`crate::host` re-exports these off `wasm32`).
 pub(crate) mod host {
-    use super::{Effect, State, check_room, parse, with};
+    use super::{
+        Effect, MAX_DELAY_MS, MAX_PENDING, MAX_TIMEOUT_MS, State, check_room, parse, with,
+    };
     use crate::{LogLevel, Member};
 
     fn push(state: &mut State, effect: Effect) {
@@ -314,6 +663,148 @@ pub(crate) mod host {
             check_room(s, room)?;
             push(s, effect(room.to_owned(), payload));
             Ok(())
+        })
+    }
+
+    fn check_handler(s: &State, handler: &str) -> Result<(), String> {
+        match &s.handlers {
+            Some(names) if !names.iter().any(|h| h == handler) => Err(format!(
+                "the plugin has no handler `{handler}` (it has: {})",
+                names.join(", ")
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn next_id(s: &mut State) -> u64 {
+        s.last_id += 1;
+        s.last_id
+    }
+
+    fn check_request(s: &State, ty: &str, timeout_ms: u64, handler: &str) -> Result<(), String> {
+        check_handler(s, handler)?;
+        if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+            return Err(format!(
+                "a request timeout must be between 1 and {MAX_TIMEOUT_MS} ms, not {timeout_ms}"
+            ));
+        }
+        if ty.is_empty() || ty.starts_with("sys.") {
+            return Err(format!("message type `{ty}` is not allowed"));
+        }
+        let recorded = s
+            .effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Request { .. } | Effect::RequestRoom { .. }))
+            .count();
+        if s.requests.len() + recorded >= MAX_PENDING {
+            return Err(format!(
+                "the plugin has {MAX_PENDING} requests pending, the limit"
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn request(
+        connection_id: &str,
+        ty: &str,
+        payload: &str,
+        timeout_ms: u64,
+        handler: &str,
+    ) -> Result<u64, String> {
+        let payload = parse(payload, "payload");
+        with(|s| {
+            check_request(s, ty, timeout_ms, handler)?;
+            let id = next_id(s);
+            push(
+                s,
+                Effect::Request {
+                    id,
+                    connection_id: connection_id.to_owned(),
+                    ty: ty.to_owned(),
+                    payload,
+                    timeout_ms,
+                    handler: handler.to_owned(),
+                },
+            );
+            Ok(id)
+        })
+    }
+
+    pub(crate) fn request_room(
+        room: &str,
+        ty: &str,
+        payload: &str,
+        timeout_ms: u64,
+        handler: &str,
+    ) -> Result<u64, String> {
+        let payload = parse(payload, "payload");
+        with(|s| {
+            check_room(s, room)?;
+            check_request(s, ty, timeout_ms, handler)?;
+            let id = next_id(s);
+            push(
+                s,
+                Effect::RequestRoom {
+                    id,
+                    room: room.to_owned(),
+                    ty: ty.to_owned(),
+                    payload,
+                    timeout_ms,
+                    handler: handler.to_owned(),
+                },
+            );
+            Ok(id)
+        })
+    }
+
+    pub(crate) fn schedule(handler: &str, delay_ms: u64, payload: &str) -> Result<u64, String> {
+        let payload = parse(payload, "payload");
+        with(|s| {
+            check_handler(s, handler)?;
+            if delay_ms > MAX_DELAY_MS {
+                return Err(format!(
+                    "a timer delay of {delay_ms} ms is longer than the limit of {MAX_DELAY_MS} ms"
+                ));
+            }
+            let recorded = s
+                .effects
+                .iter()
+                .filter(|e| matches!(e, Effect::Schedule { .. }))
+                .count();
+            if s.timers.len() + recorded >= MAX_PENDING {
+                return Err(format!(
+                    "the plugin has {MAX_PENDING} timers pending, the limit"
+                ));
+            }
+            let id = next_id(s);
+            push(
+                s,
+                Effect::Schedule {
+                    id,
+                    handler: handler.to_owned(),
+                    delay_ms,
+                    payload,
+                },
+            );
+            Ok(id)
+        })
+    }
+
+    pub(crate) fn cancel_timer(id: u64) -> bool {
+        with(|s| {
+            let here = s
+                .effects
+                .iter()
+                .any(|e| matches!(e, Effect::Schedule { id: i, .. } if *i == id));
+            let cancelled = s
+                .effects
+                .iter()
+                .any(|e| matches!(e, Effect::CancelTimer { id: i } if *i == id));
+            let pending = (here || s.timers.contains_key(&id)) && !cancelled;
+            if pending {
+                push(s, Effect::CancelTimer { id });
+            }
+            pending
         })
     }
 

@@ -432,3 +432,301 @@ fn handlers_are_listed_in_the_order_handle_numbers_them() {
         ]
     );
 }
+
+/// Timers and requests against the mock host, with a plugin of their own.
+mod deferred {
+    use std::time::Duration;
+
+    use serde_json::{Value, json};
+
+    use crate::testing::{Effect, MockHost};
+    use crate::{Ctx, HandlerResult, Message, PluginError, RawMessage, RequestOutcome};
+
+    /// Schedules `tick` in `delay` ms for the origin, counting to `until`.
+    fn start(ctx: &Ctx, msg: Message) -> HandlerResult {
+        let delay = msg.payload["delay"].as_u64().unwrap_or(100);
+        let payload = json!({"to": msg.connection_id(), "n": 1, "until": msg.payload["until"]});
+        let id = ctx.schedule("tick", Duration::from_millis(delay), &payload)?;
+        crate::ack(&json!({"timer": id}))
+    }
+
+    /// A timer's call: tells `to`, and schedules the next tick until `until`.
+    fn tick(ctx: &Ctx, msg: Message) -> HandlerResult {
+        assert!(!msg.has_origin());
+        assert_eq!(msg.ty(), "timer");
+        let n = msg.payload["n"].as_u64().unwrap_or(0);
+        let to = msg.payload["to"].as_str().unwrap_or_default();
+        ctx.send(to, "tick", &json!({"n": n}))?;
+        if n < msg.payload["until"].as_u64().unwrap_or(0) {
+            let next = json!({"to": to, "n": n + 1, "until": msg.payload["until"]});
+            ctx.schedule("tick", Duration::from_millis(100), &next)?;
+        }
+        Ok(None)
+    }
+
+    fn stop(ctx: &Ctx, msg: Message) -> HandlerResult {
+        let id = msg.payload["timer"].as_u64().unwrap_or(0);
+        crate::ack(&json!({"cancelled": ctx.cancel_timer(id)}))
+    }
+
+    /// Schedules, then fails: the timer must not exist.
+    fn schedule_then_fail(ctx: &Ctx, _: Message) -> HandlerResult {
+        ctx.schedule("tick", Duration::from_millis(1), &json!({}))?;
+        Err(PluginError::new("nope", "refused"))
+    }
+
+    fn schedule_unknown(ctx: &Ctx, _: Message) -> HandlerResult {
+        ctx.schedule("nope", Duration::from_millis(1), &json!({}))?;
+        Ok(None)
+    }
+
+    /// Schedules and cancels in one call: nothing is left pending.
+    fn schedule_and_cancel(ctx: &Ctx, _: Message) -> HandlerResult {
+        let id = ctx.schedule("tick", Duration::from_millis(1), &json!({}))?;
+        assert!(ctx.cancel_timer(id));
+        assert!(!ctx.cancel_timer(id), "cancelled already");
+        Ok(None)
+    }
+
+    /// Asks connection `to` (or the whole room) a question, answered to `answered`.
+    fn ask(ctx: &Ctx, msg: Message) -> HandlerResult {
+        let timeout = Duration::from_millis(500);
+        let question = json!({"q": msg.payload["q"]});
+        let id = match msg.room() {
+            Some(room) => ctx.request_room(room, "question", &question, timeout, "answered")?,
+            None => {
+                let to = msg.payload["to"].as_str().unwrap_or_default();
+                ctx.request(to, "question", &question, timeout, "answered")?
+            }
+        };
+        ctx.kv_set(&format!("asker:{id}"), msg.connection_id());
+        crate::ack(&json!({"request": id}))
+    }
+
+    /// A request's outcome: sent to the connection that asked.
+    fn answered(ctx: &Ctx, msg: Message<RequestOutcome>) -> HandlerResult {
+        assert_eq!(msg.ty(), "request.outcome");
+        let key = format!("asker:{}", msg.payload.request_id);
+        let asker = ctx.kv_get(&key).unwrap_or_default();
+        ctx.kv_delete(&key);
+        ctx.send(&asker, "outcome", &msg.payload)?;
+        Ok(None)
+    }
+
+    /// Replies from a call with no origin: the host refuses it.
+    fn reply_without_origin(ctx: &Ctx, _: Message) -> HandlerResult {
+        ctx.reply("nobody", &1)?;
+        Ok(None)
+    }
+
+    plugin! {
+        "start" => start,
+        "tick" => tick,
+        "stop" => stop,
+        "schedule-then-fail" => schedule_then_fail,
+        "schedule-unknown" => schedule_unknown,
+        "schedule-and-cancel" => schedule_and_cancel,
+        "ask" => ask,
+        "answered" => answered,
+        "reply-without-origin" => reply_without_origin,
+    }
+
+    fn host() -> MockHost {
+        MockHost::new().with_handlers(PLEXUS_HANDLERS)
+    }
+
+    fn call(host: &MockHost, handler: &str, payload: Value) -> (Option<Value>, Vec<Effect>) {
+        let msg = RawMessage::json("x", &payload).from_connection("c-1", "guest-1");
+        host.call(plexus_dispatch, handler, msg).unwrap()
+    }
+
+    fn sends(effects: &[Effect]) -> Vec<(String, Value)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send {
+                    connection_id,
+                    payload,
+                    ..
+                } => Some((connection_id.clone(), payload.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_timer_fires_once_when_due_and_can_reschedule() {
+        let host = host();
+        let (ack, effects) = call(&host, "start", json!({"delay": 100, "until": 3}));
+        assert_eq!(ack, Some(json!({"timer": 1})));
+        assert_eq!(
+            effects,
+            vec![Effect::Schedule {
+                id: 1,
+                handler: "tick".into(),
+                delay_ms: 100,
+                payload: json!({"to": "c-1", "n": 1, "until": 3}),
+            }]
+        );
+        assert_eq!(host.pending_timers()[0].due_ms, 100);
+        assert!(
+            host.advance(plexus_dispatch, Duration::from_millis(99))
+                .is_empty()
+        );
+        let fired = host.advance(plexus_dispatch, Duration::from_millis(1));
+        assert_eq!(fired.len(), 1);
+        assert_eq!(
+            (fired[0].handler.as_str(), fired[0].ty.as_str()),
+            ("tick", "timer")
+        );
+        let effects = fired[0].result.as_ref().unwrap();
+        assert_eq!(sends(effects), vec![("c-1".to_owned(), json!({"n": 1}))]);
+        // The next ticks, scheduled by the fired calls, come due within the same advance.
+        let fired = host.advance(plexus_dispatch, Duration::from_secs(10));
+        let ns: Vec<Value> = fired
+            .iter()
+            .flat_map(|f| sends(f.result.as_ref().unwrap()))
+            .map(|(_, p)| p["n"].clone())
+            .collect();
+        assert_eq!(ns, [json!(2), json!(3)]);
+        assert!(host.pending_timers().is_empty());
+        assert_eq!(host.now_ms(), 10_100);
+    }
+
+    #[test]
+    fn a_cancelled_timer_does_not_fire() {
+        let host = host();
+        call(&host, "start", json!({"delay": 100, "until": 1}));
+        assert_eq!(
+            call(&host, "stop", json!({"timer": 1})).0,
+            Some(json!({"cancelled": true}))
+        );
+        assert_eq!(
+            call(&host, "stop", json!({"timer": 1})).0,
+            Some(json!({"cancelled": false}))
+        );
+        assert!(
+            host.advance(plexus_dispatch, Duration::from_secs(1))
+                .is_empty()
+        );
+        // Scheduled and cancelled in one call: nothing pending.
+        let (_, effects) = call(&host, "schedule-and-cancel", json!(null));
+        assert!(matches!(
+            effects[..],
+            [Effect::Schedule { .. }, Effect::CancelTimer { .. }]
+        ));
+        assert!(host.pending_timers().is_empty());
+    }
+
+    #[test]
+    fn a_failed_call_schedules_nothing_and_handlers_are_checked() {
+        let host = host();
+        let msg = RawMessage::json("x", &json!(null));
+        let err = host
+            .call(plexus_dispatch, "schedule-then-fail", msg.clone())
+            .unwrap_err();
+        assert_eq!(err.code, "nope");
+        assert!(host.pending_timers().is_empty());
+        let err = host
+            .call(plexus_dispatch, "schedule-unknown", msg.clone())
+            .unwrap_err();
+        assert_eq!(err.code, "forbidden");
+        assert!(err.message.contains("no handler `nope`"), "{err:?}");
+        // No origin: a reply is refused, as the host refuses it.
+        let err = host
+            .call(
+                plexus_dispatch,
+                "reply-without-origin",
+                msg.without_origin(),
+            )
+            .unwrap_err();
+        assert_eq!(err.code, "plugin_failed");
+    }
+
+    #[test]
+    fn a_request_is_answered_once() {
+        let host = host();
+        host.add_member("lobby", "c-2", "guest-2");
+        let (ack, effects) = call(&host, "ask", json!({"to": "c-2", "q": "ready?"}));
+        assert_eq!(ack, Some(json!({"request": 1})));
+        assert_eq!(
+            effects,
+            vec![Effect::Request {
+                id: 1,
+                connection_id: "c-2".into(),
+                ty: "question".into(),
+                payload: json!({"q": "ready?"}),
+                timeout_ms: 500,
+                handler: "answered".into(),
+            }]
+        );
+        let fired = host
+            .answer(plexus_dispatch, 1, "c-2", json!({"yes": true}))
+            .expect("the only target answered");
+        assert_eq!(fired.ty, "request.outcome");
+        let outcome: RequestOutcome = serde_json::from_value(fired.payload.clone()).unwrap();
+        assert!(!outcome.timed_out());
+        assert_eq!(outcome.answer_of("c-2"), Some(&json!({"yes": true})));
+        assert_eq!(outcome.answers[0].identity, "guest-2");
+        let effects = fired.result.unwrap();
+        assert_eq!(sends(&effects)[0].0, "c-1", "sent to the asker");
+        assert!(host.pending_requests().is_empty());
+        assert_eq!(host.kv_get("asker:1"), None);
+        // It is over: a later timeout fires nothing.
+        assert!(
+            host.advance(plexus_dispatch, Duration::from_secs(1))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_request_times_out() {
+        let host = host();
+        call(&host, "ask", json!({"to": "c-9", "q": "there?"}));
+        assert!(
+            host.advance(plexus_dispatch, Duration::from_millis(499))
+                .is_empty()
+        );
+        let fired = host.advance(plexus_dispatch, Duration::from_millis(1));
+        let outcome: RequestOutcome = serde_json::from_value(fired[0].payload.clone()).unwrap();
+        assert!(outcome.timed_out());
+        assert!(outcome.answers.is_empty());
+        assert_eq!(outcome.missing[0].connection_id, "c-9");
+    }
+
+    #[test]
+    fn a_room_request_gathers_answers() {
+        let host = host();
+        for n in 1..=3 {
+            host.add_member("lobby", &format!("c-{n}"), &format!("guest-{n}"));
+        }
+        let msg = RawMessage::json("x", &json!({"q": "vote"}))
+            .with_room("lobby")
+            .from_connection("c-1", "guest-1");
+        let (_, effects) = host.call(plexus_dispatch, "ask", msg).unwrap();
+        assert!(matches!(&effects[0], Effect::RequestRoom { room, .. } if room == "lobby"));
+        assert!(
+            host.answer(plexus_dispatch, 1, "c-3", json!("no"))
+                .is_none()
+        );
+        assert!(
+            host.answer(plexus_dispatch, 1, "c-1", json!("yes"))
+                .is_none()
+        );
+        assert_eq!(host.pending_requests()[0].waiting.len(), 1);
+        let fired = host.time_out(plexus_dispatch, 1);
+        let outcome: RequestOutcome = serde_json::from_value(fired.payload).unwrap();
+        assert_eq!(outcome.room.as_deref(), Some("lobby"));
+        assert_eq!(outcome.answer_of("c-3"), Some(&json!("no")));
+        assert_eq!(outcome.answer_of("c-1"), Some(&json!("yes")));
+        assert_eq!(outcome.missing.len(), 1);
+        assert_eq!(outcome.missing[0].connection_id, "c-2");
+    }
+
+    #[test]
+    #[should_panic(expected = "unknown_ref")]
+    fn answering_a_request_that_is_not_pending_panics() {
+        let host = host();
+        host.answer(plexus_dispatch, 7, "c-1", json!(1));
+    }
+}

@@ -199,6 +199,14 @@ handler = "forge-ref"
 type = "faulty.kv-huge"
 handler = "kv-huge"
 
+[[route]]
+type = "faulty.hog"
+handler = "hog"
+
+[[route]]
+type = "faulty.outside"
+handler = "outside"
+
 [capabilities]
 host = ["messaging", "rooms", "kv", "logging", "config"]
 rooms = ["*"]
@@ -207,6 +215,63 @@ rooms = ["*"]
 timeout_ms = 50
 "#,
         wasm = toml_str(&wasm("faulty").display().to_string())
+    )
+}
+
+/// A manifest of plugin `relay` serving the `relay` fixture (timers, requests, events) from
+/// `wasm`, its frames naming `version`: `relay.later` → `later`, `relay.cancel` → `cancel`,
+/// `relay.ask` → `ask` (which may name a room its sender is not in), `relay.join` → `join`,
+/// `relay.conns` → `conns`, and `events` as (event, handler).
+pub fn relay_manifest(wasm: &Path, version: &str, events: &[(&str, &str)]) -> String {
+    let mut events_text = String::new();
+    for (event, handler) in events {
+        events_text.push_str(&format!(
+            "\n[[event]]\non = \"{event}\"\nhandler = \"{handler}\"\n"
+        ));
+    }
+    format!(
+        r#"manifest_version = 1
+
+[plugin]
+id = "relay"
+
+[source]
+wasm = {wasm}
+
+[[route]]
+type = "relay.later"
+handler = "later"
+
+[[route]]
+type = "relay.cancel"
+handler = "cancel"
+
+[[route]]
+type = "relay.ask"
+handler = "ask"
+allow_outside_room = true
+
+[[route]]
+type = "relay.join"
+handler = "join"
+
+[[route]]
+type = "relay.conns"
+handler = "conns"
+{events_text}
+[capabilities]
+host = ["messaging", "rooms", "kv", "config", "timers"]
+rooms = ["*"]
+
+[limits]
+# `tally` waits on purpose; a slow machine must not time it out.
+timeout_ms = 2000
+
+[config]
+version = {version}
+"#,
+        wasm = toml_str(&wasm.display().to_string()),
+        version = toml_str(version),
     )
 }
 
@@ -362,6 +427,8 @@ impl Host {
         config.listen = "127.0.0.1:0".parse().expect("an address");
         config.build = false;
         config.watch = WatchMode::Off;
+        // Tests drive load as fast as they can; the tests of rate limits set their own.
+        config.limits.rate = None;
         tweak(&mut config);
         let server = match within("the host to start", Server::start(config)).await {
             Ok(server) => server,
@@ -418,9 +485,33 @@ pub fn logs() -> &'static LogCapture {
 
 /// Log output collected in memory.
 #[derive(Debug, Clone, Default)]
-pub struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+pub struct LogCapture(
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Woken on every write, for [`LogCapture::wait_for`].
+    std::sync::Arc<tokio::sync::Notify>,
+);
 
 impl LogCapture {
+    /// Waits until a line containing every one of `needles` is logged; returns it.
+    pub async fn wait_for(&self, needles: &[&str]) -> String {
+        within(&format!("a log line with {needles:?}"), async {
+            loop {
+                let written = self.1.notified();
+                tokio::pin!(written);
+                written.as_mut().enable();
+                let found = self
+                    .lines_with(needles[0])
+                    .into_iter()
+                    .find(|l| needles.iter().all(|n| l.contains(n)));
+                if let Some(line) = found {
+                    return line;
+                }
+                written.await;
+            }
+        })
+        .await
+    }
+
     /// The lines logged so far that contain `needle`.
     pub fn lines_with(&self, needle: &str) -> Vec<String> {
         let bytes = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -438,6 +529,7 @@ impl std::io::Write for LogCapture {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend_from_slice(buf);
+        self.1.notify_waiters();
         Ok(buf.len())
     }
 

@@ -15,7 +15,9 @@ use dashmap::DashMap;
 use crate::effects::{Effect, LogLevel};
 use crate::error::CallError;
 use crate::manifest::{Capabilities, Limits, Manifest};
+use crate::requests::Requests;
 use crate::rooms::Rooms;
+use crate::timers::Timers;
 
 /// One message handed to a plugin.
 #[derive(Debug, Clone, Copy)]
@@ -79,9 +81,15 @@ pub struct PluginEnv {
     pub config: BTreeMap<String, String>,
     pub kv: KvStore,
     pub rooms: Arc<Rooms>,
+    /// The host's timers (a call reads how many the plugin has pending).
+    pub timers: Arc<Timers>,
+    /// The host's pending requests (a call reads how many the plugin has).
+    pub requests: Arc<Requests>,
 }
 
 impl PluginEnv {
+    /// The environment of a plugin of its own (timers and requests of its own too; see
+    /// [`PluginEnv::with_pending`]).
     pub fn new(manifest: &Manifest, kv: KvStore, rooms: Arc<Rooms>) -> PluginEnv {
         PluginEnv {
             id: manifest.id.clone(),
@@ -90,7 +98,16 @@ impl PluginEnv {
             config: manifest.config.clone(),
             kv,
             rooms,
+            timers: Default::default(),
+            requests: Default::default(),
         }
+    }
+
+    /// Shares the host's timers and requests.
+    pub fn with_pending(mut self, timers: Arc<Timers>, requests: Arc<Requests>) -> PluginEnv {
+        self.timers = timers;
+        self.requests = requests;
+        self
     }
 }
 

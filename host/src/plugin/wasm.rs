@@ -14,7 +14,7 @@ use super::stdio::{self, LogStdio, Which};
 use super::{CallInput, CallOutput, PluginEnv};
 use crate::effects::{
     self, Effect, LogLevel, MAX_EFFECT_BYTES_PER_CALL, MAX_EFFECTS_PER_CALL, MAX_KV_KEY_BYTES,
-    MAX_KV_VALUE_BYTES,
+    MAX_KV_VALUE_BYTES, RequestTo,
 };
 use crate::error::CallError;
 use crate::manifest::HostCap;
@@ -28,7 +28,7 @@ mod bindings {
     });
 }
 
-use bindings::plexus::plugin::{config, kv, logging, messaging, rooms, types};
+use bindings::plexus::plugin::{config, kv, logging, messaging, rooms, timers, types};
 
 /// How often the epoch advances; call deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -81,7 +81,7 @@ fn capability_of(import: &str) -> Option<HostCap> {
 }
 
 /// The version of the `plexus:plugin` package this host provides (`plugin-sdk/wit/plexus.wit`).
-pub const INTERFACE_VERSION: &str = "0.3.1";
+pub const INTERFACE_VERSION: &str = "0.3.2";
 
 /// A `major.minor.patch` version.
 type Semver = (u64, u64, u64);
@@ -148,6 +148,8 @@ pub struct PluginState {
     table: ResourceTable,
     limits: MemoryLimiter,
     env: Arc<PluginEnv>,
+    /// The component's handler names: timers and requests must name one of them.
+    handlers: Arc<[String]>,
     effects: Vec<Effect>,
     logs: Vec<(LogLevel, String)>,
     /// Why this call's effects are refused (the first reason), if they are.
@@ -199,7 +201,7 @@ impl PluginState {
         include_sender: bool,
         volatile: bool,
     ) -> Result<(), String> {
-        self.check_room(&room)?;
+        self.grant_room(&room)?;
         self.record(Effect::Broadcast {
             room,
             ty,
@@ -208,6 +210,70 @@ impl PluginState {
             volatile,
         });
         Ok(())
+    }
+
+    fn check_handler(&self, handler: &str) -> Result<(), String> {
+        if self.handlers.iter().any(|h| h == handler) {
+            Ok(())
+        } else {
+            Err(format!(
+                "plugin `{}` has no handler `{handler}` (it has: {})",
+                self.env.id,
+                self.handlers.join(", ")
+            ))
+        }
+    }
+
+    /// How many effects this call recorded that `pick` accepts.
+    fn recorded(&self, pick: impl Fn(&Effect) -> bool) -> usize {
+        self.effects.iter().filter(|e| pick(e)).count()
+    }
+
+    fn record_request(
+        &mut self,
+        to: RequestTo,
+        ty: String,
+        payload: String,
+        timeout_ms: u64,
+        handler: String,
+    ) -> Result<u64, String> {
+        use crate::requests::{MAX_REQUEST_TIMEOUT_MS, MAX_REQUESTS_PER_PLUGIN};
+        self.check_handler(&handler)?;
+        if timeout_ms == 0 || timeout_ms > MAX_REQUEST_TIMEOUT_MS {
+            return Err(format!(
+                "a request timeout must be between 1 and {MAX_REQUEST_TIMEOUT_MS} ms, not {timeout_ms}"
+            ));
+        }
+        if ty.is_empty() || ty.starts_with("sys.") {
+            return Err(format!("message type `{ty}` is not allowed"));
+        }
+        let mine = self.recorded(|e| matches!(e, Effect::Request { .. }));
+        if self.env.requests.pending(&self.env.id) + mine >= MAX_REQUESTS_PER_PLUGIN {
+            return Err(format!(
+                "plugin `{}` has {MAX_REQUESTS_PER_PLUGIN} requests pending, the limit",
+                self.env.id
+            ));
+        }
+        let id = crate::protocol::next_message_id();
+        self.record(Effect::Request {
+            id,
+            to,
+            ty,
+            payload,
+            timeout_ms,
+            handler,
+        });
+        Ok(id)
+    }
+
+    /// Checks that an effect on `room` is within the plugin's grant. One outside it is logged
+    /// and refuses the whole call (none of its effects apply, whatever the handler does with
+    /// the error), so that a plugin never reaches a room it was not granted.
+    fn grant_room(&mut self, room: &str) -> Result<(), String> {
+        self.check_room(room).inspect_err(|reason| {
+            tracing::warn!(plugin = %self.env.id, %room, "effect outside the plugin's grant refused");
+            self.refuse(reason.clone());
+        })
     }
 
     fn check_room(&self, room: &str) -> Result<(), String> {
@@ -252,17 +318,85 @@ impl messaging::Host for PluginState {
     ) -> Result<(), String> {
         self.record_broadcast(room, ty, payload, include_sender, true)
     }
+
+    fn request(
+        &mut self,
+        connection_id: String,
+        ty: String,
+        payload: String,
+        timeout_ms: u64,
+        handler: String,
+    ) -> Result<u64, String> {
+        self.record_request(
+            RequestTo::Connection(connection_id),
+            ty,
+            payload,
+            timeout_ms,
+            handler,
+        )
+    }
+
+    fn request_room(
+        &mut self,
+        room: String,
+        ty: String,
+        payload: String,
+        timeout_ms: u64,
+        handler: String,
+    ) -> Result<u64, String> {
+        self.grant_room(&room)?;
+        self.record_request(RequestTo::Room(room), ty, payload, timeout_ms, handler)
+    }
+}
+
+impl timers::Host for PluginState {
+    fn schedule(&mut self, handler: String, delay_ms: u64, payload: String) -> Result<u64, String> {
+        use crate::timers::{MAX_TIMER_DELAY_MS, MAX_TIMERS_PER_PLUGIN};
+        self.check_handler(&handler)?;
+        if delay_ms > MAX_TIMER_DELAY_MS {
+            return Err(format!(
+                "a timer delay of {delay_ms} ms is longer than the limit of {MAX_TIMER_DELAY_MS} ms"
+            ));
+        }
+        let mine = self.recorded(|e| matches!(e, Effect::Schedule { .. }));
+        if self.env.timers.pending(&self.env.id) + mine >= MAX_TIMERS_PER_PLUGIN {
+            return Err(format!(
+                "plugin `{}` has {MAX_TIMERS_PER_PLUGIN} timers pending, the limit",
+                self.env.id
+            ));
+        }
+        let id = self.env.timers.next_id();
+        self.record(Effect::Schedule {
+            id,
+            handler,
+            delay_ms,
+            payload,
+        });
+        Ok(id)
+    }
+
+    fn cancel(&mut self, id: u64) -> bool {
+        // Pending: in the host, or scheduled by this very call; and not cancelled by it yet.
+        let here = |e: &Effect| matches!(e, Effect::Schedule { id: i, .. } if *i == id);
+        let cancelled = |e: &Effect| matches!(e, Effect::CancelTimer { id: i } if *i == id);
+        let pending = (self.recorded(here) > 0 || self.env.timers.is_pending(&self.env.id, id))
+            && self.recorded(cancelled) == 0;
+        if pending {
+            self.record(Effect::CancelTimer { id });
+        }
+        pending
+    }
 }
 
 impl rooms::Host for PluginState {
     fn join(&mut self, room: String) -> Result<(), String> {
-        self.check_room(&room)?;
+        self.grant_room(&room)?;
         self.record(Effect::Join { room });
         Ok(())
     }
 
     fn leave(&mut self, room: String) -> Result<(), String> {
-        self.check_room(&room)?;
+        self.grant_room(&room)?;
         self.record(Effect::Leave { room });
         Ok(())
     }
@@ -348,7 +482,7 @@ pub struct WasmPlugin {
     pre: bindings::PluginPre<PluginState>,
     env: Arc<PluginEnv>,
     /// The component's handler names (its `handlers` export); `handle` takes an index.
-    handlers: Vec<String>,
+    handlers: Arc<[String]>,
     /// The `plexus:plugin` version the component was built against (its imports name it).
     interface: Option<String>,
     engine: Engine,
@@ -427,13 +561,16 @@ impl WasmPlugin {
         if caps.contains(&HostCap::Config) {
             config::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
         }
+        if caps.contains(&HostCap::Timers) {
+            timers::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
+        }
         let instance_pre: InstancePre<PluginState> =
             linker.instantiate_pre(component).map_err(not_a_plugin)?;
         let pre = bindings::PluginPre::new(instance_pre).map_err(not_a_plugin)?;
         let mut plugin = WasmPlugin {
             pre,
             env,
-            handlers: Vec::new(),
+            handlers: Arc::from([]),
             interface: interface.map(|(_, v)| v),
             engine,
             ticker: runtime.ticker.clone(),
@@ -447,7 +584,9 @@ impl WasmPlugin {
         plugin.handlers = warm
             .bindings
             .call_handlers(&mut warm.store)
-            .map_err(|e| LoadError::NotAPlugin(format!("its `handlers` export trapped: {e:#}")))?;
+            .map_err(|e| LoadError::NotAPlugin(format!("its `handlers` export trapped: {e:#}")))?
+            .into();
+        warm.store.data_mut().handlers = plugin.handlers.clone();
         plugin.release(warm);
         Ok(plugin)
     }
@@ -480,6 +619,7 @@ impl WasmPlugin {
             table: ResourceTable::new(),
             limits,
             env: self.env.clone(),
+            handlers: self.handlers.clone(),
             effects: Vec::new(),
             logs: Vec::new(),
             refused: None,
@@ -716,12 +856,13 @@ mod tests {
     #[test]
     fn earlier_versions_of_the_same_track_run() {
         assert_eq!(
-            INTERFACE_VERSION, "0.3.1",
+            INTERFACE_VERSION, "0.3.2",
             "update these cases with the version"
         );
         assert_eq!(compat("0.3.0"), Compat::Runs);
         assert_eq!(compat("0.3.1"), Compat::Runs);
-        assert_eq!(compat("0.3.2"), Compat::Newer);
+        assert_eq!(compat("0.3.2"), Compat::Runs);
+        assert_eq!(compat("0.3.3"), Compat::Newer);
         assert_eq!(compat("0.2.9"), Compat::Incompatible);
         assert_eq!(compat("0.4.0"), Compat::Incompatible);
         assert_eq!(compat("1.3.0"), Compat::Incompatible);

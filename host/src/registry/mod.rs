@@ -16,14 +16,16 @@ use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, broadcast, mpsc};
 
-pub use health::{Health, HealthCounts, SwapPolicy, Verdict};
+pub use health::{BreakerPolicy, Circuit, Health, HealthCounts, SwapPolicy, Verdict};
 
 use crate::builder;
 use crate::manifest::{self, HostEvent, Manifest, ManifestError, Source};
 use crate::plugin::builtin::BuiltinPlugin;
 use crate::plugin::wasm::{Runtime, WasmPlugin};
 use crate::plugin::{Code, KvStore, PluginEnv};
+use crate::requests::Requests;
 use crate::rooms::Rooms;
+use crate::timers::Timers;
 
 /// One loaded version of a plugin.
 #[derive(Debug)]
@@ -113,6 +115,12 @@ impl RouteTable {
     pub fn plugins(&self) -> impl Iterator<Item = &Arc<LoadedPlugin>> {
         self.plugins.values()
     }
+
+    /// The serving version of plugin `id` (timers and request outcomes are calls of a plugin
+    /// id, made on whichever version serves when they come due).
+    pub fn plugin(&self, id: &str) -> Option<&Arc<LoadedPlugin>> {
+        self.plugins.values().find(|p| p.manifest.id == id)
+    }
 }
 
 /// What a reload did to one plugin. Subscribe with [`Registry::subscribe`].
@@ -183,6 +191,14 @@ pub struct PluginReport {
     /// The previous version, while it is kept warm, and until when.
     pub previous: Option<(String, SystemTime)>,
     pub last_rollback: Option<Rollback>,
+    /// Timers the plugin has pending.
+    pub timers: usize,
+    /// Requests of the plugin awaiting client answers.
+    pub requests: usize,
+    /// The circuit of the serving version, and how many times it opened.
+    pub circuit: (Circuit, u64),
+    /// Whether the serving version's calls go through the slow lane.
+    pub slow: bool,
 }
 
 /// Why a rollback was not done.
@@ -223,6 +239,10 @@ pub struct Registry {
     runtime: Runtime,
     rooms: Arc<Rooms>,
     kv: DashMap<String, KvStore>,
+    /// Timers of every plugin, by plugin id (they outlive versions, like the store).
+    timers: Arc<Timers>,
+    /// Pending requests of every plugin.
+    requests: Arc<Requests>,
     dir: PathBuf,
     options: LoadOptions,
     events: broadcast::Sender<ReloadEvent>,
@@ -285,11 +305,10 @@ async fn load_one(
     };
     let (runtime, options) = (&registry.runtime, &registry.options);
     let kv = registry.kv_store(&manifest.id);
-    let env = Arc::new(PluginEnv::new(
-        &manifest,
-        kv.clone(),
-        registry.rooms.clone(),
-    ));
+    let env = Arc::new(
+        PluginEnv::new(&manifest, kv.clone(), registry.rooms.clone())
+            .with_pending(registry.timers.clone(), registry.requests.clone()),
+    );
     let (code, version) = match &manifest.source {
         Source::Builtin(kind) => (
             Code::Builtin(BuiltinPlugin::new(*kind, env)),
@@ -414,6 +433,8 @@ impl Registry {
             runtime,
             rooms,
             kv: DashMap::new(),
+            timers: Default::default(),
+            requests: Default::default(),
             dir: dir.to_path_buf(),
             options,
             events,
@@ -833,6 +854,10 @@ impl Registry {
                     on_probation: p.health.on_probation(),
                     previous,
                     last_rollback: book.rollbacks.get(id).cloned(),
+                    timers: self.timers.pending(id),
+                    requests: self.requests.pending(id),
+                    circuit: p.health.circuit(),
+                    slow: p.health.is_slow(),
                 }
             })
             .collect()
@@ -844,6 +869,16 @@ impl Registry {
     }
 
     /// The current route table. Hold it for the whole of one message.
+    /// The timers of every plugin.
+    pub fn timers(&self) -> &Arc<Timers> {
+        &self.timers
+    }
+
+    /// The pending requests of every plugin.
+    pub fn requests(&self) -> &Arc<Requests> {
+        &self.requests
+    }
+
     pub fn table(&self) -> arc_swap::Guard<Arc<RouteTable>> {
         self.table.load()
     }

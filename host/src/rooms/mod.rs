@@ -19,6 +19,10 @@ pub struct MemberInfo {
     pub identity: Arc<str>,
 }
 
+/// A join refused because the room has as many members as it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomFull;
+
 /// All rooms of this host.
 #[derive(Debug, Default)]
 pub struct Rooms {
@@ -26,12 +30,23 @@ pub struct Rooms {
 }
 
 impl Rooms {
-    /// Adds a session to a room. Returns false when it was already a member.
-    pub fn join(&self, room: &str, session: &Arc<Session>) -> bool {
+    /// Adds a session to a room holding fewer than `max_members`. Returns false when it was
+    /// already a member, and `RoomFull` when the room is full.
+    pub fn join(
+        &self,
+        room: &str,
+        session: &Arc<Session>,
+        max_members: usize,
+    ) -> Result<bool, RoomFull> {
         let mut members = self.rooms.entry(Arc::from(room)).or_default();
-        members
-            .insert(session.connection_id.clone(), session.clone())
-            .is_none()
+        if members.contains_key(&session.connection_id) {
+            return Ok(false);
+        }
+        if members.len() >= max_members {
+            return Err(RoomFull);
+        }
+        members.insert(session.connection_id.clone(), session.clone());
+        Ok(true)
     }
 
     /// Removes a session from a room. Returns false when it was not a member.
@@ -116,9 +131,10 @@ mod tests {
         let b = sessions.open(Identity::guest(), &policy);
         let (mut rx_a, _) = a.outbox.attach(0).unwrap();
         let (mut rx_b, _) = b.outbox.attach(0).unwrap();
-        assert!(rooms.join("r", &a));
-        assert!(!rooms.join("r", &a));
-        assert!(rooms.join("r", &b));
+        assert_eq!(rooms.join("r", &a, 2), Ok(true));
+        assert_eq!(rooms.join("r", &a, 2), Ok(false));
+        assert_eq!(rooms.join("r", &b, 1), Err(RoomFull));
+        assert_eq!(rooms.join("r", &b, 2), Ok(true));
         assert_eq!(rooms.members("r").len(), 2);
         assert_eq!(rooms.broadcast("r", &"x".into(), Some(&a.connection_id)), 1);
         let mut batch = std::collections::VecDeque::new();

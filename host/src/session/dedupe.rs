@@ -1,7 +1,7 @@
 //! The retry window of a session: the answers to the client `messageId`s it handled lately, so
 //! that a retried frame is answered again instead of handled again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,9 @@ use crate::protocol::Frame;
 pub struct Dedupe {
     capacity: usize,
     ttl: Duration,
-    answers: HashMap<Arc<str>, Frame>,
+    /// Looked up once per client frame with a `messageId`: hashed with foldhash (seeded per
+    /// process).
+    answers: foldhash::HashMap<Arc<str>, Frame>,
     /// Ids in the order they were handled, with when.
     order: VecDeque<(Arc<str>, Instant)>,
 }
@@ -23,7 +25,7 @@ impl Dedupe {
         Dedupe {
             capacity,
             ttl,
-            answers: HashMap::new(),
+            answers: foldhash::HashMap::default(),
             order: VecDeque::new(),
         }
     }

@@ -7,7 +7,7 @@ pub mod dedupe;
 pub mod outbox;
 pub mod replay;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -99,6 +99,9 @@ pub struct Session {
     /// Held by the connection task driving the session: one at a time, so that a connection
     /// taking the session over waits for the old one's message in hand.
     driver: Arc<tokio::sync::Mutex<()>>,
+    /// Woken when a connection attaches: a resume waiting to take the session over asks the
+    /// new one to close too (the last resume wins).
+    attached: tokio::sync::Notify,
     life: Mutex<(Life, u64)>,
     /// The verified claims of the token its connection was admitted with (`None`: a guest or a
     /// development identity); replaced by `sys.refresh` and by a resume.
@@ -156,6 +159,11 @@ impl Session {
         lock(&self.rooms).contains(room)
     }
 
+    /// How many rooms this session is a member of.
+    pub fn room_count(&self) -> usize {
+        lock(&self.rooms).len()
+    }
+
     /// Records a membership; false when it was recorded already.
     pub fn add_room(&self, room: Arc<str>) -> bool {
         lock(&self.rooms).insert(room)
@@ -176,9 +184,21 @@ impl Session {
         self.driver.clone().try_lock_owned().ok()
     }
 
-    /// The right to drive this session, once the connection holding it lets go.
-    pub async fn drive(&self) -> Driver {
-        self.driver.clone().lock_owned().await
+    /// Takes the session over: asks the connection driving it, if any, to close with
+    /// `reason` once it has finished the message in hand, and returns the right to drive it once
+    /// that connection let go. A connection that attaches meanwhile (another resume) is asked
+    /// too.
+    pub async fn take_over(&self, reason: crate::error::CloseReason) -> Driver {
+        loop {
+            let attached = self.attached.notified();
+            tokio::pin!(attached);
+            attached.as_mut().enable();
+            self.outbox.close(reason);
+            tokio::select! {
+                driver = self.driver.clone().lock_owned() => return driver,
+                () = attached => {}
+            }
+        }
     }
 
     /// Marks the session driven by a connection again; false when it has ended.
@@ -188,6 +208,8 @@ impl Session {
             return false;
         }
         life.0 = Life::Attached;
+        drop(life);
+        self.attached.notify_waiters();
         true
     }
 
@@ -246,7 +268,14 @@ const EXPIRED_MEMORY: usize = 65_536;
 pub struct Sessions {
     by_connection: DashMap<Arc<str>, Arc<Session>>,
     by_session: DashMap<Arc<str>, Arc<Session>>,
-    expired: Mutex<VecDeque<Arc<str>>>,
+    expired: Mutex<Expired>,
+}
+
+/// The ids of sessions that expired lately, oldest first.
+#[derive(Debug, Default)]
+struct Expired {
+    order: VecDeque<Arc<str>>,
+    ids: HashSet<Arc<str>>,
 }
 
 impl Sessions {
@@ -263,6 +292,7 @@ impl Sessions {
             rooms: Mutex::default(),
             dedupe: Mutex::new(Dedupe::new(policy.dedupe_ids, policy.dedupe_ttl)),
             driver: Arc::default(),
+            attached: tokio::sync::Notify::new(),
             life: Mutex::new((Life::Attached, 0)),
             claims: Mutex::default(),
             valid_until: AtomicU64::new(0),
@@ -280,10 +310,13 @@ impl Sessions {
         self.by_session.remove(&session.session_id);
         if expired {
             let mut list = lock(&self.expired);
-            if list.len() >= EXPIRED_MEMORY {
-                list.pop_front();
+            if list.order.len() >= EXPIRED_MEMORY
+                && let Some(old) = list.order.pop_front()
+            {
+                list.ids.remove(&old);
             }
-            list.push_back(session.session_id.clone());
+            list.order.push_back(session.session_id.clone());
+            list.ids.insert(session.session_id.clone());
         }
     }
 
@@ -297,7 +330,7 @@ impl Sessions {
         if let Some(s) = self.by_session.get(session_id) {
             return Ok(s.clone());
         }
-        if lock(&self.expired).iter().any(|id| &**id == session_id) {
+        if lock(&self.expired).ids.contains(session_id) {
             return Err(Missing::Expired);
         }
         Err(Missing::Unknown)

@@ -348,6 +348,21 @@ impl OutboxRx {
         }
     }
 
+    /// Resolves when the live queue overflowed (the client is a slow consumer): lets the
+    /// connection stop waiting for a write the client is not reading.
+    pub fn poll_overflow(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let overflowed = || self.shared.lock().close == Some(CloseReason::SlowConsumer);
+        if overflowed() {
+            return Poll::Ready(());
+        }
+        self.shared.ready.register(cx.waker());
+        if overflowed() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
     /// A waker for the receiver's other wake-ups; see [`ReceiverWaker`].
     pub fn receiver_waker(&self) -> ReceiverWaker {
         ReceiverWaker {

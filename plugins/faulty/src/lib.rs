@@ -13,6 +13,10 @@
 //!   `"key"`), past the host's key-value limits.
 //! * `print`: writes to stdout and stderr through WASI, then replies `faulty.printed`: plugin
 //!   output must not fail the call.
+//! * `outside`: replies, broadcasts to room `secret` ignoring the host's refusal, replies again
+//!   and succeeds: with `secret` outside its grant, the host must fail the whole call.
+//! * `hog`: allocates a megabyte after another until the instance's memory limit stops it (a
+//!   trap).
 
 use plexus_plugin_sdk::{Ctx, HandlerResult, Message, RawPayload, plugin};
 
@@ -25,6 +29,20 @@ fn unreachable(_ctx: &Ctx, _msg: Message<RawPayload>) -> HandlerResult {
     core::arch::wasm32::unreachable();
     #[cfg(not(target_arch = "wasm32"))]
     std::process::abort();
+}
+
+fn outside(ctx: &Ctx, _msg: Message<RawPayload>) -> HandlerResult {
+    ctx.reply_raw("faulty.before", "1");
+    let _ignored = ctx.broadcast("secret", "faulty.leak", &1);
+    ctx.reply_raw("faulty.after", "2");
+    Ok(None)
+}
+
+fn hog(_ctx: &Ctx, _msg: Message<RawPayload>) -> HandlerResult {
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    loop {
+        held.push(std::hint::black_box(vec![1u8; 1 << 20]));
+    }
 }
 
 fn spin(_ctx: &Ctx, _msg: Message<RawPayload>) -> HandlerResult {
@@ -76,4 +94,6 @@ plugin! {
     "print" => print,
     "forge-ref" => forge_ref,
     "kv-huge" => kv_huge,
+    "hog" => hog,
+    "outside" => outside,
 }

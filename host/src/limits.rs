@@ -1,0 +1,170 @@
+//! Message rate limits: a token bucket per connection and one per identity (governor), and the
+//! rule that closes a connection that keeps sending at more than twice its limit.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+/// How fast a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Messages per second, sustained (per connection and per identity).
+    pub per_second: NonZeroU32,
+    /// Messages that may come at once after a quiet spell.
+    pub burst: NonZeroU32,
+    /// How long a connection may keep sending at more than twice its limit before it is closed
+    /// (1008).
+    pub close_after: Duration,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit {
+            per_second: NonZeroU32::new(100).expect("not zero"),
+            burst: NonZeroU32::new(200).expect("not zero"),
+            close_after: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RateLimit {
+    /// The quota of `factor` times this limit.
+    fn quota(&self, factor: NonZeroU32) -> Quota {
+        Quota::per_second(self.per_second.saturating_mul(factor))
+            .allow_burst(self.burst.saturating_mul(factor))
+    }
+}
+
+const ONCE: NonZeroU32 = NonZeroU32::MIN;
+const TWICE: NonZeroU32 = NonZeroU32::MIN.saturating_add(1);
+
+/// What to do with a client's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Handle it.
+    Yes,
+    /// Refuse it with `rate_limited`.
+    Limited,
+    /// Refuse it and close the connection: it kept sending at more than twice its limit.
+    Close,
+}
+
+/// The limits of one connection.
+#[derive(Debug)]
+pub struct ConnectionRate {
+    limit: RateLimit,
+    within: DefaultDirectRateLimiter,
+    /// Twice the limit: messages past it count towards closing.
+    double: DefaultDirectRateLimiter,
+    /// Since when the connection has been past twice its limit, and when it last was.
+    over: Option<(Instant, Instant)>,
+}
+
+impl ConnectionRate {
+    pub fn new(limit: RateLimit) -> ConnectionRate {
+        ConnectionRate {
+            limit,
+            within: RateLimiter::direct(limit.quota(ONCE)),
+            double: RateLimiter::direct(limit.quota(TWICE)),
+            over: None,
+        }
+    }
+
+    /// Counts one message of this connection (and of its identity, in `identities`).
+    pub fn admit(&mut self, identities: &IdentityRates, identity: &Arc<str>) -> Admit {
+        let past_double = self.double.check().is_err();
+        let within = self.within.check().is_ok() && identities.admit(identity);
+        if !past_double {
+            // A second within twice the limit forgives what came before.
+            if self
+                .over
+                .is_some_and(|(_, last)| last.elapsed() >= Duration::from_secs(1))
+            {
+                self.over = None;
+            }
+            return if within { Admit::Yes } else { Admit::Limited };
+        }
+        let now = Instant::now();
+        let since = match self.over {
+            Some((since, last)) if now.duration_since(last) < Duration::from_secs(1) => since,
+            _ => now,
+        };
+        self.over = Some((since, now));
+        if now.duration_since(since) >= self.limit.close_after {
+            Admit::Close
+        } else {
+            Admit::Limited
+        }
+    }
+}
+
+/// The limits of every identity (several connections may share one).
+#[derive(Debug)]
+pub struct IdentityRates {
+    limiter: DefaultKeyedRateLimiter<Arc<str>>,
+}
+
+impl IdentityRates {
+    pub fn new(limit: RateLimit) -> IdentityRates {
+        IdentityRates {
+            limiter: RateLimiter::dashmap(limit.quota(ONCE)),
+        }
+    }
+
+    fn admit(&self, identity: &Arc<str>) -> bool {
+        self.limiter.check_key(identity).is_ok()
+    }
+
+    /// Forgets identities whose buckets are full again (called now and then).
+    pub fn forget_idle(&self) {
+        self.limiter.retain_recent();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(per_second: u32, burst: u32) -> RateLimit {
+        RateLimit {
+            per_second: NonZeroU32::new(per_second).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+            close_after: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn a_burst_passes_then_messages_are_limited_and_a_flood_closes() {
+        let limit = limit(1, 3);
+        let identities = IdentityRates::new(RateLimit {
+            burst: NonZeroU32::new(100).unwrap(),
+            ..limit
+        });
+        let who: Arc<str> = "ada".into();
+        let mut conn = ConnectionRate::new(limit);
+        for _ in 0..3 {
+            assert_eq!(conn.admit(&identities, &who), Admit::Yes);
+        }
+        // Past the burst: limited; past twice the burst: closed (no grace here).
+        let mut verdicts = Vec::new();
+        for _ in 0..4 {
+            verdicts.push(conn.admit(&identities, &who));
+        }
+        assert_eq!(verdicts[..3], [Admit::Limited; 3]);
+        assert_eq!(verdicts[3], Admit::Close);
+    }
+
+    #[test]
+    fn an_identity_is_limited_across_its_connections() {
+        let limit = limit(1, 2);
+        let identities = IdentityRates::new(limit);
+        let who: Arc<str> = "ada".into();
+        let mut a = ConnectionRate::new(limit);
+        let mut b = ConnectionRate::new(limit);
+        assert_eq!(a.admit(&identities, &who), Admit::Yes);
+        assert_eq!(b.admit(&identities, &who), Admit::Yes);
+        assert_eq!(b.admit(&identities, &who), Admit::Limited);
+    }
+}
