@@ -75,8 +75,8 @@ struct ServeArgs {
     /// [default: 10].
     #[arg(long)]
     breaker_cool_down_secs: Option<u64>,
-    /// Milliseconds a call may run before its version's calls go through the slow lane
-    /// [default: 5].
+    /// Milliseconds a call may run; three calls in a row longer than this put their version's
+    /// calls in the slow lane [default: 10].
     #[arg(long)]
     slow_call_ms: Option<u64>,
     /// Calls of one version that may run in the slow lane at once [default: 1].

@@ -177,8 +177,9 @@ pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
     };
     // A retry of a frame this session handled lately gets the same answer again.
     let dedupe = msg.message_id.as_deref().filter(|_| msg.ty != "sys.resume");
-    if let Some(id) = dedupe
-        && let Some(answer) = conn.session.dedupe().answer(id, Instant::now())
+    let now = dedupe.map(|_| Instant::now());
+    if let (Some(id), Some(now)) = (dedupe, now)
+        && let Some(answer) = conn.session.dedupe().answer(id, now)
     {
         conn.push(answer);
         return;
@@ -199,10 +200,8 @@ pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
         }
     };
     if let Some(answer) = answer {
-        if let Some(id) = dedupe {
-            conn.session
-                .dedupe()
-                .record(id, answer.clone(), Instant::now());
+        if let (Some(id), Some(now)) = (dedupe, now) {
+            conn.session.dedupe().record(id, answer.clone(), now);
         }
         conn.push(answer);
     }
@@ -503,12 +502,23 @@ pub async fn run_call(
         })
     );
     match plugin.health.record_circuit(failed, breaker) {
-        Change::Opened => tracing::warn!(
-            plugin = %plugin.manifest.id,
-            version = %plugin.version,
-            "circuit opened: the version keeps failing; its calls get plugin_unavailable for {:?}",
-            breaker.cool_down
-        ),
+        Change::Opened => {
+            tracing::warn!(
+                plugin = %plugin.manifest.id,
+                version = %plugin.version,
+                "circuit opened: the version keeps failing; its calls get plugin_unavailable for {:?}",
+                breaker.cool_down
+            );
+            // A new version that keeps failing while on probation goes back to the previous
+            // one now, rather than waiting out a cool-down.
+            if plugin.health.on_probation() {
+                hub.registry.request_rollback(
+                    &plugin.manifest.id,
+                    &plugin.version,
+                    format!("{} calls in a row failed after the swap", breaker.failures),
+                );
+            }
+        }
         Change::Closed => tracing::info!(
             plugin = %plugin.manifest.id,
             version = %plugin.version,

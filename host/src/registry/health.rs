@@ -50,7 +50,8 @@ pub struct BreakerPolicy {
     /// How long an open circuit refuses calls (`plugin_unavailable`) before one call is let
     /// through to try the version again.
     pub cool_down: Duration,
-    /// A call that runs at least this long puts its version in the slow lane.
+    /// Calls that run at least this long, `SLOW_STREAK` in a row, put their version in the slow
+    /// lane (in a row: one call made slow by the machine, its thread preempted, does not).
     pub slow_call: Duration,
     /// How long a version stays in the slow lane after its last slow call.
     pub slow_for: Duration,
@@ -63,12 +64,15 @@ impl Default for BreakerPolicy {
         BreakerPolicy {
             failures: 5,
             cool_down: Duration::from_secs(10),
-            slow_call: Duration::from_millis(5),
+            slow_call: Duration::from_millis(10),
             slow_for: Duration::from_secs(10),
             slow_lane: 1,
         }
     }
 }
+
+/// Slow calls in a row that put a version in the slow lane.
+pub const SLOW_STREAK: u32 = 3;
 
 /// The state of a version's circuit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +143,8 @@ pub struct Health {
     /// Until when the version's calls go through the slow lane (nanoseconds after `EPOCH`; 0:
     /// not slow).
     slow_until: AtomicU64,
+    /// Slow calls in a row.
+    slow_streak: AtomicU32,
     /// The slow lane's permits, created on the first slow call.
     lane: std::sync::OnceLock<tokio::sync::Semaphore>,
 }
@@ -307,9 +313,17 @@ impl Health {
         )
     }
 
-    /// Records how long a call ran: a slow one puts (keeps) the version in the slow lane.
+    /// Records how long a call ran: `SLOW_STREAK` slow ones in a row put the version in the
+    /// slow lane, and every slow one keeps it there.
     pub fn record_duration(&self, took: Duration, policy: &BreakerPolicy) {
-        if took >= policy.slow_call {
+        if took < policy.slow_call {
+            if self.slow_streak.load(Ordering::Relaxed) != 0 {
+                self.slow_streak.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let streak = self.slow_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        if streak >= SLOW_STREAK || self.is_slow() {
             let until = nanos_since_epoch(Instant::now() + policy.slow_for);
             self.slow_until.fetch_max(until, Ordering::Relaxed);
         }
@@ -435,6 +449,13 @@ mod tests {
         let h = Health::default();
         h.record_duration(Duration::from_micros(10), &policy);
         assert!(h.slow_lane(&policy).is_none());
+        // One slow call, or two, is the machine's doing; three in a row are the plugin's.
+        h.record_duration(policy.slow_call, &policy);
+        h.record_duration(policy.slow_call, &policy);
+        h.record_duration(Duration::ZERO, &policy);
+        h.record_duration(policy.slow_call, &policy);
+        h.record_duration(policy.slow_call, &policy);
+        assert!(!h.is_slow());
         h.record_duration(policy.slow_call, &policy);
         assert!(h.is_slow());
         assert_eq!(h.slow_lane(&policy).unwrap().available_permits(), 1);
@@ -443,7 +464,9 @@ mod tests {
             ..policy
         };
         let h = Health::default();
-        h.record_duration(Duration::from_secs(1), &short);
+        for _ in 0..SLOW_STREAK {
+            h.record_duration(Duration::from_secs(1), &short);
+        }
         assert!(!h.is_slow());
     }
 

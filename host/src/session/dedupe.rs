@@ -2,22 +2,27 @@
 //! that a retried frame is answered again instead of handled again.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
 
 use crate::protocol::Frame;
 
 /// The answers (`sys.ack` or `sys.error` frames) to the last `capacity` message ids handled
 /// within `ttl`.
+///
+/// Ids are kept as 64-bit digests (foldhash, seeded per session), so that recording one costs
+/// no allocation: two ids of one session's window share a digest with a probability of about
+/// `capacity / 2^64` (1 in 10^16 for the default window), and then the second one would get the
+/// first one's answer.
 #[derive(Debug)]
 pub struct Dedupe {
     capacity: usize,
     ttl: Duration,
-    /// Looked up once per client frame with a `messageId`: hashed with foldhash (seeded per
-    /// process).
-    answers: foldhash::HashMap<Arc<str>, Frame>,
+    digest: foldhash::fast::RandomState,
+    /// Looked up once per client frame with a `messageId`.
+    answers: foldhash::HashMap<u64, Frame>,
     /// Ids in the order they were handled, with when.
-    order: VecDeque<(Arc<str>, Instant)>,
+    order: VecDeque<(u64, Instant)>,
 }
 
 impl Dedupe {
@@ -25,6 +30,7 @@ impl Dedupe {
         Dedupe {
             capacity,
             ttl,
+            digest: foldhash::fast::RandomState::default(),
             answers: foldhash::HashMap::default(),
             order: VecDeque::new(),
         }
@@ -32,8 +38,11 @@ impl Dedupe {
 
     /// The answer given to `message_id`, if it was handled within the window.
     pub fn answer(&mut self, message_id: &str, now: Instant) -> Option<Frame> {
+        if self.order.is_empty() {
+            return None;
+        }
         self.expire(now);
-        self.answers.get(message_id).cloned()
+        self.answers.get(&self.digest.hash_one(message_id)).cloned()
     }
 
     /// Records the answer given to `message_id`.
@@ -47,8 +56,8 @@ impl Dedupe {
                 self.answers.remove(&old);
             }
         }
-        let id: Arc<str> = Arc::from(message_id);
-        if self.answers.insert(id.clone(), answer).is_none() {
+        let id = self.digest.hash_one(message_id);
+        if self.answers.insert(id, answer).is_none() {
             self.order.push_back((id, now));
         }
     }
@@ -81,6 +90,7 @@ mod tests {
     fn answers_within_the_window_by_count_and_age() {
         let t0 = Instant::now();
         let mut d = Dedupe::new(2, Duration::from_secs(10));
+        assert_eq!(d.answer("a", t0), None);
         d.record("a", "A".into(), t0);
         d.record("b", "B".into(), t0);
         assert_eq!(d.answer("a", t0).as_deref(), Some("A"));
