@@ -59,6 +59,7 @@ fn hub(dir: &Path, rt: &tokio::runtime::Runtime) -> Arc<Hub> {
             identity_rates: None,
             due,
             room_locks: Default::default(),
+            auth: Default::default(),
             identity_turns: Default::default(),
         })
     })

@@ -72,6 +72,7 @@ fn main() {
             identity_rates: None,
             due,
             room_locks: Default::default(),
+            auth: Default::default(),
             identity_turns: Default::default(),
         }
     });

@@ -16,6 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use crate::auth::Claims;
 use crate::error::CloseReason;
 use crate::lifecycle;
 use crate::protocol;
@@ -33,11 +34,13 @@ pub async fn serve<S>(
     hub: Arc<Hub>,
     mut ws: WebSocketStream<S>,
     identity: Identity,
+    claims: Option<Arc<Claims>>,
     shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut conn = ConnState::open(&hub, identity);
+    conn.session.set_claims(claims);
     router::welcome(&conn);
     // Plugins subscribed to `connect` learn of the session after its welcome is queued.
     Box::pin(router::session_event(
@@ -65,6 +68,10 @@ pub async fn serve<S>(
     let heartbeat = tokio::time::sleep(policy.ping_interval);
     tokio::pin!(heartbeat);
     let mut awaiting_pong = false;
+    // The token's expiry: the connection closes then (4401) unless `sys.refresh` moved it.
+    let mut valid_until = conn.session.valid_until();
+    let expiry = tokio::time::sleep_until(expiry_instant(valid_until));
+    tokio::pin!(expiry);
     let exit = loop {
         // Within a burst (right after a client frame was handled), the next client frame is
         // taken first if it has already arrived, up to READ_BURST, so that the answers to
@@ -93,6 +100,9 @@ pub async fn serve<S>(
                 if !socket.ready.load(Ordering::Acquire) {
                     if heartbeat.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Event::Heartbeat);
+                    }
+                    if valid_until.is_some() && expiry.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::TokenExpired);
                     }
                     return Poll::Pending;
                 }
@@ -124,6 +134,7 @@ pub async fn serve<S>(
                 }
             }
             Event::Outbox(Next::Close(reason)) => break Exit::Close(reason),
+            Event::TokenExpired => break Exit::Close(CloseReason::TokenExpired),
             Event::Heartbeat => {
                 if awaiting_pong {
                     break Exit::Close(CloseReason::HeartbeatTimeout);
@@ -144,6 +155,17 @@ pub async fn serve<S>(
                     // Boxed: the handling future is large and lives only while a message is
                     // handled, so an idle connection's task stays small.
                     Box::pin(router::handle_text(&hub, &mut conn, &text)).await;
+                    // A `sys.refresh` or a resume may have changed the token's expiry; a
+                    // connection too busy to sleep is closed at expiry all the same.
+                    let now_valid_until = conn.session.valid_until();
+                    if now_valid_until != valid_until {
+                        valid_until = now_valid_until;
+                        expiry.as_mut().reset(expiry_instant(valid_until));
+                    } else if valid_until.is_some()
+                        && tokio::time::Instant::now() >= expiry.deadline()
+                    {
+                        break Exit::Close(CloseReason::TokenExpired);
+                    }
                     if conn.switched {
                         // A resume moved this connection to another session: its wake-ups go
                         // through that session's outbox now.
@@ -295,6 +317,18 @@ enum Event {
     Client(Option<Result<Message, WsError>>),
     /// A ping is due, or the pong's deadline passed.
     Heartbeat,
+    /// The connection's token expired.
+    TokenExpired,
+}
+
+/// When a connection whose token is valid until `valid_until` (Unix seconds) closes; far off
+/// without a token.
+fn expiry_instant(valid_until: Option<u64>) -> tokio::time::Instant {
+    match valid_until {
+        Some(t) => crate::auth::deadline(t),
+        // About 30 years: never, as tokio's timer counts it.
+        None => tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365 * 30),
+    }
 }
 
 /// Writes every frame of `batch`, then flushes once.

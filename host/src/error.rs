@@ -17,6 +17,8 @@ pub enum ErrorCode {
     Unavailable,
     /// A `sys.resume` that could not be honoured; the frame says why in `reason`.
     ResumeFailed,
+    /// A `sys.refresh` token that does not verify; the message starts with its reason.
+    BadToken,
     /// The connection is in as many rooms as it may be.
     RoomLimit,
     /// The room has as many members as it may have.
@@ -43,6 +45,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::ResumeFailed => "resume_failed",
+            ErrorCode::BadToken => "bad_token",
             ErrorCode::RoomLimit => "room_limit",
             ErrorCode::RoomFull => "room_full",
             ErrorCode::RateLimited => "rate_limited",
@@ -158,6 +161,8 @@ pub enum CloseReason {
     TakenOver,
     /// The client did not answer a WebSocket ping within the pong deadline.
     HeartbeatTimeout,
+    /// The connection's token expired (its `exp` plus the leeway) without a `sys.refresh`.
+    TokenExpired,
     /// The client kept sending at more than twice its message rate limit.
     RateLimited,
 }
@@ -177,6 +182,7 @@ impl CloseReason {
                 "session resumed on another connection",
             ),
             CloseReason::HeartbeatTimeout => (CloseCode::from(4001), "no pong within the deadline"),
+            CloseReason::TokenExpired => (CloseCode::from(4401), "token expired"),
             CloseReason::RateLimited => (CloseCode::Policy, "message rate limit exceeded"),
         }
     }
@@ -197,6 +203,7 @@ mod tests {
         assert_eq!(code(CloseReason::Internal), 1011);
         assert_eq!(code(CloseReason::TakenOver), 4000);
         assert_eq!(code(CloseReason::HeartbeatTimeout), 4001);
+        assert_eq!(code(CloseReason::TokenExpired), 4401);
         assert_eq!(code(CloseReason::RateLimited), 1008);
     }
 

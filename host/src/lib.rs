@@ -1,13 +1,17 @@
 //! Plexus: a WebSocket host whose application logic runs as hot-swappable WebAssembly plugins.
 //!
-//! Data flows one way: [`server`] accepts and upgrades sockets, [`connection`] reads frames,
+//! Data flows one way: [`server`] accepts sockets (TLS by [`edge`]) and upgrades those
+//! [`auth`] admits, [`connection`] reads frames,
 //! [`protocol`] decodes them, [`router`] dispatches them (host types itself, the rest through
 //! the [`registry`]'s route table to a [`plugin`] call), the call records [`effects`], and the
 //! router applies them to [`rooms`] and each [`session`]'s [`session::outbox`]. See
 //! ARCHITECTURE.md.
 
+pub mod auth;
 pub mod builder;
+pub mod config_file;
 pub mod connection;
+pub mod edge;
 pub mod effects;
 pub mod error;
 pub mod lifecycle;

@@ -3,12 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use plexus::registry::SwapPolicy;
-use plexus::session::SessionPolicy;
-use plexus::session::outbox::Bounds;
+use plexus::config_file::{self, Settings};
 use plexus::{Config, Server, StartError, WatchMode};
 
 /// mimalloc: every message allocates a few short-lived buffers (the decoded envelope, the
@@ -29,108 +26,205 @@ struct Cli {
     command: Command,
 }
 
+/// Settings of `serve` and `dev`. Each overrides the same setting of the configuration file;
+/// unset ones take the file's value, else the default (docs/operations.md).
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// Directory of plugin manifests.
-    #[arg(long, default_value = "manifests")]
-    manifests: PathBuf,
+    /// The configuration file (default: plexus.toml in the working directory, if present).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory of plugin manifests [default: manifests].
+    #[arg(long)]
+    manifests: Option<PathBuf>,
     /// Do not build plugins whose artifacts are missing or stale.
     #[arg(long)]
     no_build: bool,
-    /// Largest client message, in bytes (the WebSocket frame limit is 4x).
-    #[arg(long, default_value_t = 64 << 10)]
-    max_message_bytes: usize,
-    /// Deepest nesting of objects and arrays in a client message (at most 128).
-    #[arg(long, default_value_t = 64)]
-    max_json_depth: usize,
-    /// Most elements of one array in a client message.
-    #[arg(long, default_value_t = 10_000)]
-    max_json_array: usize,
-    /// Rooms one connection may be in at once.
-    #[arg(long, default_value_t = 100)]
-    max_rooms_per_connection: usize,
-    /// Members one room may have.
-    #[arg(long, default_value_t = 100_000)]
-    max_room_members: usize,
-    /// Messages per second a connection, and an identity, may send (0: no limit).
-    #[arg(long, default_value_t = 100)]
-    max_messages_per_second: u32,
-    /// Messages a connection, and an identity, may send at once after a quiet spell.
-    #[arg(long, default_value_t = 200)]
-    message_burst: u32,
+    /// Largest client message, in bytes (the WebSocket frame limit is 4x) [default: 65536].
+    #[arg(long)]
+    max_message_bytes: Option<usize>,
+    /// Deepest nesting of objects and arrays in a client message (at most 128) [default: 64].
+    #[arg(long)]
+    max_json_depth: Option<usize>,
+    /// Most elements of one array in a client message [default: 10000].
+    #[arg(long)]
+    max_json_array: Option<usize>,
+    /// Rooms one connection may be in at once [default: 100].
+    #[arg(long)]
+    max_rooms_per_connection: Option<usize>,
+    /// Members one room may have [default: 100000].
+    #[arg(long)]
+    max_room_members: Option<usize>,
+    /// Messages per second a connection, and an identity, may send (0: no limit) [default: 100].
+    #[arg(long)]
+    max_messages_per_second: Option<u32>,
+    /// Messages a connection, and an identity, may send at once after a quiet spell
+    /// [default: 200].
+    #[arg(long)]
+    message_burst: Option<u32>,
     /// Seconds a connection may keep sending at more than twice its limit before it is closed
-    /// (1008).
-    #[arg(long, default_value_t = 5)]
-    flood_close_secs: u64,
-    /// Failed calls in a row that take a plugin version out of service (0: never).
-    #[arg(long, default_value_t = 5)]
-    breaker_failures: u32,
-    /// Seconds a version out of service refuses calls before one call tries it again.
-    #[arg(long, default_value_t = 10)]
-    breaker_cool_down_secs: u64,
+    /// (1008) [default: 5].
+    #[arg(long)]
+    flood_close_secs: Option<u64>,
+    /// Failed calls in a row that take a plugin version out of service (0: never) [default: 5].
+    #[arg(long)]
+    breaker_failures: Option<u32>,
+    /// Seconds a version out of service refuses calls before one call tries it again
+    /// [default: 10].
+    #[arg(long)]
+    breaker_cool_down_secs: Option<u64>,
     /// Milliseconds a call may run; three calls in a row longer than this put their version's
-    /// calls in the slow lane.
-    #[arg(long, default_value_t = 10)]
-    slow_call_ms: u64,
-    /// Calls of one version that may run in the slow lane at once.
-    #[arg(long, default_value_t = 1)]
-    slow_lane: usize,
+    /// calls in the slow lane [default: 10].
+    #[arg(long)]
+    slow_call_ms: Option<u64>,
+    /// Calls of one version that may run in the slow lane at once [default: 1].
+    #[arg(long)]
+    slow_lane: Option<usize>,
     /// Seconds the previous version of a plugin stays loaded after a swap, ready for a
-    /// rollback (0: none, and no automatic rollback).
-    #[arg(long, default_value_t = 60)]
-    keep_previous_secs: u64,
-    /// Seconds after a swap during which a failing new version is rolled back automatically.
-    #[arg(long, default_value_t = 30)]
-    probation_secs: u64,
-    /// Share of failed calls (0 to 1) in the probation window that rolls a version back.
-    #[arg(long, default_value_t = 0.5)]
-    rollback_failure_share: f64,
-    /// Calls a new version must have served before its failure share is judged.
-    #[arg(long, default_value_t = 10)]
-    rollback_min_calls: u64,
-    /// Seconds a client may take to send its HTTP request head after connecting.
-    #[arg(long, default_value_t = 10)]
-    request_head_timeout_secs: u64,
-    /// Seconds a session whose connection dropped waits for a resume.
-    #[arg(long, default_value_t = 120)]
-    resume_ttl_secs: u64,
-    /// Frames kept per session for a resume.
-    #[arg(long, default_value_t = 1000)]
-    resume_frames: usize,
-    /// Bytes kept per session for a resume.
-    #[arg(long, default_value_t = 1 << 20)]
-    resume_bytes: usize,
-    /// Frames queued for a connection and not yet written before it is closed with 1013.
-    #[arg(long, default_value_t = 4096)]
-    outbox_frames: usize,
-    /// Bytes queued for a connection and not yet written before it is closed with 1013.
-    #[arg(long, default_value_t = 4 << 20)]
-    outbox_bytes: usize,
-    /// Seconds one socket write may take before the client is closed with 1013.
-    #[arg(long, default_value_t = 10)]
-    write_timeout_secs: u64,
-    /// Handled messageIds a session remembers to answer retries (0: none).
-    #[arg(long, default_value_t = 1024)]
-    dedupe_ids: usize,
-    /// Seconds a session remembers a handled messageId.
-    #[arg(long, default_value_t = 120)]
-    dedupe_secs: u64,
-    /// Milliseconds an identity stays online in a room after its last connection there dropped.
-    #[arg(long, default_value_t = 5000)]
-    presence_grace_ms: u64,
-    /// Seconds between WebSocket pings.
-    #[arg(long, default_value_t = 25)]
-    ping_interval_secs: u64,
-    /// Seconds a client has to answer a ping before it is closed (4001).
-    #[arg(long, default_value_t = 20)]
-    pong_timeout_secs: u64,
+    /// rollback (0: none, and no automatic rollback) [default: 60].
+    #[arg(long)]
+    keep_previous_secs: Option<u64>,
+    /// Seconds after a swap during which a failing new version is rolled back automatically
+    /// [default: 30].
+    #[arg(long)]
+    probation_secs: Option<u64>,
+    /// Share of failed calls (0 to 1) in the probation window that rolls a version back
+    /// [default: 0.5].
+    #[arg(long)]
+    rollback_failure_share: Option<f64>,
+    /// Calls a new version must have served before its failure share is judged [default: 10].
+    #[arg(long)]
+    rollback_min_calls: Option<u64>,
+    /// Seconds a client may take to send its HTTP request head (and TLS handshake) after
+    /// connecting [default: 10].
+    #[arg(long)]
+    request_head_timeout_secs: Option<u64>,
+    /// Seconds a session whose connection dropped waits for a resume [default: 120].
+    #[arg(long)]
+    resume_ttl_secs: Option<u64>,
+    /// Frames kept per session for a resume [default: 1000].
+    #[arg(long)]
+    resume_frames: Option<usize>,
+    /// Bytes kept per session for a resume [default: 1048576].
+    #[arg(long)]
+    resume_bytes: Option<usize>,
+    /// Frames queued for a connection and not yet written before it is closed with 1013
+    /// [default: 4096].
+    #[arg(long)]
+    outbox_frames: Option<usize>,
+    /// Bytes queued for a connection and not yet written before it is closed with 1013
+    /// [default: 4194304].
+    #[arg(long)]
+    outbox_bytes: Option<usize>,
+    /// Seconds one socket write may take before the client is closed with 1013 [default: 10].
+    #[arg(long)]
+    write_timeout_secs: Option<u64>,
+    /// Handled messageIds a session remembers to answer retries (0: none) [default: 1024].
+    #[arg(long)]
+    dedupe_ids: Option<usize>,
+    /// Seconds a session remembers a handled messageId [default: 120].
+    #[arg(long)]
+    dedupe_secs: Option<u64>,
+    /// Milliseconds an identity stays online in a room after its last connection there dropped
+    /// [default: 5000].
+    #[arg(long)]
+    presence_grace_ms: Option<u64>,
+    /// Seconds between WebSocket pings [default: 25].
+    #[arg(long)]
+    ping_interval_secs: Option<u64>,
+    /// Seconds a client has to answer a ping before it is closed (4001) [default: 20].
+    #[arg(long)]
+    pong_timeout_secs: Option<u64>,
     /// DEVELOPMENT ONLY, not authentication: let clients choose their identity with
     /// `/ws?devIdentity=NAME` (to try presence with several connections of one identity).
+    /// Refused while a token key is configured.
     #[arg(long)]
     dev_insecure_identity: bool,
+    /// Verify tokens with HS256 and the shared secret in this file.
+    #[arg(long, value_name = "FILE")]
+    jwt_secret_file: Option<PathBuf>,
+    /// Verify tokens with this public key in PEM: RS256 for an RSA key, ES256 for a P-256 key.
+    #[arg(long, value_name = "FILE")]
+    jwt_public_key: Option<PathBuf>,
+    /// Verify tokens with the keys of this JWKS file (RS256, ES256), chosen by the token's kid.
+    #[arg(long, value_name = "FILE")]
+    jwt_jwks: Option<PathBuf>,
+    /// A token's `aud` must contain this.
+    #[arg(long)]
+    jwt_audience: Option<String>,
+    /// A token's `iss` must be this.
+    #[arg(long)]
+    jwt_issuer: Option<String>,
+    /// Seconds of clock skew allowed on `exp` and `nbf` [default: 5].
+    #[arg(long)]
+    jwt_leeway_secs: Option<u64>,
+    /// With a token key configured, still admit clients without a token as guests.
+    #[arg(long)]
+    allow_guests: bool,
+    /// An Origin browser connections may come from (repeat for several; none: any).
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    allowed_origins: Vec<String>,
+    /// Serve wss:// and https:// with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// The settings given as flags (a switch given sets its setting; one not given leaves it to
+    /// the file).
+    fn settings(&self) -> Settings {
+        let on = |flag: bool| flag.then_some(true);
+        Settings {
+            listen: self.listen,
+            manifests: self.manifests.clone(),
+            build: self.no_build.then_some(false),
+            max_message_bytes: self.max_message_bytes,
+            max_json_depth: self.max_json_depth,
+            max_json_array: self.max_json_array,
+            max_rooms_per_connection: self.max_rooms_per_connection,
+            max_room_members: self.max_room_members,
+            max_messages_per_second: self.max_messages_per_second,
+            message_burst: self.message_burst,
+            flood_close_secs: self.flood_close_secs,
+            breaker_failures: self.breaker_failures,
+            breaker_cool_down_secs: self.breaker_cool_down_secs,
+            slow_call_ms: self.slow_call_ms,
+            slow_lane: self.slow_lane,
+            request_head_timeout_secs: self.request_head_timeout_secs,
+            keep_previous_secs: self.keep_previous_secs,
+            probation_secs: self.probation_secs,
+            rollback_failure_share: self.rollback_failure_share,
+            rollback_min_calls: self.rollback_min_calls,
+            resume_ttl_secs: self.resume_ttl_secs,
+            resume_frames: self.resume_frames,
+            resume_bytes: self.resume_bytes,
+            outbox_frames: self.outbox_frames,
+            outbox_bytes: self.outbox_bytes,
+            write_timeout_secs: self.write_timeout_secs,
+            dedupe_ids: self.dedupe_ids,
+            dedupe_secs: self.dedupe_secs,
+            presence_grace_ms: self.presence_grace_ms,
+            ping_interval_secs: self.ping_interval_secs,
+            pong_timeout_secs: self.pong_timeout_secs,
+            dev_identity: on(self.dev_insecure_identity),
+            jwt_secret_file: self.jwt_secret_file.clone(),
+            jwt_public_key: self.jwt_public_key.clone(),
+            jwt_jwks: self.jwt_jwks.clone(),
+            jwt_audience: self.jwt_audience.clone(),
+            jwt_issuer: self.jwt_issuer.clone(),
+            jwt_leeway_secs: self.jwt_leeway_secs,
+            allow_guests: on(self.allow_guests),
+            allowed_origins: (!self.allowed_origins.is_empty())
+                .then(|| self.allowed_origins.clone()),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -189,57 +283,31 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs, watch: WatchMode) -> ExitCode {
-    let mut config = Config::new(args.manifests);
-    config.listen = args.listen;
-    config.build = !args.no_build;
-    config.watch = watch;
-    config.limits.max_message_bytes = args.max_message_bytes;
-    config.limits.json = plexus::protocol::JsonLimits {
-        max_depth: args
-            .max_json_depth
-            .clamp(1, plexus::protocol::MAX_JSON_DEPTH_CEILING),
-        max_array: args.max_json_array.max(1),
+    // The file named by --config, else plexus.toml here if there is one.
+    let file = match &args.config {
+        Some(path) => Some(path.clone()),
+        None => Some(PathBuf::from(config_file::DEFAULT_FILE)).filter(|p| p.is_file()),
     };
-    config.limits.max_rooms_per_connection = args.max_rooms_per_connection;
-    config.limits.max_room_members = args.max_room_members;
-    config.limits.breaker = plexus::registry::BreakerPolicy {
-        failures: args.breaker_failures,
-        cool_down: Duration::from_secs(args.breaker_cool_down_secs),
-        slow_call: Duration::from_millis(args.slow_call_ms.max(1)),
-        slow_lane: args.slow_lane.max(1),
-        ..Default::default()
-    };
-    config.limits.rate =
-        std::num::NonZeroU32::new(args.max_messages_per_second).map(|per_second| {
-            plexus::limits::RateLimit {
-                per_second,
-                burst: std::num::NonZeroU32::new(args.message_burst).unwrap_or(per_second),
-                close_after: Duration::from_secs(args.flood_close_secs),
+    let from_file = match &file {
+        Some(path) => match config_file::load(path) {
+            Ok(settings) => settings,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
             }
-        });
-    config.request_head_timeout = Duration::from_secs(args.request_head_timeout_secs.max(1));
-    config.swap = SwapPolicy {
-        keep_previous: Duration::from_secs(args.keep_previous_secs),
-        probation: Duration::from_secs(args.probation_secs),
-        max_failure_share: args.rollback_failure_share.clamp(0.0, 1.0),
-        min_calls: args.rollback_min_calls,
-    };
-    config.session = SessionPolicy {
-        bounds: Bounds {
-            live_frames: args.outbox_frames.max(1),
-            live_bytes: args.outbox_bytes.max(1),
-            kept_frames: args.resume_frames,
-            kept_bytes: args.resume_bytes,
         },
-        resume_ttl: Duration::from_secs(args.resume_ttl_secs),
-        dedupe_ids: args.dedupe_ids,
-        dedupe_ttl: Duration::from_secs(args.dedupe_secs),
-        presence_grace: Duration::from_millis(args.presence_grace_ms),
-        ping_interval: Duration::from_secs(args.ping_interval_secs.max(1)),
-        pong_timeout: Duration::from_secs(args.pong_timeout_secs.max(1)),
-        write_timeout: Duration::from_secs(args.write_timeout_secs.max(1)),
-        dev_identity: args.dev_insecure_identity,
+        None => Settings::default(),
     };
+    let mut config = Config::new("manifests");
+    config.watch = watch;
+    if let Err(e) = args.settings().over(from_file).apply(&mut config) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(path) = &file {
+        tracing::info!(file = %path.display(), "configuration read");
+    }
+    let scheme = if config.tls.is_some() { "wss" } else { "ws" };
     let server = match Server::start(config).await {
         Ok(server) => server,
         Err(StartError::Manifests(errors)) => {
@@ -256,8 +324,12 @@ async fn serve(args: ServeArgs, watch: WatchMode) -> ExitCode {
             eprintln!("error: {e:#}");
             return ExitCode::FAILURE;
         }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
     };
-    println!("plexus listening on ws://{}/ws", server.local_addr());
+    println!("plexus listening on {scheme}://{}/ws", server.local_addr());
     wait_for_signal().await;
     tracing::info!("shutting down: finishing in-flight calls, closing connections with 1001");
     server.shutdown().await;

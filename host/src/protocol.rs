@@ -472,6 +472,17 @@ pub fn payload_seq(payload: &RawValue) -> Result<u64, String> {
         .map_err(|e| format!("`sys.received` needs {{\"seq\": N}}: {e}"))
 }
 
+/// Reads the `token` of a `sys.refresh` payload (`{"token": "..."}`).
+pub fn payload_token(payload: &RawValue) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Refresh {
+        token: String,
+    }
+    serde_json::from_str::<Refresh>(payload.get())
+        .map(|r| r.token)
+        .map_err(|e| format!("`sys.refresh` needs {{\"token\": \"...\"}}: {e}"))
+}
+
 /// Reads the `status` of a `sys.status` payload (`{"status": "..."}`; null clears it).
 pub fn payload_status(payload: &RawValue) -> Result<Option<String>, String> {
     #[derive(Deserialize)]

@@ -74,6 +74,8 @@ pub struct Hub {
     pub due: tokio::sync::mpsc::UnboundedSender<Due>,
     /// Turns of room-serialized routes (`serialize = "room"`).
     pub room_locks: RoomLocks,
+    /// Token verification (`sys.refresh`).
+    pub auth: crate::auth::Auth,
     /// Turns of the `connect` and `disconnect` events of one identity (keyed by identity), so
     /// that a plugin keeping an identity's connections in its store sees them one at a time.
     pub identity_turns: RoomLocks,
@@ -286,6 +288,7 @@ async fn dispatch<'h>(
             Ok(None)
         }
         "sys.resume" => resume(hub, conn, msg).await,
+        "sys.refresh" => crate::auth::handle_refresh(&hub.auth, &session, msg.payload),
         "sys.reply" => {
             let (reference, answer) = protocol::payload_reply(msg.payload)
                 .map_err(|m| HandleError::new(ErrorCode::BadFrame, m))?;
@@ -346,6 +349,7 @@ async fn resume(
     if !target.token_matches(&request.resume_token) {
         return Err(fail("bad_token", "the resume token does not match".into()));
     }
+    crate::auth::check_resume(&conn.session, &target)?;
     let gap = |e: AttachError| match e {
         AttachError::Ended => fail(
             "expired",
@@ -366,6 +370,7 @@ async fn resume(
         ));
     }
     let fresh = std::mem::replace(&mut conn.session, target.clone());
+    target.set_claims(fresh.claims());
     conn.rx = rx;
     conn.driver = driver;
     conn.switched = true;

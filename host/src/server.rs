@@ -1,5 +1,6 @@
-//! The HTTP front: the accept loop, `GET /healthz`, the WebSocket upgrade at `GET /ws`, and
-//! graceful shutdown (stop accepting, let in-flight calls finish, close sockets with 1001).
+//! The HTTP front: the accept loop (TLS when configured), `GET /healthz`, the WebSocket upgrade
+//! at `GET /ws` (admitted by [`crate::auth`] first), and graceful shutdown (stop accepting, let
+//! in-flight calls finish, close sockets with 1001).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -22,7 +24,9 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Auth, AuthConfig};
 use crate::connection;
+use crate::edge::tls::{self, TlsFiles};
 use crate::error::CloseReason;
 use crate::lifecycle;
 use crate::manifest::ManifestError;
@@ -52,6 +56,10 @@ pub struct Config {
     pub request_head_timeout: Duration,
     /// Sessions, resumes, retries, presence, heartbeats and outbox bounds.
     pub session: SessionPolicy,
+    /// Who may connect: token verification, guests, the Origin allow-list.
+    pub auth: AuthConfig,
+    /// Serve `wss://` and `https://` with this certificate and key.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Config {
@@ -67,6 +75,8 @@ impl Config {
             swap: SwapPolicy::default(),
             request_head_timeout: Duration::from_secs(10),
             session: SessionPolicy::default(),
+            auth: AuthConfig::default(),
+            tls: None,
         }
     }
 }
@@ -76,6 +86,10 @@ impl Config {
 pub enum StartError {
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Manifests(Vec<ManifestError>),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::SetupError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -96,6 +110,10 @@ pub struct Server {
 impl Server {
     /// Loads the plugins, binds, and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        // Settings that contradict each other, keys and certificates fail first, before plugins
+        // are loaded.
+        let auth = Auth::new(&config.auth, config.session.dev_identity)?;
+        let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let runtime = Runtime::new().context("starting the WASM runtime")?;
         let rooms = Arc::new(Rooms::default());
         let registry = Registry::load(
@@ -122,8 +140,10 @@ impl Server {
             identity_rates: config.limits.rate.map(crate::limits::IdentityRates::new),
             due,
             room_locks: Default::default(),
+            auth,
             identity_turns: Default::default(),
         });
+        hub.auth.log_startup();
         if config.session.dev_identity {
             tracing::warn!(
                 "development identities are on: clients choose their identity with ?devIdentity=NAME; never use this in production"
@@ -143,6 +163,7 @@ impl Server {
             tracker: tracker.clone(),
             ws_config,
             request_head_timeout: config.request_head_timeout,
+            tls,
         });
         let accept = tokio::spawn(accept_loop(listener, ctx, shutdown_rx.clone()));
         let supervisor = {
@@ -163,7 +184,8 @@ impl Server {
                 Some(watcher::spawn(hub.clone(), mode, shutdown_rx).context("watching plugins")?)
             }
         };
-        tracing::info!(%addr, plugins = ?hub.registry.table().versions(), "plexus listening");
+        let scheme = if config.tls.is_some() { "wss" } else { "ws" };
+        tracing::info!(%addr, scheme, plugins = ?hub.registry.table().versions(), "plexus listening");
         Ok(Server {
             addr,
             hub,
@@ -249,6 +271,7 @@ struct Ctx {
     tracker: TaskTracker,
     ws_config: WebSocketConfig,
     request_head_timeout: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
@@ -269,20 +292,44 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, mut shutdown: watch::
         let ctx = ctx.clone();
         let mut stop = ctx.shutdown.clone();
         ctx.tracker.clone().spawn(async move {
-            let service_ctx = ctx.clone();
-            let service =
-                hyper::service::service_fn(move |req| handle(req, service_ctx.clone(), peer));
-            // A client that connects and never finishes its request head is dropped.
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(ctx.request_head_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::select! {
-                _ = conn => {}
-                _ = crate::server::stopped(&mut stop) => {}
-            }
+            let Some(acceptor) = ctx.tls.clone() else {
+                serve_http(stream, ctx, peer, &mut stop).await;
+                return;
+            };
+            // The TLS handshake has the request head's deadline too.
+            let handshake = tokio::time::timeout(ctx.request_head_timeout, acceptor.accept(stream));
+            let stream = tokio::select! {
+                done = handshake => match done {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+                _ = crate::server::stopped(&mut stop) => return,
+            };
+            serve_http(stream, ctx, peer, &mut stop).await;
         });
+    }
+}
+
+/// Serves HTTP/1.1 on one connection (plain TCP or TLS) until it ends or the host shuts down.
+async fn serve_http<I>(io: I, ctx: Arc<Ctx>, peer: SocketAddr, stop: &mut watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service_ctx = ctx.clone();
+    let service = hyper::service::service_fn(move |req| handle(req, service_ctx.clone(), peer));
+    // A client that connects and never finishes its request head is dropped.
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.request_head_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::select! {
+        _ = conn => {}
+        _ = crate::server::stopped(stop) => {}
     }
 }
 
@@ -482,9 +529,18 @@ fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Full<Bytes>> {
     if *ctx.shutdown.borrow() {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
-    let identity = match dev_identity(&req, &ctx.hub.policy) {
-        Ok(Some(identity)) => identity,
-        Ok(None) => Identity::guest(),
+    // Origin and token, before anything is upgraded: 403 or 401 with the reason.
+    let admission = match ctx.hub.auth.admit(req.headers(), req.uri().query()) {
+        Ok(admission) => admission,
+        Err(refusal) => {
+            tracing::debug!("upgrade refused: {refusal}");
+            return refusal.response();
+        }
+    };
+    // Development identities are never on while tokens are verified (`Auth::new`).
+    let (identity, claims) = match dev_identity(&req, &ctx.hub.policy) {
+        Ok(Some(identity)) => (identity, None),
+        Ok(None) => (admission.identity, admission.claims),
         Err(message) => return text_response(StatusCode::BAD_REQUEST, message),
     };
     let accept = derive_accept_key(key.as_bytes());
@@ -520,13 +576,13 @@ fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Full<Bytes>> {
                             .await
                     }
                 };
-                connection::serve(hub, ws, identity, shutdown).await;
+                connection::serve(hub, ws, identity, claims, shutdown).await;
             }
             Err(upgraded) => {
                 let ws =
                     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, config)
                         .await;
-                connection::serve(hub, ws, identity, shutdown).await;
+                connection::serve(hub, ws, identity, claims, shutdown).await;
             }
         }
     });
@@ -536,6 +592,10 @@ fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Full<Bytes>> {
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     if let Ok(v) = HeaderValue::from_str(&accept) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    // Only the protocol the host speaks, never the client's token entry.
+    if let Some(protocol) = admission.protocol {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
     }
     resp
 }

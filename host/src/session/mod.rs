@@ -8,6 +8,7 @@ pub mod outbox;
 pub mod replay;
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -17,8 +18,8 @@ use subtle::ConstantTimeEq;
 use dedupe::Dedupe;
 use outbox::{Bounds, Outbox, outbox};
 
-/// Who is on the other end of a connection. Filled by the host (later: by the auth layer),
-/// never taken from the client (except with the development setting
+/// Who is on the other end of a connection: a verified token's `sub`, or a guest. Filled by the
+/// host ([`crate::auth`]), never taken from the client (except with the development setting
 /// [`SessionPolicy::dev_identity`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity(pub Arc<str>);
@@ -102,6 +103,12 @@ pub struct Session {
     /// new one to close too (the last resume wins).
     attached: tokio::sync::Notify,
     life: Mutex<(Life, u64)>,
+    /// The verified claims of the token its connection was admitted with (`None`: a guest or a
+    /// development identity); replaced by `sys.refresh` and by a resume.
+    claims: Mutex<Option<Arc<crate::auth::Claims>>>,
+    /// The claims' `valid_until` (Unix seconds; 0: none), read by the connection task after
+    /// each frame without a lock.
+    valid_until: AtomicU64,
 }
 
 /// The right to drive a session, held by its connection task.
@@ -121,6 +128,26 @@ impl Session {
     /// Whether `token` is this session's resume token, compared in constant time.
     pub fn token_matches(&self, token: &str) -> bool {
         self.resume_token.as_bytes().ct_eq(token.as_bytes()).into()
+    }
+
+    /// The verified claims of its connection's token, if it was admitted with one.
+    pub fn claims(&self) -> Option<Arc<crate::auth::Claims>> {
+        lock(&self.claims).clone()
+    }
+
+    /// Replaces the verified claims (admission, `sys.refresh`, resume).
+    pub fn set_claims(&self, claims: Option<Arc<crate::auth::Claims>>) {
+        let mut held = lock(&self.claims);
+        self.valid_until.store(
+            claims.as_ref().map_or(0, |c| c.valid_until),
+            Ordering::Release,
+        );
+        *held = claims;
+    }
+
+    /// Until when (Unix seconds) its claims let a connection stay open; `None` without claims.
+    pub fn valid_until(&self) -> Option<u64> {
+        Some(self.valid_until.load(Ordering::Acquire)).filter(|t| *t != 0)
     }
 
     /// The rooms this session is a member of.
@@ -267,6 +294,8 @@ impl Sessions {
             driver: Arc::default(),
             attached: tokio::sync::Notify::new(),
             life: Mutex::new((Life::Attached, 0)),
+            claims: Mutex::default(),
+            valid_until: AtomicU64::new(0),
         });
         self.by_connection
             .insert(session.connection_id.clone(), session.clone());

@@ -1,0 +1,4 @@
+//! What a connection passes before HTTP: TLS ([`tls`]). Who may upgrade is decided by
+//! [`crate::auth`].
+
+pub mod tls;
