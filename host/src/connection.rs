@@ -236,7 +236,12 @@ pub async fn serve<S>(
                     code,
                     reason: text.into(),
                 };
-                let _ = ws.close(Some(frame)).await;
+                if ws.close(Some(frame)).await.is_ok() {
+                    // The close handshake: read (and drop) what the client still sends until
+                    // its close comes back, so that the socket is not closed with unread data,
+                    // which would reset the connection and could lose the close frame.
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
             }
             Exit::ClientClosed | Exit::Dropped => {
                 let _ = ws.close(None).await;
