@@ -589,3 +589,57 @@ async fn a_client_cannot_set_the_sender_or_the_seq() {
     // `seq` is the host's: the broadcast carries `other`'s next one (checked by its client).
     other.sync().await;
 }
+
+/// The HTTP status and JSON `reason` of a refused upgrade to `path`.
+async fn refused_upgrade(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    match tokio_tungstenite::connect_async(format!("ws://{addr}{path}")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body: serde_json::Value =
+                serde_json::from_slice(resp.body().as_deref().unwrap_or_default()).unwrap();
+            (
+                resp.status().as_u16(),
+                body["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_refuse_before_the_upgrade() {
+    async fn limited(total: usize, per_ip: usize, per_identity: usize) -> Host {
+        Host::start_with(&[("echo.toml", echo_manifest())], move |config| {
+            config.session.dev_identity = true;
+            config.limits.connections = plexus::limits::ConnectionLimits {
+                total,
+                per_ip,
+                per_identity,
+            };
+        })
+        .await
+    }
+    // In all: 503.
+    let host = limited(1, 100, 100).await;
+    let mut first = host.client().await;
+    assert_eq!(
+        refused_upgrade(host.addr(), "/ws").await,
+        (503, "host_full".to_owned())
+    );
+    first.echo_round_trip().await;
+    // Per IP address: 429.
+    let host = limited(100, 2, 100).await;
+    let (_a, _b) = (host.client().await, host.client().await);
+    assert_eq!(
+        refused_upgrade(host.addr(), "/ws").await,
+        (429, "too_many_from_address".to_owned())
+    );
+    // Per identity: 429, and another identity is still welcome.
+    let host = limited(100, 100, 1).await;
+    let _ada = Client::connect_as(host.addr(), "ada").await;
+    assert_eq!(
+        refused_upgrade(host.addr(), "/ws?devIdentity=ada").await,
+        (429, "too_many_for_identity".to_owned())
+    );
+    let mut bob = Client::connect_as(host.addr(), "bob").await;
+    bob.echo_round_trip().await;
+}

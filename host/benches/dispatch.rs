@@ -56,6 +56,7 @@ fn hub(dir: &Path, rt: &tokio::runtime::Runtime) -> Arc<Hub> {
             limits: HostLimits::default(),
             policy: SessionPolicy::default(),
             presence: Default::default(),
+            connections: Default::default(),
             identity_rates: None,
             due,
             room_locks: Default::default(),

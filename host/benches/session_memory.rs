@@ -69,6 +69,7 @@ fn main() {
             limits: HostLimits::default(),
             policy: SessionPolicy::default(),
             presence: Default::default(),
+            connections: Default::default(),
             identity_rates: None,
             due,
             room_locks: Default::default(),

@@ -50,6 +50,9 @@ pub struct Settings {
     pub max_json_array: Option<usize>,
     pub max_rooms_per_connection: Option<usize>,
     pub max_room_members: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub max_connections_per_identity: Option<usize>,
     /// 0: no rate limit.
     pub max_messages_per_second: Option<u32>,
     pub message_burst: Option<u32>,
@@ -134,6 +137,9 @@ impl Settings {
             max_json_array,
             max_rooms_per_connection,
             max_room_members,
+            max_connections,
+            max_connections_per_ip,
+            max_connections_per_identity,
             max_messages_per_second,
             message_burst,
             flood_close_secs,
@@ -203,6 +209,12 @@ impl Settings {
             &self.max_rooms_per_connection,
         );
         set(&mut limits.max_room_members, &self.max_room_members);
+        set(&mut limits.connections.total, &self.max_connections);
+        set(&mut limits.connections.per_ip, &self.max_connections_per_ip);
+        set(
+            &mut limits.connections.per_identity,
+            &self.max_connections_per_identity,
+        );
         // A rate of 0 turns the limit off; the burst and the flood time apply to a limit in
         // force (the default one unless a rate is given).
         match self.max_messages_per_second.map(NonZeroU32::new) {
@@ -333,6 +345,9 @@ struct RawLimits {
     max_json_array: Option<usize>,
     max_rooms_per_connection: Option<usize>,
     max_room_members: Option<usize>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    max_connections_per_identity: Option<usize>,
     max_messages_per_second: Option<u32>,
     message_burst: Option<u32>,
     flood_close_secs: Option<u64>,
@@ -468,6 +483,9 @@ pub fn parse(text: &str, base: &Path) -> Result<Settings, (Option<usize>, String
         max_json_array: raw.limits.max_json_array,
         max_rooms_per_connection: raw.limits.max_rooms_per_connection,
         max_room_members: raw.limits.max_room_members,
+        max_connections: raw.limits.max_connections,
+        max_connections_per_ip: raw.limits.max_connections_per_ip,
+        max_connections_per_identity: raw.limits.max_connections_per_identity,
         max_messages_per_second: raw.limits.max_messages_per_second,
         message_burst: raw.limits.message_burst,
         flood_close_secs: raw.limits.flood_close_secs,

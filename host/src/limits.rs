@@ -1,9 +1,15 @@
 //! Message rate limits: a token bucket per connection and one per identity (governor), and the
-//! rule that closes a connection that keeps sending at more than twice its limit.
+//! rule that closes a connection that keeps sending at more than twice its limit. Connection
+//! limits: in all, per IP address and per identity, counted before an upgrade.
 
 use std::hash::BuildHasher;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
@@ -129,6 +135,117 @@ impl IdentityRates {
     }
 }
 
+/// How many connections the host takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// In all; past it an upgrade gets 503.
+    pub total: usize,
+    /// From one IP address; past it an upgrade gets 429.
+    pub per_ip: usize,
+    /// Of one identity; past it an upgrade gets 429.
+    pub per_identity: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            total: 100_000,
+            per_ip: 1_000,
+            per_identity: 50,
+        }
+    }
+}
+
+/// Which connection limit an upgrade would pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    Total,
+    Ip,
+    Identity,
+}
+
+/// The connections of the host, counted in all, by IP address and by identity.
+#[derive(Debug, Default)]
+pub struct Connections {
+    total: AtomicUsize,
+    by_ip: DashMap<IpAddr, usize>,
+    by_identity: DashMap<Arc<str>, usize>,
+}
+
+/// One connection's place in the counts, given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    owner: Arc<Connections>,
+    ip: IpAddr,
+    identity: Arc<str>,
+}
+
+impl Connections {
+    /// Counts a connection from `ip` of `identity`, or says which limit it would pass.
+    pub fn admit(
+        self: &Arc<Self>,
+        limits: &ConnectionLimits,
+        ip: IpAddr,
+        identity: &Arc<str>,
+    ) -> Result<Slot, Over> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= limits.total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Over::Total);
+        }
+        if !count_in(&self.by_ip, ip, limits.per_ip) {
+            self.release(None, None);
+            return Err(Over::Ip);
+        }
+        if !count_in(&self.by_identity, identity.clone(), limits.per_identity) {
+            self.release(Some(ip), None);
+            return Err(Over::Identity);
+        }
+        Ok(Slot {
+            owner: self.clone(),
+            ip,
+            identity: identity.clone(),
+        })
+    }
+
+    /// Gives back the total's place and the IP's and the identity's, if counted.
+    fn release(&self, ip: Option<IpAddr>, identity: Option<&Arc<str>>) {
+        self.total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = ip {
+            self.by_ip.remove_if_mut(&ip, |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
+        }
+        if let Some(identity) = identity {
+            self.by_identity.remove_if_mut(identity, |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
+        }
+    }
+
+    /// How many connections are counted.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+/// Counts one more under `key` unless it has `limit` already.
+fn count_in<K: std::hash::Hash + Eq>(map: &DashMap<K, usize>, key: K, limit: usize) -> bool {
+    let mut count = map.entry(key).or_insert(0);
+    if *count >= limit {
+        return false;
+    }
+    *count += 1;
+    true
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.owner.release(Some(self.ip), Some(&self.identity));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +277,35 @@ mod tests {
         }
         assert_eq!(verdicts[..3], [Admit::Limited; 3]);
         assert_eq!(verdicts[3], Admit::Close);
+    }
+
+    #[test]
+    fn connections_are_counted_in_all_by_ip_and_by_identity_and_given_back() {
+        let limits = ConnectionLimits {
+            total: 3,
+            per_ip: 2,
+            per_identity: 1,
+        };
+        let c = Arc::new(Connections::default());
+        let (here, there): (IpAddr, IpAddr) =
+            ("127.0.0.1".parse().unwrap(), "10.0.0.1".parse().unwrap());
+        let (ada, bob, cy): (Arc<str>, Arc<str>, Arc<str>) =
+            ("ada".into(), "bob".into(), "cy".into());
+        let a = c.admit(&limits, here, &ada).unwrap();
+        assert_eq!(c.admit(&limits, there, &ada).unwrap_err(), Over::Identity);
+        let b = c.admit(&limits, here, &bob).unwrap();
+        assert_eq!(c.admit(&limits, here, &cy).unwrap_err(), Over::Ip);
+        let _c = c.admit(&limits, there, &cy).unwrap();
+        assert_eq!(
+            c.admit(&limits, there, &"dee".into()).unwrap_err(),
+            Over::Total
+        );
+        assert_eq!(c.total(), 3);
+        drop(a);
+        drop(b);
+        // Refusals gave back what they took.
+        assert_eq!(c.total(), 1);
+        assert!(c.admit(&limits, here, &ada).is_ok());
     }
 
     #[test]

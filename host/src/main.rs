@@ -57,6 +57,15 @@ struct ServeArgs {
     /// Members one room may have [default: 100000].
     #[arg(long)]
     max_room_members: Option<usize>,
+    /// Connections the host takes in all; past it an upgrade gets 503 [default: 100000].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Connections from one IP address; past it an upgrade gets 429 [default: 1000].
+    #[arg(long)]
+    max_connections_per_ip: Option<usize>,
+    /// Connections of one identity; past it an upgrade gets 429 [default: 50].
+    #[arg(long)]
+    max_connections_per_identity: Option<usize>,
     /// Messages per second a connection, and an identity, may send (0: no limit) [default: 100].
     #[arg(long)]
     max_messages_per_second: Option<u32>,
@@ -188,6 +197,9 @@ impl ServeArgs {
             max_json_array: self.max_json_array,
             max_rooms_per_connection: self.max_rooms_per_connection,
             max_room_members: self.max_room_members,
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_connections_per_identity: self.max_connections_per_identity,
             max_messages_per_second: self.max_messages_per_second,
             message_burst: self.message_burst,
             flood_close_secs: self.flood_close_secs,

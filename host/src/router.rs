@@ -10,7 +10,9 @@ use serde_json::json;
 use crate::effects::{self, Effect, LogLevel, RequestTo};
 use crate::error::{CloseReason, ErrorCode, HandleError};
 use crate::lifecycle::{self, Due};
-use crate::limits::{Admit, ConnectionRate, IdentityRates, RateLimit};
+use crate::limits::{
+    Admit, ConnectionLimits, ConnectionRate, Connections, IdentityRates, RateLimit,
+};
 use crate::manifest::HostEvent;
 use crate::plugin::{CallInput, CallOutput};
 use crate::protocol::{self, Inbound, Outbound};
@@ -40,6 +42,8 @@ pub struct HostLimits {
     pub rate: Option<RateLimit>,
     /// The circuit breaker and the slow lane of plugin versions.
     pub breaker: BreakerPolicy,
+    /// Connections in all, per IP address and per identity.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for HostLimits {
@@ -52,6 +56,7 @@ impl Default for HostLimits {
             max_room_members: 100_000,
             rate: Some(RateLimit::default()),
             breaker: BreakerPolicy::default(),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -67,6 +72,8 @@ pub struct Hub {
     pub policy: SessionPolicy,
     /// Who is online in each room.
     pub presence: Presence,
+    /// The connections counted against `limits.connections`.
+    pub connections: Arc<Connections>,
     /// The message rate of every identity (when `limits.rate` is set).
     pub identity_rates: Option<IdentityRates>,
     /// Work due later (ends of grace periods and of resume waits), done by the host's

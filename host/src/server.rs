@@ -137,6 +137,7 @@ impl Server {
             limits: config.limits,
             policy: config.session,
             presence: Default::default(),
+            connections: Default::default(),
             identity_rates: config.limits.rate.map(crate::limits::IdentityRates::new),
             due,
             room_locks: Default::default(),
@@ -346,7 +347,7 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => healthz(&ctx.hub),
-        (&Method::GET, "/ws") => upgrade(req, ctx),
+        (&Method::GET, "/ws") => upgrade(req, ctx, peer),
         (&Method::POST, "/admin/rollback") => admin_rollback(&req, &ctx.hub, peer).await,
         (_, "/healthz" | "/ws") => text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
         (_, "/admin/rollback") => text_response(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
@@ -481,6 +482,35 @@ fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) ->
     })
 }
 
+/// 503 (the host is full) or 429 (this address or identity has as many connections as it may),
+/// with a short JSON body naming the limit.
+fn connection_limit_response(
+    over: crate::limits::Over,
+    limits: &crate::limits::ConnectionLimits,
+) -> Response<Full<Bytes>> {
+    use crate::limits::Over;
+    let (status, reason, limit) = match over {
+        Over::Total => (StatusCode::SERVICE_UNAVAILABLE, "host_full", limits.total),
+        Over::Ip => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_from_address",
+            limits.per_ip,
+        ),
+        Over::Identity => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_for_identity",
+            limits.per_identity,
+        ),
+    };
+    json_response(
+        status,
+        &serde_json::json!({
+            "error": format!("connection limit reached ({limit})"),
+            "reason": reason,
+        }),
+    )
+}
+
 /// The identity a client chose with `?devIdentity=NAME`, when the development setting allows it
 /// (otherwise the parameter is ignored).
 fn dev_identity(
@@ -504,7 +534,7 @@ fn dev_identity(
     Ok(Some(Identity(Arc::from(name))))
 }
 
-fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Full<Bytes>> {
+fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>, peer: SocketAddr) -> Response<Full<Bytes>> {
     if !header_has(&req, header::CONNECTION, "upgrade")
         || !header_has(&req, header::UPGRADE, "websocket")
     {
@@ -543,10 +573,21 @@ fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Full<Bytes>> {
         Ok(None) => (admission.identity, admission.claims),
         Err(message) => return text_response(StatusCode::BAD_REQUEST, message),
     };
+    // Connection limits, before the upgrade: refusing is cheaper than serving.
+    let slot = match ctx
+        .hub
+        .connections
+        .admit(&ctx.hub.limits.connections, peer.ip(), &identity.0)
+    {
+        Ok(slot) => slot,
+        Err(over) => return connection_limit_response(over, &ctx.hub.limits.connections),
+    };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_ctx = ctx.clone();
     ctx.tracker.spawn(async move {
+        // Counted until the connection ends.
+        let _slot = slot;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
