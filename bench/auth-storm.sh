@@ -60,7 +60,8 @@ run() {
     shift 3
     PORT=$((PORT + 1))
     taskset -c "$SERVER_CPU" "$BIN/plexus" serve --listen "127.0.0.1:$PORT" --no-build \
-        --manifests "$HERE/manifests/native" "$@" >"$OUT/$case-$round.log" 2>&1 &
+        --manifests "$HERE/manifests/native" --max-connections-per-ip 1000000 "$@" \
+        >"$OUT/$case-$round.log" 2>&1 &
     SERVER_PID=$!
     local i
     for i in $(seq 1 200); do

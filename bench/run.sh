@@ -227,7 +227,9 @@ dialect_of() {
 }
 
 # start_peer PEER TAG [MANIFEST_DIR]: starts the server, waits for its port, sets SERVER_PID.
-PLEXUS_LIMITS=(--max-messages-per-second 100000000 --message-burst 100000000)
+# The connect storm and the idle scenario open thousands of connections from one address.
+PLEXUS_LIMITS=(--max-messages-per-second 100000000 --message-burst 100000000
+    --max-connections-per-ip 1000000)
 
 start_peer() {
     local peer=$1 tag=$2 manifests=${3:-}
