@@ -15,7 +15,7 @@ use plexus::registry::{LoadOptions, Registry, SwapPolicy};
 use plexus::rooms::Rooms;
 use plexus::router::{ConnState, HostLimits, Hub};
 use plexus::session::outbox::Next;
-use plexus::session::{Identity, SessionPolicy, Sessions};
+use plexus::session::{Identity, SessionPolicy};
 
 /// The allocator the `plexus` binary uses.
 #[global_allocator]
@@ -47,22 +47,20 @@ fn hub(dir: &Path, rt: &tokio::runtime::Runtime) -> Arc<Hub> {
         )
         .await
         .unwrap_or_else(|e| panic!("loading {}: {e:?}", dir.display()));
-        // Work due later goes nowhere: nothing here disconnects.
-        let (due, _) = tokio::sync::mpsc::unbounded_channel();
-        Arc::new(Hub {
-            sessions: Sessions::default(),
-            rooms,
+        // Work due later goes nowhere: nothing here disconnects. No rate limit: the bench
+        // sends the same connection's messages as fast as it can.
+        let limits = HostLimits {
+            rate: None,
+            ..HostLimits::default()
+        };
+        let (hub, _) = Hub::new(
             registry,
-            limits: HostLimits::default(),
-            policy: SessionPolicy::default(),
-            presence: Default::default(),
-            connections: Default::default(),
-            identity_rates: None,
-            due,
-            room_locks: Default::default(),
-            auth: Default::default(),
-            identity_turns: Default::default(),
-        })
+            rooms,
+            limits,
+            SessionPolicy::default(),
+            Default::default(),
+        );
+        Arc::new(hub)
     })
 }
 

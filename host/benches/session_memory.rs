@@ -12,7 +12,7 @@ use plexus::protocol::Outbound;
 use plexus::registry::{LoadOptions, Registry, SwapPolicy};
 use plexus::rooms::Rooms;
 use plexus::router::{self, ConnState, HostLimits, Hub};
-use plexus::session::{Identity, SessionPolicy, Sessions};
+use plexus::session::{Identity, SessionPolicy};
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -61,21 +61,18 @@ fn main() {
         )
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
-        let (due, _) = tokio::sync::mpsc::unbounded_channel();
-        Hub {
-            sessions: Sessions::default(),
-            rooms,
+        let limits = HostLimits {
+            rate: None,
+            ..HostLimits::default()
+        };
+        Hub::new(
             registry,
-            limits: HostLimits::default(),
-            policy: SessionPolicy::default(),
-            presence: Default::default(),
-            connections: Default::default(),
-            identity_rates: None,
-            due,
-            room_locks: Default::default(),
-            auth: Default::default(),
-            identity_turns: Default::default(),
-        }
+            rooms,
+            limits,
+            SessionPolicy::default(),
+            Default::default(),
+        )
+        .0
     });
     let kept = hub.policy.bounds.kept_frames;
     // A 150-byte frame, like a short chat message with its envelope.

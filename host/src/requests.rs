@@ -374,24 +374,12 @@ impl Requests {
 
     /// Waits for completed requests and takes them (for the task that calls the handlers).
     pub async fn next_completed(&self) -> Vec<Completed> {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let done = self.take_completed(Instant::now());
-            if !done.is_empty() {
-                return done;
-            }
-            match self.next_due() {
-                Some(at) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at) => {}
-                        _ = changed => {}
-                    }
-                }
-                None => changed.await,
-            }
-        }
+        crate::timers::next_batch(
+            &self.changed,
+            |now| self.take_completed(now),
+            || self.next_due(),
+        )
+        .await
     }
 
     /// How many requests are pending, all plugins together.

@@ -88,6 +88,35 @@ pub struct Hub {
     pub identity_turns: RoomLocks,
 }
 
+impl Hub {
+    /// A hub with no session yet. Returns the receiving end of its work due later, for the
+    /// lifecycle task (`lifecycle::run`). The identities' rate buckets follow `limits.rate`.
+    pub fn new(
+        registry: Registry,
+        rooms: Arc<Rooms>,
+        limits: HostLimits,
+        policy: SessionPolicy,
+        auth: crate::auth::Auth,
+    ) -> (Hub, tokio::sync::mpsc::UnboundedReceiver<Due>) {
+        let (due, due_rx) = tokio::sync::mpsc::unbounded_channel();
+        let hub = Hub {
+            sessions: Sessions::default(),
+            rooms,
+            registry,
+            limits,
+            policy,
+            presence: Presence::default(),
+            connections: Arc::default(),
+            identity_rates: limits.rate.map(IdentityRates::new),
+            due,
+            room_locks: RoomLocks::default(),
+            auth,
+            identity_turns: Default::default(),
+        };
+        (hub, due_rx)
+    }
+}
+
 /// What one connection's task owns: the session it drives and that session's live queue.
 #[derive(Debug)]
 pub struct ConnState {

@@ -34,7 +34,7 @@ use crate::plugin::wasm::Runtime;
 use crate::registry::{LoadOptions, Registry, ReloadEvent, RollbackError, SwapPolicy};
 use crate::rooms::Rooms;
 use crate::router::{HostLimits, Hub};
-use crate::session::{Identity, SessionPolicy, Sessions};
+use crate::session::{Identity, SessionPolicy};
 use crate::watch::{self as watcher, WatchMode};
 
 /// How a host is configured.
@@ -129,21 +129,8 @@ impl Server {
         .map_err(StartError::Manifests)?;
         let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr().context("reading the bound address")?;
-        let (due, due_rx) = tokio::sync::mpsc::unbounded_channel();
-        let hub = Arc::new(Hub {
-            sessions: Sessions::default(),
-            rooms,
-            registry,
-            limits: config.limits,
-            policy: config.session,
-            presence: Default::default(),
-            connections: Default::default(),
-            identity_rates: config.limits.rate.map(crate::limits::IdentityRates::new),
-            due,
-            room_locks: Default::default(),
-            auth,
-            identity_turns: Default::default(),
-        });
+        let (hub, due_rx) = Hub::new(registry, rooms, config.limits, config.session, auth);
+        let hub = Arc::new(hub);
         hub.auth.log_startup();
         if config.session.dev_identity {
             tracing::warn!(

@@ -202,25 +202,7 @@ impl Timers {
 
     /// Waits for the next due timers and takes them (for the task that makes the calls).
     pub async fn next_due_batch(&self) -> Vec<DueTimer> {
-        loop {
-            // Registered before looking, so that a timer scheduled meanwhile wakes this wait.
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let due = self.take_due(Instant::now());
-            if !due.is_empty() {
-                return due;
-            }
-            match self.next_due() {
-                Some(at) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at) => {}
-                        _ = changed => {}
-                    }
-                }
-                None => changed.await,
-            }
-        }
+        next_batch(&self.changed, |now| self.take_due(now), || self.next_due()).await
     }
 
     /// How many timers are pending, all plugins together.
@@ -230,6 +212,34 @@ impl Timers {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Waits until `take` has something: it is asked now, then when `next_due` says something falls
+/// due, or when `changed` is notified (new work). Shared by timers and requests.
+pub(crate) async fn next_batch<T>(
+    changed: &Notify,
+    take: impl Fn(Instant) -> Vec<T>,
+    next_due: impl Fn() -> Option<Instant>,
+) -> Vec<T> {
+    loop {
+        // Registered before looking, so that work added meanwhile wakes this wait.
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let batch = take(Instant::now());
+        if !batch.is_empty() {
+            return batch;
+        }
+        match next_due() {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = notified => {}
+                }
+            }
+            None => notified.await,
+        }
     }
 }
 
