@@ -546,7 +546,12 @@ async fn a_flooding_client_is_rate_limited_then_closed_while_another_stays_fast(
     // wait), has its echoes answered at once.
     let mut slowest = std::time::Duration::ZERO;
     let mut pace = tokio::time::interval(std::time::Duration::from_millis(50));
+    let deadline = std::time::Instant::now() + support::TIMEOUT;
     while !reader.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flooding client was never closed"
+        );
         pace.tick().await;
         let started = std::time::Instant::now();
         calm.echo_round_trip().await;
