@@ -105,7 +105,8 @@ fn main() {
     });
     let joined = heap();
     for _ in 0..kept {
-        hub.rooms.broadcast("lobby", &frame(Some("lobby")), None);
+        hub.rooms
+            .broadcast("lobby", &frame(Some("lobby")), None, None);
     }
     let full = heap();
     println!(

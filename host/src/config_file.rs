@@ -90,6 +90,11 @@ pub struct Settings {
     pub allowed_origins: Option<Vec<String>>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// The Redis URL of a cluster to join.
+    pub cluster: Option<String>,
+    pub cluster_node_ttl_secs: Option<u64>,
+    pub cluster_stream_length: Option<usize>,
+    pub cluster_publish_timeout_secs: Option<u64>,
 }
 
 /// Why settings cannot be applied.
@@ -174,6 +179,10 @@ impl Settings {
             allowed_origins,
             tls_cert,
             tls_key,
+            cluster,
+            cluster_node_ttl_secs,
+            cluster_stream_length,
+            cluster_publish_timeout_secs,
         )
     }
 
@@ -314,6 +323,29 @@ impl Settings {
             (None, None) => {}
             _ => return Err(SettingsError::HalfTls),
         }
+        if let Some(url) = &self.cluster {
+            let cluster = config
+                .cluster
+                .get_or_insert_with(|| crate::cluster::ClusterConfig::new(url.clone()));
+            cluster.redis_url = url.clone();
+        }
+        if let Some(cluster) = &mut config.cluster {
+            // The lease is at most 15 s: a dead node's members must leave within that bound.
+            set(
+                &mut cluster.node_ttl,
+                &self
+                    .cluster_node_ttl_secs
+                    .map(|s| Duration::from_secs(s.clamp(1, 15))),
+            );
+            set(
+                &mut cluster.stream_length,
+                &self.cluster_stream_length.map(|n| n.max(1)),
+            );
+            set(
+                &mut cluster.publish_timeout,
+                &secs_min1(&self.cluster_publish_timeout_secs),
+            );
+        }
         Ok(())
     }
 }
@@ -335,6 +367,17 @@ struct Raw {
     #[serde(default)]
     auth: RawAuth,
     tls: Option<Spanned<RawTls>>,
+    #[serde(default)]
+    cluster: RawCluster,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis: Option<String>,
+    node_ttl_secs: Option<u64>,
+    stream_length: Option<usize>,
+    publish_timeout_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -520,6 +563,10 @@ pub fn parse(text: &str, base: &Path) -> Result<Settings, (Option<usize>, String
         allowed_origins: raw.auth.allowed_origins,
         tls_cert,
         tls_key,
+        cluster: raw.cluster.redis,
+        cluster_node_ttl_secs: raw.cluster.node_ttl_secs,
+        cluster_stream_length: raw.cluster.stream_length,
+        cluster_publish_timeout_secs: raw.cluster.publish_timeout_secs,
     })
 }
 

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod builder;
+pub mod cluster;
 pub mod config_file;
 pub mod connection;
 pub mod edge;

@@ -107,7 +107,7 @@ pub async fn arrive(hub: &Hub, room: &str, session: &Session) {
     if let Some(status) = hub.presence.arrive(room, identity) {
         let frame = presence_frame(room, identity, "online", status.as_deref());
         hub.rooms
-            .broadcast(room, &frame, Some(&session.connection_id));
+            .broadcast(room, &frame, Some(&session.connection_id), None);
         presence_event(hub, room, identity, "online", status.as_deref()).await;
     }
 }
@@ -151,7 +151,7 @@ async fn presence_changed(
     status: Option<&str>,
 ) {
     let frame = presence_frame(room, identity, state, status);
-    hub.rooms.broadcast(room, &frame, None);
+    hub.rooms.broadcast(room, &frame, None, None);
     presence_event(hub, room, identity, state, status).await;
 }
 

@@ -181,6 +181,19 @@ struct ServeArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Join a cluster of nodes through this Redis (redis://HOST:PORT) [default: one node].
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+    /// Seconds a node's lease in the cluster lasts (1 to 15): a node that stops renewing it is
+    /// ended, and its members leave their rooms, within this plus a third [default: 10].
+    #[arg(long)]
+    cluster_node_ttl_secs: Option<u64>,
+    /// Publications each room's stream in Redis keeps, to repair missed ones [default: 1000].
+    #[arg(long)]
+    cluster_stream_length: Option<usize>,
+    /// Seconds a broadcast waits for Redis before its sender is told `unavailable` [default: 10].
+    #[arg(long)]
+    cluster_publish_timeout_secs: Option<u64>,
 }
 
 impl ServeArgs {
@@ -235,6 +248,10 @@ impl ServeArgs {
                 .then(|| self.allowed_origins.clone()),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            cluster: self.cluster.clone(),
+            cluster_node_ttl_secs: self.cluster_node_ttl_secs,
+            cluster_stream_length: self.cluster_stream_length,
+            cluster_publish_timeout_secs: self.cluster_publish_timeout_secs,
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::rooms::presence::{Online, Presence};
 use crate::rooms::{MemberInfo, Rooms};
 use crate::serial::{RoomLocks, Turn};
 use crate::session::outbox::{AttachError, OutboxRx};
-use crate::session::{Driver, Identity, Missing, Session, SessionPolicy, Sessions};
+use crate::session::{Delivery, Driver, Identity, Missing, Session, SessionPolicy, Sessions};
 
 /// Host-wide limits on connections.
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +86,8 @@ pub struct Hub {
     /// Turns of the `connect` and `disconnect` events of one identity (keyed by identity), so
     /// that a plugin keeping an identity's connections in its store sees them one at a time.
     pub identity_turns: RoomLocks,
+    /// This node's part in a cluster, when it is one of several.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl Hub {
@@ -112,6 +114,7 @@ impl Hub {
             room_locks: RoomLocks::default(),
             auth,
             identity_turns: Default::default(),
+            cluster: std::sync::OnceLock::new(),
         };
         (hub, due_rx)
     }
@@ -706,13 +709,8 @@ async fn apply(
                     payload: &payload,
                     sender,
                 };
-                match hub.sessions.get(&to) {
-                    Some(session) => {
-                        session.outbox.push(frame.encode());
-                    }
-                    None => {
-                        tracing::debug!(plugin = %plugin.manifest.id, %to, "send to a connection that is gone")
-                    }
+                if hub.sessions.deliver(&to, frame.encode()) == Delivery::Gone {
+                    tracing::debug!(plugin = %plugin.manifest.id, %to, "send to a connection that is gone");
                 }
             }
             Effect::Broadcast {
@@ -733,9 +731,11 @@ async fn apply(
                     .filter(|_| !include_sender)
                     .map(|s| &*s.connection_id);
                 if volatile {
-                    hub.rooms.broadcast_volatile(&room, &frame, except);
+                    hub.rooms
+                        .broadcast_volatile(&room, &frame, except, origin.map(|s| &s.outbox));
                 } else {
-                    hub.rooms.broadcast(&room, &frame, except);
+                    hub.rooms
+                        .broadcast(&room, &frame, except, origin.map(|s| &s.outbox));
                 }
             }
             Effect::Join { room } => match origin {
@@ -823,6 +823,10 @@ pub async fn join_room(
             )
         })?;
     if joined {
+        if let Some(bus) = hub.rooms.bus() {
+            // The ack means the member gets every frame published after it, on any node.
+            bus.ready(room).await;
+        }
         session.add_room(Arc::from(room));
         let payload = json!({
             "room": room,
@@ -831,7 +835,7 @@ pub async fn join_room(
         });
         let frame = protocol::host_frame("room.joined", Some(room), &payload);
         hub.rooms
-            .broadcast(room, &frame, Some(&session.connection_id));
+            .broadcast(room, &frame, Some(&session.connection_id), None);
         if session.is_attached() {
             lifecycle::arrive(hub, room, session).await;
         }
@@ -869,7 +873,7 @@ pub async fn leave_room(
         "reason": reason,
     });
     let frame = protocol::host_frame("room.left", Some(room), &payload);
-    hub.rooms.broadcast(room, &frame, None);
+    hub.rooms.broadcast(room, &frame, None, None);
     if session.is_attached() {
         lifecycle::depart(hub, room, &session.identity.0, false).await;
     }

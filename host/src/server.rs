@@ -60,6 +60,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Serve `wss://` and `https://` with this certificate and key.
     pub tls: Option<TlsFiles>,
+    /// Join a cluster through Redis (`None`: a single node, everything in memory).
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl Config {
@@ -77,6 +79,7 @@ impl Config {
             session: SessionPolicy::default(),
             auth: AuthConfig::default(),
             tls: None,
+            cluster: None,
         }
     }
 }
@@ -138,6 +141,11 @@ impl Server {
             );
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
+        if let Some(cluster) = config.cluster.clone() {
+            let cluster = crate::cluster::Cluster::start(cluster, &hub, shutdown_rx.clone())
+                .map_err(|e| StartError::Other(e.into()))?;
+            let _ = hub.cluster.set(cluster);
+        }
         let tracker = TaskTracker::new();
         let mut ws_config = WebSocketConfig::default();
         ws_config.read_buffer_size = config.read_buffer_bytes;
@@ -229,6 +237,9 @@ impl Server {
         // Sessions still waiting for a resume end too (their rooms tell their plugins).
         for session in self.hub.sessions.all() {
             lifecycle::end_session(&self.hub, &session, lifecycle::End::Shutdown).await;
+        }
+        if let Some(cluster) = self.hub.cluster.get() {
+            cluster.leave().await;
         }
     }
 }
@@ -403,8 +414,11 @@ fn healthz(hub: &Hub) -> Response<Full<Bytes>> {
             })
         })
         .collect();
+    let cluster = hub.cluster.get();
+    let degraded = cluster.is_some_and(|c| !c.is_up());
     let body = serde_json::json!({
-        "status": "ok",
+        "status": if degraded { "degraded" } else { "ok" },
+        "cluster": cluster.map(|c| c.report()),
         "hostVersion": env!("CARGO_PKG_VERSION"),
         "protocolVersion": crate::protocol::PROTOCOL_VERSION,
         "interfaceVersion": crate::plugin::wasm::INTERFACE_VERSION,

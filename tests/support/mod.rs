@@ -258,6 +258,10 @@ handler = "join"
 [[route]]
 type = "relay.conns"
 handler = "conns"
+
+[[route]]
+type = "relay.send"
+handler = "send"
 {events_text}
 [capabilities]
 host = ["messaging", "rooms", "kv", "config", "timers"]

@@ -9,7 +9,7 @@ pub mod replay;
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -250,6 +250,13 @@ impl Session {
     }
 }
 
+/// The node a connection id names (`c-<node>-<random>`).
+pub fn node_of(connection_id: &str) -> Option<&str> {
+    let rest = connection_id.strip_prefix("c-")?;
+    let (node, _) = rest.split_once('-')?;
+    Some(node)
+}
+
 /// Why a session could not be found for a resume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Missing {
@@ -263,12 +270,45 @@ pub enum Missing {
 /// `unknown_session`).
 const EXPIRED_MEMORY: usize = 65_536;
 
+/// What carries a frame to a connection on another node of a cluster (implemented by
+/// `crate::cluster`).
+pub trait Relay: Send + Sync + std::fmt::Debug {
+    /// Sends `frame` to the connection `connection_id` of node `node`.
+    fn send(&self, node: &str, connection_id: &str, frame: &crate::protocol::Frame);
+}
+
+/// Where [`Sessions::deliver`] put a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Into the outbox of a session of this node.
+    Local,
+    /// To the node the connection belongs to.
+    Relayed,
+    /// Nowhere: no such connection.
+    Gone,
+}
+
+/// A fresh node id: 32 random bits in hex, new at every start, so that the ids a node hands out
+/// (connection ids carry it) never collide with those of another node or an earlier run.
+pub fn random_node_id() -> Arc<str> {
+    format!("{:08x}", rand::random::<u32>()).into()
+}
+
 /// All sessions of this host, by connection id and by session id.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Sessions {
+    /// This node's id, the first part of every connection id it hands out.
+    node: Arc<str>,
     by_connection: DashMap<Arc<str>, Arc<Session>>,
     by_session: DashMap<Arc<str>, Arc<Session>>,
     expired: Mutex<Expired>,
+    relay: OnceLock<Arc<dyn Relay>>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions::new(random_node_id())
+    }
 }
 
 /// The ids of sessions that expired lately, oldest first.
@@ -279,12 +319,54 @@ struct Expired {
 }
 
 impl Sessions {
+    /// No sessions yet, on the node `node`.
+    pub fn new(node: Arc<str>) -> Sessions {
+        Sessions {
+            node,
+            by_connection: DashMap::new(),
+            by_session: DashMap::new(),
+            expired: Mutex::default(),
+            relay: OnceLock::new(),
+        }
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &Arc<str> {
+        &self.node
+    }
+
+    /// Connects the sessions to the other nodes of a cluster (once).
+    pub fn set_relay(&self, relay: Arc<dyn Relay>) {
+        if self.relay.set(relay).is_err() {
+            tracing::error!("a second relay was refused");
+        }
+    }
+
+    /// Queues `frame` for the connection `connection_id`, on this node or, in a cluster, on the
+    /// node its id names.
+    pub fn deliver(&self, connection_id: &str, frame: crate::protocol::Frame) -> Delivery {
+        if let Some(session) = self.get(connection_id) {
+            return if session.outbox.push(frame) {
+                Delivery::Local
+            } else {
+                Delivery::Gone
+            };
+        }
+        match (self.relay.get(), node_of(connection_id)) {
+            (Some(relay), Some(node)) if node != &*self.node => {
+                relay.send(node, connection_id, &frame);
+                Delivery::Relayed
+            }
+            _ => Delivery::Gone,
+        }
+    }
+
     /// Registers a new session with a fresh connection id, session id and resume token.
     pub fn open(&self, identity: Identity, policy: &SessionPolicy) -> Arc<Session> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let token: [u8; 32] = rand::random();
         let session = Arc::new(Session {
-            connection_id: format!("c-{}", &id[..16]).into(),
+            connection_id: format!("c-{}-{}", self.node, &id[..16]).into(),
             session_id: format!("s-{}", &id[16..]).into(),
             identity,
             resume_token: token.iter().map(|b| format!("{b:02x}")).collect(),

@@ -13,6 +13,7 @@
 //! | `relay.conns` `{"identity"}` → `conns` | acks `{"count"}`: the length of that list |
 //! | `relay.ask` `{"to"?, "timeoutMs", "q"}` → `ask` | asks connection `to` (default: the origin), or the envelope's room, a `question` `{"q"}`; remembers the asker; acks `{"request"}` |
 //! | `answered` (an outcome) | sends the asker `outcome` `{"outcome", "version"}` |
+//! | `relay.send` `{"to", "body"}` → `send` | sends connection `to` (on any node of a cluster) `relayed` `{"body", "from"}` |
 
 use std::time::Duration;
 
@@ -46,6 +47,13 @@ fn fire(ctx: &Ctx, msg: Message) -> HandlerResult {
         let next = json!({"to": to, "n": n.as_u64().unwrap_or(0) + 1, "every": every});
         ctx.schedule("fire", Duration::from_millis(every), &next)?;
     }
+    Ok(None)
+}
+
+fn send(ctx: &Ctx, msg: Message) -> HandlerResult {
+    let to = msg.payload["to"].as_str().unwrap_or_default();
+    let body = json!({"body": msg.payload["body"], "from": msg.connection_id()});
+    ctx.send(to, "relayed", &body)?;
     Ok(None)
 }
 
@@ -126,6 +134,7 @@ plugin! {
     "rejoin" => rejoin,
     "tally" => tally,
     "conns" => conns,
+    "send" => send,
 }
 
 #[cfg(test)]

@@ -1,0 +1,312 @@
+//! The cluster: several Plexus nodes behave as one host through Redis. **Only this module talks
+//! to Redis.** It implements the interfaces the rooms and the sessions declare
+//! ([`crate::rooms::RoomBus`], [`crate::session::Relay`]): everything above it sees the same
+//! rooms and sessions as on one node.
+//!
+//! - A room's fan-outs and membership changes are *publications*: the publisher task appends
+//!   each to the room's stream in Redis with the next offset and relays it to the room's channel
+//!   in one script ([`scripts`]), pipelined, in the order this node queued them.
+//! - A node subscribes to a room's channel only while it has members there (the subscriber
+//!   task). It delivers each publication of another node once, in offset order: a gap in the
+//!   offsets (a publication Redis did not relay, or one sent while the subscription was down)
+//!   is read back from the stream, and what the stream no longer holds is told to the members
+//!   (`room.gap`).
+//! - Each node holds a lease in Redis, renewed every third of its length; a node whose lease
+//!   ran out is ended by the next node to renew: its members leave their rooms.
+//! - Frames for a connection of another node go to that node's channel (a connection id names
+//!   its node).
+
+mod link;
+mod nodes;
+mod publisher;
+pub mod scripts;
+mod subscriber;
+pub mod wire;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::protocol::Frame;
+use crate::rooms::{MemberInfo, RoomBus};
+use crate::router::Hub;
+use crate::session::Relay;
+use crate::session::outbox::Outbox;
+use link::Link;
+use publisher::{Job, RoomJob};
+use subscriber::Command;
+
+/// How a node joins a cluster (docs/operations.md, "Cluster").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://HOST:PORT[/DB]` (or `rediss://`, `redis+unix://`).
+    pub redis_url: String,
+    /// How long a node's lease lasts: a node that stopped renewing it (it died, or lost Redis)
+    /// is ended, and its members leave their rooms, within this time plus a third of it.
+    pub node_ttl: Duration,
+    /// Publications each room's stream keeps (about: Redis trims in whole blocks), to repair a
+    /// node's missed publications.
+    pub stream_length: usize,
+    /// How long an idle room's stream and offset are kept.
+    pub room_ttl: Duration,
+    /// How long a frame waits for Redis before it is dropped and its sender told `unavailable`.
+    pub publish_timeout: Duration,
+}
+
+impl ClusterConfig {
+    pub fn new(redis_url: impl Into<String>) -> ClusterConfig {
+        ClusterConfig {
+            redis_url: redis_url.into(),
+            node_ttl: Duration::from_secs(10),
+            stream_length: 1000,
+            room_ttl: Duration::from_secs(24 * 3600),
+            publish_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a cluster could not be joined.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster: `{url}` is not a Redis URL: {source}")]
+    BadUrl {
+        url: String,
+        source: redis::RedisError,
+    },
+}
+
+/// What the cluster did, for `/healthz`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Publications and direct frames sent.
+    pub published: AtomicU64,
+    /// Batches sent again after Redis failed.
+    pub publish_retries: AtomicU64,
+    /// Frames dropped after the publish timeout (their senders were told).
+    pub dropped: AtomicU64,
+    /// Publications of other nodes delivered here.
+    pub received: AtomicU64,
+    /// Publications received twice (a batch sent again) and dropped.
+    pub duplicates: AtomicU64,
+    /// Gaps repaired from a room's stream.
+    pub repairs: AtomicU64,
+    /// Publications missed for good (the stream no longer held them); the rooms were told.
+    pub lost: AtomicU64,
+    /// Direct frames delivered here.
+    pub direct: AtomicU64,
+    /// Nodes this node found dead and ended.
+    pub nodes_ended: AtomicU64,
+    /// Whether the subscription connection is up and every served room is in sync.
+    pub subscribed: AtomicBool,
+    /// Rooms this node serves (has members in).
+    pub served: AtomicUsize,
+}
+
+/// What the cluster's tasks share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    node: Arc<str>,
+    config: ClusterConfig,
+    link: Arc<Link>,
+    stats: Stats,
+}
+
+/// This node's part in a cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    shared: Arc<Shared>,
+    jobs: mpsc::UnboundedSender<Job>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// How long a join waits for its room's traffic to reach this node before it is answered
+/// anyway (Redis is down: the node serves its own members).
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The channel of a room.
+fn channel_of_room(room: &str) -> String {
+    format!("plexus:r:{room}")
+}
+
+/// The channel of a node (direct frames).
+fn channel_of_node(node: &str) -> String {
+    format!("plexus:n:{node}")
+}
+
+impl Cluster {
+    /// Joins the cluster: starts the publisher, the subscriber and the lease, and connects the
+    /// hub's rooms and sessions to them. Redis being unreachable is no error: the node serves
+    /// its own connections and keeps trying.
+    pub fn start(
+        config: ClusterConfig,
+        hub: &Arc<Hub>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let client = redis::Client::open(config.redis_url.as_str()).map_err(|source| {
+            ClusterError::BadUrl {
+                url: config.redis_url.clone(),
+                source,
+            }
+        })?;
+        let shared = Arc::new(Shared {
+            node: hub.sessions.node().clone(),
+            config,
+            link: Link::new(client),
+            stats: Stats::default(),
+        });
+        let (jobs, jobs_rx) = mpsc::unbounded_channel();
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        tokio::spawn(publisher::run(shared.clone(), jobs_rx));
+        tokio::spawn(subscriber::run(
+            shared.clone(),
+            hub.clone(),
+            commands_rx,
+            shutdown.clone(),
+        ));
+        let cluster = Arc::new(Cluster {
+            shared,
+            jobs,
+            commands,
+        });
+        tokio::spawn(nodes::run(cluster.clone(), hub.clone(), shutdown));
+        hub.rooms.set_bus(cluster.clone());
+        hub.sessions.set_relay(cluster.clone());
+        tracing::info!(node = %cluster.shared.node, redis = %cluster.shared.config.redis_url, "cluster: joining");
+        Ok(cluster)
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.shared.node
+    }
+
+    /// Whether Redis answers.
+    pub fn is_up(&self) -> bool {
+        self.shared.link.is_up() && self.shared.stats.subscribed.load(Ordering::Acquire)
+    }
+
+    /// Leaves the cluster (the host is shutting down, its sessions ended): sends what is
+    /// queued, then ends this node's lease so that its remaining members leave their rooms at
+    /// once. Bounded by the publish timeout.
+    pub async fn leave(&self) {
+        let (done, flushed) = oneshot::channel();
+        let _ = self.jobs.send(Job::Flush(done));
+        let bounded = async {
+            let _ = flushed.await;
+            let result = nodes::beat(&self.shared, false).await;
+            self.shared.link.outcome(&result).await;
+        };
+        if tokio::time::timeout(self.shared.config.publish_timeout, bounded)
+            .await
+            .is_err()
+        {
+            tracing::warn!("cluster: left without sending everything (Redis unreachable)");
+        }
+    }
+
+    /// Waits until everything queued so far was sent.
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        let _ = self.jobs.send(Job::Flush(done));
+        let _ = flushed.await;
+    }
+
+    /// What `/healthz` shows.
+    pub fn report(&self) -> serde_json::Value {
+        let s = &self.shared.stats;
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "node": &*self.shared.node,
+            "redis": if self.shared.link.is_up() { "up" } else { "down" },
+            "subscribed": s.subscribed.load(Ordering::Relaxed),
+            "rooms": s.served.load(Ordering::Relaxed),
+            "published": n(&s.published),
+            "publishRetries": n(&s.publish_retries),
+            "dropped": n(&s.dropped),
+            "received": n(&s.received),
+            "duplicates": n(&s.duplicates),
+            "repairs": n(&s.repairs),
+            "lost": n(&s.lost),
+            "direct": n(&s.direct),
+            "nodesEnded": n(&s.nodes_ended),
+        })
+    }
+
+    fn room_job(&self, room: &str, what: RoomJob) {
+        let _ = self.jobs.send(Job::Room {
+            room: Arc::from(room),
+            what,
+            queued: Instant::now(),
+        });
+    }
+}
+
+impl RoomBus for Cluster {
+    fn serve(&self, room: &str) {
+        let _ = self.commands.send(Command::Serve(Arc::from(room)));
+    }
+
+    fn unserve(&self, room: &str) {
+        let _ = self.commands.send(Command::Unserve(Arc::from(room)));
+    }
+
+    fn ready(&self, _room: &str) -> BoxFuture<'static, ()> {
+        let (done, ready) = oneshot::channel();
+        let _ = self.commands.send(Command::Ready(done));
+        Box::pin(async move {
+            let _ = tokio::time::timeout(READY_TIMEOUT, ready).await;
+        })
+    }
+
+    fn joined(&self, room: &str, member: &MemberInfo) {
+        self.room_job(
+            room,
+            RoomJob::Joined {
+                connection_id: member.connection_id.clone(),
+                identity: member.identity.clone(),
+            },
+        );
+    }
+
+    fn left(&self, room: &str, connection_id: &str) {
+        self.room_job(
+            room,
+            RoomJob::Left {
+                connection_id: Arc::from(connection_id),
+            },
+        );
+    }
+
+    fn publish(
+        &self,
+        room: &str,
+        frame: &Frame,
+        except: Option<&str>,
+        volatile: bool,
+        origin: Option<&Outbox>,
+    ) {
+        self.room_job(
+            room,
+            RoomJob::Frame {
+                except: except.map(Arc::from),
+                volatile,
+                body: frame.clone(),
+                origin: origin.cloned(),
+            },
+        );
+    }
+}
+
+impl Relay for Cluster {
+    fn send(&self, node: &str, connection_id: &str, frame: &Frame) {
+        let _ = self.jobs.send(Job::Direct {
+            node: Arc::from(node),
+            connection_id: Arc::from(connection_id),
+            body: frame.clone(),
+            queued: Instant::now(),
+        });
+    }
+}

@@ -1,0 +1,222 @@
+//! The publisher: one task sends everything this node tells the other nodes, in the order it
+//! was queued, pipelined (everything queued meanwhile goes in one round trip). A batch that
+//! fails is sent again once Redis answers (the receivers drop what they already had, by the
+//! origin's publication number); a frame that cannot be sent within the publish timeout is
+//! dropped and its origin session told (`unavailable`). Membership changes are never dropped.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::link::Backoff;
+use super::wire::{self, Kind, Publication};
+use super::{Shared, channel_of_node};
+use crate::error::ErrorCode;
+use crate::protocol::{self, Frame};
+use crate::session::outbox::Outbox;
+
+/// Most jobs sent in one round trip.
+const BATCH: usize = 512;
+
+/// Something to tell the other nodes.
+#[derive(Debug)]
+pub enum Job {
+    /// A publication to a room.
+    Room {
+        room: Arc<str>,
+        what: RoomJob,
+        queued: Instant,
+    },
+    /// A frame for a connection of another node.
+    Direct {
+        node: Arc<str>,
+        connection_id: Arc<str>,
+        body: Frame,
+        queued: Instant,
+    },
+    /// Answered once everything queued before it was sent.
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+pub enum RoomJob {
+    Frame {
+        except: Option<Arc<str>>,
+        volatile: bool,
+        body: Frame,
+        /// The session that caused it, told when it cannot be sent.
+        origin: Option<Outbox>,
+    },
+    Joined {
+        connection_id: Arc<str>,
+        identity: Arc<str>,
+    },
+    Left {
+        connection_id: Arc<str>,
+    },
+}
+
+pub async fn run(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    let mut pending: VecDeque<(u64, Job)> = VecDeque::new();
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut next_number = 1u64;
+    let mut backoff = Backoff::default();
+    let mut take = |job: Job, pending: &mut VecDeque<(u64, Job)>, flushes: &mut Vec<_>| match job {
+        Job::Flush(done) => flushes.push(done),
+        job => {
+            pending.push_back((next_number, job));
+            next_number += 1;
+        }
+    };
+    loop {
+        if pending.is_empty() {
+            for done in flushes.drain(..) {
+                let _ = done.send(());
+            }
+            match jobs.recv().await {
+                Some(job) => take(job, &mut pending, &mut flushes),
+                None => return,
+            }
+        }
+        while pending.len() < BATCH {
+            match jobs.try_recv() {
+                Ok(job) => take(job, &mut pending, &mut flushes),
+                Err(_) => break,
+            }
+        }
+        if pending.is_empty() {
+            continue;
+        }
+        let result = send(&shared, &pending).await;
+        shared.link.outcome(&result).await;
+        match result {
+            Ok(()) => {
+                tracing::trace!(count = pending.len(), "cluster: published");
+                shared
+                    .stats
+                    .published
+                    .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                pending.clear();
+                backoff.reset();
+            }
+            Err(e) => {
+                shared.stats.publish_retries.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("cluster: publishing failed, retrying: {e}");
+                drop_expired(&shared, &mut pending);
+                tokio::time::sleep(backoff.next()).await;
+            }
+        }
+    }
+}
+
+async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisResult<()> {
+    let mut conn = shared.link.get().await?;
+    let mut pipe = redis::pipe();
+    let publish = shared.link.scripts.publish.get_hash();
+    let epoch_candidate = format!("{:016x}", rand::random::<u64>());
+    for (number, job) in pending {
+        match job {
+            Job::Room { room, what, .. } => {
+                let (tag, member, value, kind) = match what {
+                    RoomJob::Frame {
+                        except,
+                        volatile,
+                        body,
+                        ..
+                    } => (
+                        if *volatile { "V" } else { "F" },
+                        "",
+                        String::new(),
+                        Kind::Frame {
+                            except: except.as_deref(),
+                            volatile: *volatile,
+                            body: body.as_str(),
+                        },
+                    ),
+                    RoomJob::Joined {
+                        connection_id,
+                        identity,
+                    } => (
+                        "J",
+                        &**connection_id,
+                        wire::member_value(&shared.node, identity),
+                        Kind::Joined {
+                            connection_id,
+                            identity,
+                        },
+                    ),
+                    RoomJob::Left { connection_id } => (
+                        "L",
+                        &**connection_id,
+                        String::new(),
+                        Kind::Left { connection_id },
+                    ),
+                };
+                let publication = Publication {
+                    origin: &shared.node,
+                    number: *number,
+                    kind,
+                };
+                pipe.cmd("EVALSHA")
+                    .arg(publish)
+                    .arg(0)
+                    .arg(&**room)
+                    .arg(tag)
+                    .arg(publication.encode())
+                    .arg(member)
+                    .arg(value)
+                    .arg(&*shared.node)
+                    .arg(&epoch_candidate)
+                    .arg(shared.config.stream_length)
+                    .arg(shared.config.room_ttl.as_secs().max(1))
+                    .ignore();
+            }
+            Job::Direct {
+                node,
+                connection_id,
+                body,
+                ..
+            } => {
+                pipe.cmd("PUBLISH")
+                    .arg(channel_of_node(node))
+                    .arg(wire::direct(connection_id, body.as_str()))
+                    .ignore();
+            }
+            Job::Flush(_) => {}
+        }
+    }
+    pipe.query_async::<()>(&mut conn).await
+}
+
+/// Drops the frames queued longer than the publish timeout, telling their origins.
+fn drop_expired(shared: &Shared, pending: &mut VecDeque<(u64, Job)>) {
+    let timeout = shared.config.publish_timeout;
+    pending.retain(|(_, job)| {
+        let (queued, room, origin) = match job {
+            Job::Room {
+                room,
+                what: RoomJob::Frame { origin, .. },
+                queued,
+            } => (*queued, Some(room), origin.as_ref()),
+            Job::Direct { queued, .. } => (*queued, None, None),
+            _ => return true,
+        };
+        if queued.elapsed() < timeout {
+            return true;
+        }
+        shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        if let (Some(origin), Some(room)) = (origin, room) {
+            origin.push(protocol::error(
+                None,
+                ErrorCode::Unavailable.as_str(),
+                &format!(
+                    "a broadcast to room `{room}` could not reach the other nodes of the cluster"
+                ),
+            ));
+        }
+        false
+    });
+}

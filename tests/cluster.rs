@@ -1,0 +1,481 @@
+//! The cluster: real `plexus serve` processes joined through a real `redis-server`, each
+//! started by the test on a free port, with real WebSocket clients spread across the nodes.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::Stdio;
+
+use serde_json::{Value, json};
+use support::{Client, TempDir, echo_manifest, relay_manifest, wasm, within};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A free port on loopback (bound, read, released: Redis binds it next).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding port 0");
+    listener.local_addr().expect("the bound address").port()
+}
+
+/// A `redis-server` of this test, without persistence: a restart loses everything.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        Redis::start_on(free_port()).await
+    }
+
+    async fn start_on(port: u16) -> Redis {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning redis-server (is it installed?)");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        within("redis-server to accept connections", async {
+            while let Some(line) = lines.next_line().await.expect("reading redis-server") {
+                if line.contains("Ready to accept connections") {
+                    return;
+                }
+            }
+            panic!("redis-server exited before it was ready");
+        })
+        .await;
+        // Keep draining its output so that it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Redis { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn kill(&mut self) {
+        self.child.start_kill().expect("killing redis-server");
+        let _ = self.child.wait().await;
+    }
+
+    /// One command on a fresh connection.
+    async fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = within(
+            "connecting to Redis",
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .expect("connecting to Redis");
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        within("a Redis command", cmd.query_async(&mut conn))
+            .await
+            .expect("a Redis command")
+    }
+
+    /// How many nodes subscribe to a room's channel.
+    async fn subscribers(&self, room: &str) -> u64 {
+        let channel = format!("plexus:r:{room}");
+        let (_, n): (String, u64) = self.cmd(&["PUBSUB", "NUMSUB", &channel]).await;
+        n
+    }
+}
+
+/// A `plexus serve` process in the cluster.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Node {
+    async fn start(redis: &Redis, manifests: &TempDir, extra: &[&str]) -> Node {
+        let mut child = Command::new(support::plexus_bin())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--no-build",
+                "--manifests",
+            ])
+            .arg(manifests.path())
+            .args(["--cluster", &redis.url()])
+            .args(["--max-messages-per-second", "0", "--dev-insecure-identity"])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("PLEXUS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning plexus serve");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        within("the listening line", stdout.read_line(&mut line))
+            .await
+            .expect("reading stdout");
+        let addr = line
+            .trim()
+            .strip_prefix("plexus listening on ws://")
+            .and_then(|rest| rest.strip_suffix("/ws"))
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        tokio::spawn(async move {
+            let mut sink = String::new();
+            while stdout.read_line(&mut sink).await.is_ok_and(|n| n > 0) {
+                sink.clear();
+            }
+        });
+        Node { child, addr }
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.addr).await
+    }
+
+    async fn healthz(&self) -> Value {
+        let resp = support::http_get(self.addr, "/healthz").await;
+        serde_json::from_str(&resp.body).expect("healthz JSON")
+    }
+
+    /// Kills the process with SIGKILL: no goodbye to the cluster.
+    async fn kill(&mut self) {
+        self.child.start_kill().expect("killing a node");
+        let _ = self.child.wait().await;
+    }
+}
+
+fn manifests() -> TempDir {
+    let dir = TempDir::new();
+    dir.write("echo.toml", echo_manifest());
+    dir.write("relay.toml", relay_manifest(&wasm("relay"), "a", &[]));
+    dir
+}
+
+async fn cluster(redis: &Redis, manifests: &TempDir, n: usize) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        nodes.push(Node::start(redis, manifests, &["--cluster-node-ttl-secs", "2"]).await);
+    }
+    nodes
+}
+
+async fn join(c: &mut Client, room: &str) -> Value {
+    let id = c.next_id();
+    let (_, ack) = c
+        .request(json!({"type": "sys.join", "messageId": id, "room": room}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    ack
+}
+
+/// The `echo.broadcast` payloads `c` reads until it has `n` of them, skipping the room's
+/// membership and presence notices (which come from other nodes at their own pace).
+async fn broadcasts(c: &mut Client, n: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let frame = c.recv().await;
+        match frame["type"].as_str() {
+            Some("echo.broadcast") => got.push(frame["payload"].clone()),
+            Some("room.joined" | "room.left" | "presence.changed") => {}
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    got
+}
+
+/// Every client in `clients` says hello to the room, and reads everyone else's: once done,
+/// each node has applied every other node's joins (they precede the hellos in the room's
+/// stream).
+async fn hellos(clients: &mut [Client], room: &str) {
+    for c in clients.iter_mut() {
+        let id = c.next_id();
+        c.send(json!({"type": "echo.broadcast", "messageId": id, "room": room, "payload": {"hello": c.connection_id}}))
+            .await;
+    }
+    let others = clients.len() - 1;
+    for c in clients.iter_mut() {
+        let mut seen = 0;
+        let mut acked = false;
+        while seen < others || !acked {
+            let frame = c.recv().await;
+            match frame["type"].as_str() {
+                Some("echo.broadcast") => seen += 1,
+                Some("sys.ack") => acked = true,
+                Some("room.joined" | "room.left" | "presence.changed") => {}
+                _ => panic!("unexpected frame {frame}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_broadcast_reaches_every_node_exactly_once_in_order() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let nodes = cluster(&redis, &dir, 3).await;
+    let mut sender = nodes[0].client().await;
+    let mut local = nodes[0].client().await;
+    let mut second = nodes[1].client().await;
+    let mut third = nodes[2].client().await;
+    for c in [&mut sender, &mut local, &mut second, &mut third] {
+        join(c, "lobby").await;
+    }
+
+    const N: usize = 1000;
+    for n in 0..N {
+        let id = sender.next_id();
+        sender
+            .feed(json!({"type": "echo.broadcast", "messageId": id, "room": "lobby", "payload": {"n": n}}))
+            .await;
+    }
+    sender.flush().await;
+    let expected: Vec<Value> = (0..N).map(|n| json!({"n": n})).collect();
+    for c in [&mut local, &mut second, &mut third] {
+        assert_eq!(broadcasts(c, N).await, expected, "on {}", c.connection_id);
+    }
+    // Nothing more: a last broadcast is the next thing each member reads.
+    let id = sender.next_id();
+    sender
+        .send(json!({"type": "echo.broadcast", "messageId": id, "room": "lobby", "payload": {"last": true}}))
+        .await;
+    for c in [&mut local, &mut second, &mut third] {
+        assert_eq!(broadcasts(c, 1).await, [json!({"last": true})]);
+    }
+    let mut acks = 0;
+    while acks < N + 1 {
+        let frame = sender.recv().await;
+        match frame["type"].as_str() {
+            Some("sys.ack") => acks += 1,
+            Some("room.joined" | "presence.changed") => {}
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    for node in &nodes[1..] {
+        let report = node.healthz().await;
+        assert_eq!(report["cluster"]["duplicates"], 0, "{report}");
+        assert_eq!(report["cluster"]["lost"], 0, "{report}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_members_in_a_room_receives_none_of_its_traffic() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let nodes = cluster(&redis, &dir, 3).await;
+    let mut a = nodes[0].client().await;
+    let mut b = nodes[1].client().await;
+    let mut elsewhere = nodes[2].client().await;
+    join(&mut a, "busy").await;
+    join(&mut b, "busy").await;
+    join(&mut elsewhere, "quiet").await;
+    assert_eq!(redis.subscribers("busy").await, 2);
+    assert_eq!(redis.subscribers("quiet").await, 1);
+    for n in 0..20 {
+        let id = a.next_id();
+        a.send(
+            json!({"type": "echo.broadcast", "messageId": id, "room": "busy", "payload": {"n": n}}),
+        )
+        .await;
+    }
+    assert_eq!(broadcasts(&mut b, 20).await.len(), 20);
+    let third = nodes[2].healthz().await;
+    assert_eq!(third["cluster"]["received"], 0, "{third}");
+    assert_eq!(third["cluster"]["rooms"], 1, "{third}");
+    // The last member on a node leaves: the node stops listening to the room.
+    let id = b.next_id();
+    let (_, ack) = b
+        .request(json!({"type": "sys.leave", "messageId": id, "room": "busy"}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    within("node 2 to unsubscribe", async {
+        while redis.subscribers("busy").await != 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_lists_agree_on_every_node_and_direct_sends_cross_nodes() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let nodes = cluster(&redis, &dir, 3).await;
+    let mut clients = Vec::new();
+    for node in &nodes {
+        let mut c = node.client().await;
+        join(&mut c, "team").await;
+        clients.push(c);
+    }
+    hellos(&mut clients, "team").await;
+    // A newcomer on each node sees every member, wherever they are (the newcomers before it
+    // included, once their hellos went round).
+    for node in &nodes {
+        let everyone: BTreeSet<String> = clients.iter().map(|c| c.connection_id.clone()).collect();
+        let mut probe = node.client().await;
+        let ack = join(&mut probe, "team").await;
+        let listed: BTreeSet<String> = ack["payload"]["members"]
+            .as_array()
+            .expect("members in the join ack")
+            .iter()
+            .map(|m| m["connectionId"].as_str().unwrap().to_owned())
+            .filter(|id| *id != probe.connection_id)
+            .collect();
+        assert_eq!(listed, everyone, "on {}", probe.connection_id);
+        clients.push(probe);
+        hellos(&mut clients, "team").await;
+    }
+    // A plugin on node 1 sends to a connection on node 3.
+    let to = clients[2].connection_id.clone();
+    assert_ne!(
+        clients[0].connection_id.split('-').nth(1),
+        clients[2].connection_id.split('-').nth(1),
+        "the two clients are on different nodes"
+    );
+    let id = clients[0].next_id();
+    let (_, ack) = clients[0]
+        .request(
+            json!({"type": "relay.send", "messageId": id, "payload": {"to": to, "body": "psst"}}),
+        )
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    let (_, relayed) = clients[2].recv_until_type("relayed").await;
+    assert_eq!(relayed["payload"]["body"], "psst");
+    assert_eq!(
+        relayed["payload"]["from"],
+        clients[0].connection_id.as_str()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_members_leave_every_room_within_the_lease() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let mut nodes = cluster(&redis, &dir, 3).await;
+    let mut clients = Vec::new();
+    for node in &nodes {
+        let mut c = node.client().await;
+        join(&mut c, "watch").await;
+        clients.push(c);
+    }
+    hellos(&mut clients, "watch").await;
+    let victim = clients.pop().unwrap().connection_id.clone();
+    nodes[2].kill().await;
+    // The survivors learn of it once the dead node's lease (2 s) runs out and a survivor
+    // renews its own: the members of the dead node leave, on every node.
+    for c in &mut clients {
+        let (_, left) = c.recv_until_type("room.left").await;
+        assert_eq!(left["payload"]["connectionId"], victim.as_str(), "{left}");
+    }
+    let mut probe = nodes[0].client().await;
+    let ack = join(&mut probe, "watch").await;
+    let listed: Vec<&str> = ack["payload"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["connectionId"].as_str().unwrap())
+        .collect();
+    assert!(!listed.contains(&victim.as_str()), "{listed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_recover_by_themselves_when_redis_restarts_and_no_frame_goes_missing_silently() {
+    let mut redis = Redis::start().await;
+    let port = redis.port;
+    let dir = manifests();
+    let nodes = cluster(&redis, &dir, 3).await;
+    let mut sender = nodes[0].client().await;
+    let mut a = nodes[1].client().await;
+    let mut b = nodes[2].client().await;
+    for c in [&mut sender, &mut a, &mut b] {
+        join(c, "storm").await;
+    }
+    redis.kill().await;
+    // While Redis is down, the nodes serve their own clients and say they are degraded.
+    for node in &nodes {
+        within("the node to report Redis down", async {
+            while node.healthz().await["status"] != "degraded" {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+    }
+    // Its own node still answers it (the room notices of the other nodes may come first).
+    let id = sender.next_id();
+    let (before, ack) = sender
+        .request(json!({"type": "echo", "messageId": id, "payload": {"alone": true}}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    let echoes: Vec<&Value> = before.iter().filter(|f| f["type"] == "echo").collect();
+    assert_eq!(echoes.len(), 1, "{before:?}");
+    for n in 0..10 {
+        let id = sender.next_id();
+        sender
+            .send(json!({"type": "echo.broadcast", "messageId": id, "room": "storm", "payload": {"n": n}}))
+            .await;
+    }
+    redis = Redis::start_on(port).await;
+    // Every node connects again, subscribes again to the rooms it serves, and what was queued
+    // meanwhile arrives once, in order.
+    let expected: Vec<Value> = (0..10).map(|n| json!({"n": n})).collect();
+    for c in [&mut a, &mut b] {
+        assert_eq!(broadcasts(c, 10).await, expected);
+    }
+    for node in &nodes {
+        within("the node to report itself healthy", async {
+            while node.healthz().await["status"] != "ok" {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+    }
+    assert_eq!(redis.subscribers("storm").await, 3);
+    let id = sender.next_id();
+    sender
+        .send(json!({"type": "echo.broadcast", "messageId": id, "room": "storm", "payload": {"after": true}}))
+        .await;
+    for c in [&mut a, &mut b] {
+        assert_eq!(broadcasts(c, 1).await, [json!({"after": true})]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_dropped_between_redis_and_a_node_is_repaired() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let nodes = cluster(&redis, &dir, 2).await;
+    let mut sender = nodes[0].client().await;
+    let mut receiver = nodes[1].client().await;
+    join(&mut sender, "repair").await;
+    join(&mut receiver, "repair").await;
+    for n in 0..5 {
+        let id = sender.next_id();
+        sender
+            .send(json!({"type": "echo.broadcast", "messageId": id, "room": "repair", "payload": {"n": n}}))
+            .await;
+    }
+    assert_eq!(broadcasts(&mut receiver, 5).await.len(), 5);
+    // Cut every subscription connection: publications made before the node subscribes again
+    // are relayed to nobody, and must come back from the room's stream.
+    let killed: u64 = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    assert!(killed >= 2, "{killed}");
+    for n in 5..50 {
+        let id = sender.next_id();
+        sender
+            .send(json!({"type": "echo.broadcast", "messageId": id, "room": "repair", "payload": {"n": n}}))
+            .await;
+    }
+    let expected: Vec<Value> = (5..50).map(|n| json!({"n": n})).collect();
+    assert_eq!(broadcasts(&mut receiver, 45).await, expected);
+    receiver.sync().await;
+}
