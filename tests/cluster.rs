@@ -478,4 +478,27 @@ async fn a_publication_dropped_between_redis_and_a_node_is_repaired() {
     let expected: Vec<Value> = (5..50).map(|n| json!({"n": n})).collect();
     assert_eq!(broadcasts(&mut receiver, 45).await, expected);
     receiver.sync().await;
+
+    // A publication Redis keeps in the stream but relays to nobody while every subscription
+    // stays up (what a dropped relay looks like): the next one skips an offset, and the node
+    // reads the missing one back before it.
+    let body = r#"{"type":"echo.broadcast","room":"repair","payload":{"unrelayed":true}}"#;
+    let publication = format!("F\u{1f}feedbeef\u{1f}1\u{1f}\u{1f}{body}");
+    let script = "local meta = 'plexus:r:' .. ARGV[1]
+        local offset = redis.call('HINCRBY', meta, 'offset', 1)
+        redis.call('XADD', meta .. ':s', '0-' .. offset, 'd', ARGV[2])
+        return offset";
+    let _: u64 = redis
+        .cmd(&["EVAL", script, "0", "repair", &publication])
+        .await;
+    let id = sender.next_id();
+    sender
+        .send(json!({"type": "echo.broadcast", "messageId": id, "room": "repair", "payload": {"n": 50}}))
+        .await;
+    assert_eq!(
+        broadcasts(&mut receiver, 2).await,
+        [json!({"unrelayed": true}), json!({"n": 50})]
+    );
+    let report = nodes[1].healthz().await;
+    assert!(report["cluster"]["repairs"].as_u64() >= Some(1), "{report}");
 }
