@@ -235,6 +235,8 @@ impl ServeArgs {
                 .then(|| self.allowed_origins.clone()),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            // Structured rules have no flag: they live in the file ([[rooms.rule]]).
+            room_rules: None,
         }
     }
 }
