@@ -9,51 +9,21 @@ mod support;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use plexus::auth::{AuthConfig, KeySource};
 use plexus::{Config, Server, StartError};
 use serde_json::{Value, json};
-use support::{Client, Host, TempDir, echo_manifest, within};
+use support::{
+    Client, Host, SECRET, TempDir, claims, echo_manifest, hs256, hs256_with, now, within,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-const SECRET: &[u8] = b"a test secret of thirty-two bytes";
-
 fn fixture(name: &str) -> PathBuf {
     support::repo_root().join("tests/fixtures/auth").join(name)
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs()
-}
-
-/// A token for `sub` valid for an hour, with `extra` claims merged in (they may replace `exp`).
-fn claims(sub: &str, extra: Value) -> Value {
-    let mut c = json!({ "sub": sub, "exp": now() + 3600, "iat": now() });
-    if let (Some(c), Value::Object(extra)) = (c.as_object_mut(), extra) {
-        c.extend(extra);
-    }
-    c
-}
-
-fn hs256(claims: &Value) -> String {
-    hs256_with(SECRET, claims)
-}
-
-fn hs256_with(secret: &[u8], claims: &Value) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .expect("signing")
 }
 
 fn rs256(claims: &Value, kid: Option<&str>) -> String {

@@ -1,6 +1,6 @@
-//! `plexus.toml` through the real binary: unknown keys and wrong types are errors naming the
-//! file and line, the file in the working directory is read, flags override the file's values,
-//! and contradicting settings refuse to start.
+//! `plexus.toml` through the real binary: unknown keys, wrong types and unreadable room rules
+//! are errors naming the file and line, the file in the working directory is read, flags
+//! override the file's values, and contradicting settings refuse to start.
 
 mod support;
 
@@ -55,6 +55,15 @@ async fn unknown_keys_and_wrong_types_name_the_file_and_line() {
     let stderr = serve_fails(dir.path(), &[]).await;
     assert!(stderr.contains("plexus.toml:5:"), "{stderr}");
     assert!(stderr.contains("`ca`"), "{stderr}");
+
+    // A room rule's pattern that cannot be read.
+    dir.write(
+        "rules.toml",
+        "[[rooms.rule]]\npattern = \"admin:*\"\nrequire = { role = \"admin\" }\n\n[[rooms.rule]]\npattern = \"user:{sub\"\n",
+    );
+    let stderr = serve_fails(dir.path(), &["--config", "rules.toml"]).await;
+    assert!(stderr.contains("rules.toml:6: room rule 2:"), "{stderr}");
+    assert!(stderr.contains("`user:{sub`"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

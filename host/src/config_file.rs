@@ -2,6 +2,7 @@
 //! wrong type is an error naming the file and the line), as one [`Settings`] that command-line
 //! flags override (docs/operations.md, "plexus.toml").
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use toml::Spanned;
 
 use std::num::NonZeroU32;
 
-use crate::auth::KeySource;
+use crate::auth::{ClaimValue, KeySource, RoomRule, RoomRules};
 use crate::edge::tls::TlsFiles;
 use crate::limits::RateLimit;
 use crate::server::Config;
@@ -95,6 +96,8 @@ pub struct Settings {
     pub cluster_node_ttl_secs: Option<u64>,
     pub cluster_stream_length: Option<usize>,
     pub cluster_publish_timeout_secs: Option<u64>,
+    /// Who may join which rooms (`[[rooms.rule]]`; no flag: structured rules live in the file).
+    pub room_rules: Option<RoomRules>,
 }
 
 /// Why settings cannot be applied.
@@ -183,6 +186,7 @@ impl Settings {
             cluster_node_ttl_secs,
             cluster_stream_length,
             cluster_publish_timeout_secs,
+            room_rules,
         )
     }
 
@@ -313,6 +317,7 @@ impl Settings {
         set(&mut auth.leeway_secs, &self.jwt_leeway_secs);
         set(&mut auth.allow_guests, &self.allow_guests);
         set(&mut auth.allowed_origins, &self.allowed_origins);
+        set(&mut auth.room_rules, &self.room_rules);
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {
                 config.tls = Some(TlsFiles {
@@ -369,6 +374,7 @@ struct Raw {
     tls: Option<Spanned<RawTls>>,
     #[serde(default)]
     cluster: RawCluster,
+    rooms: Option<RawRooms>,
 }
 
 #[derive(Deserialize, Default)]
@@ -378,6 +384,21 @@ struct RawCluster {
     node_ttl_secs: Option<u64>,
     stream_length: Option<usize>,
     publish_timeout_secs: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRooms {
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    pattern: Spanned<String>,
+    #[serde(default)]
+    require: BTreeMap<String, Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -510,6 +531,10 @@ pub fn parse(text: &str, base: &Path) -> Result<Settings, (Option<usize>, String
     if keys.iter().filter(|k| **k).count() > 1 {
         return Err((None, SettingsError::SeveralKeys.to_string()));
     }
+    let room_rules = match raw.rooms {
+        None => None,
+        Some(rooms) => Some(room_rules(text, rooms)?),
+    };
     let (tls_cert, tls_key) = match raw.tls {
         Some(tls) => {
             let tls = tls.into_inner();
@@ -567,7 +592,51 @@ pub fn parse(text: &str, base: &Path) -> Result<Settings, (Option<usize>, String
         cluster_node_ttl_secs: raw.cluster.node_ttl_secs,
         cluster_stream_length: raw.cluster.stream_length,
         cluster_publish_timeout_secs: raw.cluster.publish_timeout_secs,
+        room_rules,
     })
+}
+
+/// The `[[rooms.rule]]` tables, checked: a bad pattern or value names its line.
+fn room_rules(text: &str, rooms: RawRooms) -> Result<RoomRules, (Option<usize>, String)> {
+    let mut rules: Vec<(RoomRule, usize)> = Vec::new();
+    for (i, spanned) in rooms.rule.into_iter().enumerate() {
+        let raw = spanned.into_inner();
+        let pattern_line = line_of(text, raw.pattern.span().start);
+        let pattern = raw.pattern.into_inner();
+        let mut require = Vec::new();
+        for (claim, value) in raw.require {
+            let line = line_of(text, value.span().start);
+            let value = match value.into_inner() {
+                toml::Value::String(s) => ClaimValue::Text(s),
+                toml::Value::Integer(n) => ClaimValue::Integer(n),
+                toml::Value::Boolean(b) => ClaimValue::Bool(b),
+                other => {
+                    return Err((
+                        Some(line),
+                        format!(
+                            "room rule {} (`{pattern}`): the value of claim `{claim}` must be a string, an integer or a boolean, not {}",
+                            i + 1,
+                            other.type_str()
+                        ),
+                    ));
+                }
+            };
+            require.push((claim, value));
+        }
+        let rule = RoomRule::new(&pattern, require)
+            .map_err(|e| (Some(pattern_line), format!("room rule {}: {e}", i + 1)))?;
+        if let Some((_, first)) = rules.iter().find(|(r, _)| r.pattern() == pattern) {
+            return Err((
+                Some(pattern_line),
+                format!(
+                    "room rule {}: pattern `{pattern}` is already the pattern of the rule on line {first}, which decides first: this rule would never apply",
+                    i + 1
+                ),
+            ));
+        }
+        rules.push((rule, pattern_line));
+    }
+    Ok(RoomRules::new(rules.into_iter().map(|(r, _)| r).collect()))
 }
 
 #[cfg(test)]
@@ -618,6 +687,50 @@ mod tests {
             config.auth.key,
             Some(KeySource::Hs256SecretFile(_))
         ));
+    }
+
+    #[test]
+    fn room_rules_are_read_in_order_and_checked() {
+        let text = r#"
+[[rooms.rule]]
+pattern = "admin:*"
+require = { role = "admin", level = 3, staff = true }
+
+[[rooms.rule]]
+pattern = "user:{sub}"
+"#;
+        let s = parse(text, Path::new("/")).unwrap();
+        let rules = s.room_rules.clone().expect("rules");
+        assert_eq!(rules.len(), 2);
+        let claims = |v: serde_json::Value| v.as_object().cloned().unwrap();
+        let admin = claims(serde_json::json!({"role": "admin", "level": 3, "staff": true}));
+        assert!(rules.check("admin:x", Some(&admin)).is_ok());
+        let err = rules.check("user:bob", Some(&admin)).unwrap_err();
+        assert_eq!(err.number, 2);
+        let mut config = Config::new("x");
+        s.apply(&mut config).unwrap();
+        assert_eq!(config.auth.room_rules, rules);
+
+        let bad = |text: &str| parse(text, Path::new("/")).unwrap_err();
+        let (line, message) = bad("\n[[rooms.rule]]\npattern = \"user:{sub\"\n");
+        assert_eq!(line, Some(3), "{message}");
+        assert!(
+            message.contains("room rule 1") && message.contains("user:{sub"),
+            "{message}"
+        );
+        let (line, message) =
+            bad("[[rooms.rule]]\npattern = \"a:*\"\nrequire = { role = [\"x\"] }\n");
+        assert_eq!(line, Some(3), "{message}");
+        assert!(message.contains("claim `role`"), "{message}");
+        let (line, message) = bad("[[rooms.rule]]\npattern = \"a\"\nrole = \"x\"\n");
+        assert_eq!(line, Some(3), "{message}");
+        assert!(message.contains("unknown field `role`"), "{message}");
+        let (line, message) =
+            bad("[[rooms.rule]]\npattern = \"a:*\"\n[[rooms.rule]]\npattern = \"a:*\"\n");
+        assert_eq!(line, Some(4), "{message}");
+        assert!(message.contains("line 2"), "{message}");
+        let (_, message) = bad("[rooms]\nrules = []\n");
+        assert!(message.contains("unknown field `rules`"), "{message}");
     }
 
     #[test]

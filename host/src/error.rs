@@ -117,6 +117,13 @@ impl From<CallError> for HandleError {
     }
 }
 
+/// A join a room rule refused: `forbidden`, naming the rule.
+impl From<crate::auth::Denied> for HandleError {
+    fn from(denied: crate::auth::Denied) -> Self {
+        HandleError::new(ErrorCode::Forbidden, denied.to_string())
+    }
+}
+
 impl From<crate::requests::ReplyError> for HandleError {
     fn from(err: crate::requests::ReplyError) -> Self {
         use crate::requests::ReplyError;

@@ -252,6 +252,8 @@ impl ServeArgs {
             cluster_node_ttl_secs: self.cluster_node_ttl_secs,
             cluster_stream_length: self.cluster_stream_length,
             cluster_publish_timeout_secs: self.cluster_publish_timeout_secs,
+            // Structured rules have no flag: they live in the file ([[rooms.rule]]).
+            room_rules: None,
         }
     }
 }

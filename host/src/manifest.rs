@@ -44,16 +44,19 @@ pub enum HostCap {
     Config,
     /// Since plugin interface 0.3.2.
     Timers,
+    /// Reading connections' verified token claims. Since plugin interface 0.3.3.
+    Identity,
 }
 
 impl HostCap {
-    pub const ALL: [HostCap; 6] = [
+    pub const ALL: [HostCap; 7] = [
         HostCap::Messaging,
         HostCap::Rooms,
         HostCap::Kv,
         HostCap::Logging,
         HostCap::Config,
         HostCap::Timers,
+        HostCap::Identity,
     ];
 
     /// The name used in manifests and in the WIT package.
@@ -65,6 +68,7 @@ impl HostCap {
             HostCap::Logging => "logging",
             HostCap::Config => "config",
             HostCap::Timers => "timers",
+            HostCap::Identity => "identity",
         }
     }
 }
@@ -107,6 +111,33 @@ impl HostEvent {
             HostEvent::PresenceChanged => "presence.changed",
         }
     }
+}
+
+/// A point where the host asks a plugin before it does something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+pub enum HookPoint {
+    /// Before a session joins a room the hook names: the handler allows the join by returning
+    /// `ok`, and refuses it by returning an error (the joiner gets `forbidden`).
+    #[serde(rename = "room.join")]
+    RoomJoin,
+}
+
+impl HookPoint {
+    pub fn name(self) -> &'static str {
+        match self {
+            HookPoint::RoomJoin => "room.join",
+        }
+    }
+}
+
+/// A hook: handler `handler` decides `on` for the rooms `rooms` (no two plugins' hooks of one
+/// point may share a room).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    pub on: HookPoint,
+    pub handler: String,
+    pub rooms: Vec<RoomPattern>,
+    pub line: usize,
 }
 
 /// Handlers compiled into the host.
@@ -165,10 +196,39 @@ pub struct RoomPattern(String);
 
 impl RoomPattern {
     pub fn matches(&self, room: &str) -> bool {
-        match self.0.strip_suffix('*') {
+        match self.prefix() {
             Some(prefix) => room.starts_with(prefix),
             None => self.0 == room,
         }
+    }
+
+    /// The prefix of a pattern ending in `*`.
+    fn prefix(&self) -> Option<&str> {
+        self.0.strip_suffix('*')
+    }
+
+    /// Whether some room matches both patterns.
+    pub fn overlaps(&self, other: &RoomPattern) -> bool {
+        match (self.prefix(), other.prefix()) {
+            (Some(a), Some(b)) => a.starts_with(b) || b.starts_with(a),
+            (Some(_), None) => self.matches(&other.0),
+            (None, _) => other.matches(&self.0),
+        }
+    }
+
+    /// Whether every room this pattern matches, `outer` matches too.
+    pub fn within(&self, outer: &RoomPattern) -> bool {
+        match (self.prefix(), outer.prefix()) {
+            (Some(inner), Some(outer)) => inner.starts_with(outer),
+            (Some(_), None) => false,
+            (None, _) => outer.matches(&self.0),
+        }
+    }
+}
+
+impl fmt::Display for RoomPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -210,6 +270,7 @@ pub struct Manifest {
     pub source: Source,
     pub routes: Vec<Route>,
     pub events: Vec<EventRoute>,
+    pub hooks: Vec<Hook>,
     pub capabilities: Capabilities,
     pub limits: Limits,
     pub config: BTreeMap<String, String>,
@@ -225,6 +286,8 @@ struct RawManifest {
     route: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     event: Vec<Spanned<RawEvent>>,
+    #[serde(default)]
+    hook: Vec<Spanned<RawHook>>,
     #[serde(default)]
     capabilities: RawCapabilities,
     #[serde(default)]
@@ -273,6 +336,14 @@ struct RawRoute {
 struct RawEvent {
     on: HostEvent,
     handler: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    on: HookPoint,
+    handler: String,
+    rooms: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -430,10 +501,62 @@ pub fn parse(file: &Path, text: &str) -> Result<Manifest, Vec<ManifestError>> {
             handler: e.handler,
         });
     }
-    if routes.is_empty() && events.is_empty() && errors.is_empty() {
+    let grant: Vec<RoomPattern> = raw
+        .capabilities
+        .rooms
+        .into_iter()
+        .map(RoomPattern)
+        .collect();
+    let mut hooks: Vec<Hook> = Vec::new();
+    for spanned in raw.hook {
+        let hook_line = line_of(text, spanned.span().start);
+        let h = spanned.into_inner();
+        let name = h.on.name();
+        let mut problem = |message: String| errors.push(err(Some(hook_line), message));
+        if let Some(first) = hooks.iter().find(|x| x.on == h.on) {
+            problem(format!(
+                "hook `{name}` is declared twice (first on line {})",
+                first.line
+            ));
+            continue;
+        }
+        if h.handler.is_empty() {
+            problem(format!("hook `{name}`: empty handler"));
+        }
+        if h.rooms.is_empty() {
+            problem(format!(
+                "hook `{name}`: `rooms` must name at least one room, or a prefix ending in `*`"
+            ));
+        }
+        let mut rooms = Vec::new();
+        for room in h.rooms {
+            let star = room.find('*');
+            if room.is_empty() || star.is_some_and(|at| at + 1 != room.len()) {
+                problem(format!(
+                    "hook `{name}`: room `{room}` must be a room name, or a prefix ending in `*` (and no other `*`)"
+                ));
+                continue;
+            }
+            let pattern = RoomPattern(room);
+            if !grant.iter().any(|g| pattern.within(g)) {
+                problem(format!(
+                    "hook `{name}`: room `{pattern}` is outside the plugin's capabilities.rooms; grant it there"
+                ));
+                continue;
+            }
+            rooms.push(pattern);
+        }
+        hooks.push(Hook {
+            on: h.on,
+            handler: h.handler,
+            rooms,
+            line: hook_line,
+        });
+    }
+    if routes.is_empty() && events.is_empty() && hooks.is_empty() && errors.is_empty() {
         errors.push(err(
             None,
-            "the manifest declares no [[route]] and no [[event]]".into(),
+            "the manifest declares no [[route]], no [[event]] and no [[hook]]".into(),
         ));
     }
     let limits = Limits {
@@ -466,14 +589,10 @@ pub fn parse(file: &Path, text: &str) -> Result<Manifest, Vec<ManifestError>> {
         source: source.expect("checked above"),
         routes,
         events,
+        hooks,
         capabilities: Capabilities {
             host: raw.capabilities.host.into_iter().collect(),
-            rooms: raw
-                .capabilities
-                .rooms
-                .into_iter()
-                .map(RoomPattern)
-                .collect(),
+            rooms: grant,
         },
         limits,
         config: raw.config,
@@ -507,12 +626,36 @@ pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     Ok(files)
 }
 
-/// Checks what no single manifest can see: duplicate plugin ids and routes claimed twice.
+/// Checks what no single manifest can see: duplicate plugin ids, routes claimed twice, and
+/// hooks of two plugins on a room they share.
 pub fn check_set<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> Vec<ManifestError> {
     let mut errors = Vec::new();
     let mut ids: HashMap<&str, &Path> = HashMap::new();
     let mut types: HashMap<&str, (&Path, usize)> = HashMap::new();
+    let mut hooked: Vec<(&Hook, &RoomPattern, &Path)> = Vec::new();
     for m in manifests {
+        for hook in &m.hooks {
+            for room in &hook.rooms {
+                let taken = hooked
+                    .iter()
+                    .find(|(h, r, _)| h.on == hook.on && r.overlaps(room));
+                if let Some((other, other_room, other_file)) = taken {
+                    errors.push(ManifestError {
+                        file: m.file.clone(),
+                        line: Some(hook.line),
+                        message: format!(
+                            "hook `{}` on room `{room}` overlaps the hook on room `{other_room}` of {}:{} (one plugin decides a room's joins)",
+                            hook.on.name(),
+                            other_file.display(),
+                            other.line
+                        ),
+                    });
+                }
+            }
+        }
+        for hook in &m.hooks {
+            hooked.extend(hook.rooms.iter().map(|r| (hook, r, m.file.as_path())));
+        }
         if let Some(other) = ids.insert(&m.id, &m.file) {
             errors.push(ManifestError {
                 file: m.file.clone(),
@@ -667,6 +810,99 @@ k = "v"
             errs[0].message.contains("unknown variant `connected`"),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn room_patterns_overlap_and_nest() {
+        let p = |s: &str| RoomPattern(s.into());
+        assert!(p("game:*").overlaps(&p("game:1")));
+        assert!(p("game:1").overlaps(&p("game:*")));
+        assert!(p("game:*").overlaps(&p("ga*")));
+        assert!(p("*").overlaps(&p("x")));
+        assert!(!p("game:*").overlaps(&p("chat:*")));
+        assert!(!p("game:1").overlaps(&p("game:2")));
+        assert!(p("game:1").overlaps(&p("game:1")));
+        assert!(p("game:*").within(&p("*")));
+        assert!(p("game:*").within(&p("game:*")));
+        assert!(p("game:1").within(&p("game:*")));
+        assert!(p("game:1").within(&p("game:1")));
+        assert!(!p("game:*").within(&p("game:1")));
+        assert!(!p("ga*").within(&p("game:*")));
+    }
+
+    #[test]
+    fn hooks_parse_strictly() {
+        let with_hook = |hook: &str| {
+            GOOD.replace(
+                "[capabilities]",
+                &format!("[[hook]]\n{hook}\n[capabilities]"),
+            )
+        };
+        let m = parse(
+            Path::new("c.toml"),
+            &with_hook("on = \"room.join\"\nhandler = \"may\"\nrooms = [\"game:*\", \"lobby\"]"),
+        )
+        .unwrap();
+        assert_eq!(m.hooks.len(), 1);
+        assert_eq!(m.hooks[0].on, HookPoint::RoomJoin);
+        assert_eq!(m.hooks[0].line, 13);
+        assert!(m.hooks[0].rooms[0].matches("game:7"));
+
+        let problem = |hook: &str| {
+            let errs = parse(Path::new("c.toml"), &with_hook(hook)).unwrap_err();
+            assert_eq!(errs[0].line, Some(13), "{errs:?}");
+            errs[0].message.clone()
+        };
+        let outside = problem("on = \"room.join\"\nhandler = \"may\"\nrooms = [\"chat:*\"]");
+        assert!(
+            outside.contains("outside the plugin's capabilities.rooms"),
+            "{outside}"
+        );
+        let empty = problem("on = \"room.join\"\nhandler = \"may\"\nrooms = []");
+        assert!(empty.contains("at least one room"), "{empty}");
+        let star = problem("on = \"room.join\"\nhandler = \"may\"\nrooms = [\"game:*:x\"]");
+        assert!(star.contains("no other `*`"), "{star}");
+        let errs = parse(
+            Path::new("c.toml"),
+            &with_hook("on = \"room.leave\"\nhandler = \"may\"\nrooms = [\"lobby\"]"),
+        )
+        .unwrap_err();
+        assert_eq!(errs[0].line, Some(14), "{errs:?}");
+        assert!(
+            errs[0].message.contains("unknown variant `room.leave`"),
+            "{errs:?}"
+        );
+        let twice = with_hook(
+            "on = \"room.join\"\nhandler = \"a\"\nrooms = [\"lobby\"]\n[[hook]]\non = \"room.join\"\nhandler = \"b\"\nrooms = [\"game:1\"]",
+        );
+        let errs = parse(Path::new("c.toml"), &twice).unwrap_err();
+        assert!(
+            errs[0]
+                .message
+                .contains("declared twice (first on line 13)"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn two_plugins_cannot_hook_one_room() {
+        let hooked = |id: &str, rooms: &str| {
+            let text = GOOD.replace("id = \"chat\"", &format!("id = \"{id}\"")).replace(
+                "[capabilities]",
+                &format!("[[hook]]\non = \"room.join\"\nhandler = \"may\"\nrooms = {rooms}\n[capabilities]"),
+            ).replace("[[route]]\ntype = \"chat.send\"\nhandler = \"send\"\n", "");
+            parse(Path::new(&format!("{id}.toml")), &text).unwrap()
+        };
+        let a = hooked("a", "[\"game:*\"]");
+        let b = hooked("b", "[\"game:9\"]");
+        let c = hooked("c", "[\"lobby\"]");
+        let errs = check_set([&a, &b, &c]);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            errs[0].to_string(),
+            "b.toml:10: hook `room.join` on room `game:9` overlaps the hook on room `game:*` of a.toml:10 (one plugin decides a room's joins)"
+        );
+        assert!(check_set([&a, &c]).is_empty());
     }
 
     #[test]

@@ -64,7 +64,8 @@ impl Default for HostLimits {
 /// The state every connection of a host shares.
 #[derive(Debug)]
 pub struct Hub {
-    pub sessions: Sessions,
+    /// Every session of the host, shared with the registry (plugin calls read their claims).
+    pub sessions: Arc<Sessions>,
     pub rooms: Arc<Rooms>,
     pub registry: Registry,
     pub limits: HostLimits,
@@ -102,7 +103,7 @@ impl Hub {
     ) -> (Hub, tokio::sync::mpsc::UnboundedReceiver<Due>) {
         let (due, due_rx) = tokio::sync::mpsc::unbounded_channel();
         let hub = Hub {
-            sessions: Sessions::default(),
+            sessions: registry.sessions().clone(),
             rooms,
             registry,
             limits,
@@ -266,7 +267,7 @@ async fn dispatch<'h>(
     match msg.ty.as_ref() {
         "sys.join" => {
             let room = room_of(hub, msg)?;
-            let members = join_room(hub, &session, &room, 0).await?;
+            let members = join_room(hub, &session, &room, msg.payload.get(), 0).await?;
             let presence = hub.presence.list(&room);
             Ok(Some(
                 json!({
@@ -505,6 +506,19 @@ pub async fn run_call(
     input: &CallInput<'_>,
     depth: u8,
 ) -> Result<Option<String>, HandleError> {
+    let (ack, effects) = call_checked(hub, plugin, input).await?;
+    apply(hub, origin, plugin, input.room, effects, depth).await;
+    Ok(ack)
+}
+
+/// Calls a plugin once, behind its circuit breaker and in its slow lane if it has one, and
+/// records the outcome in its health: the ack and the effects of a successful call whose effects
+/// are all well-formed (not applied yet), or the error to answer with.
+async fn call_checked(
+    hub: &Hub,
+    plugin: &Arc<LoadedPlugin>,
+    input: &CallInput<'_>,
+) -> Result<(Option<String>, Vec<Effect>), HandleError> {
     let breaker = &hub.limits.breaker;
     if let Err(refused) = plugin.health.admit() {
         return Err(HandleError::new(
@@ -574,9 +588,7 @@ pub async fn run_call(
             format!("{failures} of its first {calls} calls after the swap failed"),
         );
     }
-    let (ack, effects) = checked?;
-    apply(hub, origin, plugin, input.room, effects, depth).await;
-    Ok(ack)
+    checked
 }
 
 /// Runs `call` on a thread the runtime can do without (its other tasks move to another worker),
@@ -740,7 +752,9 @@ async fn apply(
             }
             Effect::Join { room } => match origin {
                 Some(origin) => {
-                    if let Err(e) = join_room(hub, origin, &room, depth + 1).await {
+                    // Room rules and join hooks apply to a plugin's joins too; a refused join
+                    // is not made, and the call's other effects stand.
+                    if let Err(e) = join_room(hub, origin, &room, "null", depth + 1).await {
                         tracing::warn!(plugin = %plugin.manifest.id, %room, "a join refused: {}", e.wire().1);
                     }
                 }
@@ -792,23 +806,40 @@ pub fn presence_json(list: &[Online]) -> serde_json::Value {
 /// tells the plugins subscribed to `room.joined`. Returns the member list, or `room_limit` /
 /// `room_full`. A session that has ended joins nothing (a `room.left` handler joining a closing
 /// connection leaves no ghost).
+///
+/// Who may join is decided first, for every join (a client's `sys.join` or a plugin's join
+/// effect) of a room the session is not in yet: the room rules (`forbidden` naming the rule),
+/// then the plugin hooking the room, if one does, called with `payload` (the `sys.join` payload
+/// as JSON text; `null` for a plugin's join). A refused join changes nothing.
 pub async fn join_room(
     hub: &Hub,
     session: &Arc<Session>,
     room: &str,
+    payload: &str,
     depth: u8,
 ) -> Result<Vec<crate::rooms::MemberInfo>, HandleError> {
     if session.is_ended() {
         return Ok(hub.rooms.members(room));
     }
-    if !session.in_room(room) && session.room_count() >= hub.limits.max_rooms_per_connection {
-        return Err(HandleError::new(
-            ErrorCode::RoomLimit,
-            format!(
-                "a connection may be in at most {} rooms",
-                hub.limits.max_rooms_per_connection
-            ),
-        ));
+    if !session.in_room(room) {
+        let rules = hub.auth.room_rules();
+        if !rules.is_empty() {
+            let claims = session.claims();
+            rules.check(room, claims.as_deref().map(|c| &c.all))?;
+        }
+        if session.room_count() >= hub.limits.max_rooms_per_connection {
+            return Err(HandleError::new(
+                ErrorCode::RoomLimit,
+                format!(
+                    "a connection may be in at most {} rooms",
+                    hub.limits.max_rooms_per_connection
+                ),
+            ));
+        }
+        let table = hub.registry.table_full();
+        if let Some(hook) = table.join_hook(room) {
+            ask_join_hook(hub, session, room, payload, hook).await?;
+        }
     }
     let joined = hub
         .rooms
@@ -850,6 +881,56 @@ pub async fn join_room(
         .await;
     }
     Ok(hub.rooms.members(room))
+}
+
+/// Asks the plugin hooking `room` whether `session` may join it: the hook's handler allows by
+/// returning `ok` and refuses by returning an error (`forbidden`, with the plugin's message);
+/// a call that fails (a trap, a timeout, an open circuit, an invalid effect) refuses too. What
+/// the call recorded is discarded: a hook decides, it does not act.
+async fn ask_join_hook(
+    hub: &Hub,
+    session: &Arc<Session>,
+    room: &str,
+    payload: &str,
+    hook: &crate::registry::RouteTarget,
+) -> Result<(), HandleError> {
+    let id = &hook.plugin.manifest.id;
+    let input = CallInput {
+        handler: &hook.handler,
+        ty: crate::manifest::HookPoint::RoomJoin.name(),
+        room: Some(room),
+        payload,
+        sender: &session.identity.0,
+        connection_id: &session.connection_id,
+        message_id: None,
+        metadata: None,
+    };
+    match call_checked(hub, &hook.plugin, &input).await {
+        Ok((_, effects)) => {
+            if !effects.is_empty() {
+                tracing::debug!(plugin = %id, %room, effects = effects.len(), "the join hook's effects are discarded");
+            }
+            effects::recycle(effects);
+            Ok(())
+        }
+        Err(HandleError::Plugin { message, .. }) if !message.is_empty() => {
+            Err(HandleError::new(ErrorCode::Forbidden, message))
+        }
+        Err(HandleError::Plugin { .. }) => Err(HandleError::new(
+            ErrorCode::Forbidden,
+            format!("plugin `{id}` refused the join of room `{room}`"),
+        )),
+        Err(failed) => {
+            tracing::warn!(plugin = %id, %room, "join hook failed; the join is refused: {}", failed.wire().1);
+            Err(HandleError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "room `{room}` is guarded by plugin `{id}`, which could not decide: {}",
+                    failed.wire().1
+                ),
+            ))
+        }
+    }
 }
 
 /// Makes the session leave a room. Returns false when it was not a member. An explicit leave

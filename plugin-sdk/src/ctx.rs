@@ -363,6 +363,37 @@ impl Ctx {
         }
     }
 
+    // ---- identity ----
+
+    /// The verified claims of connection `connection_id`'s token, decoded from JSON into `T`
+    /// (`serde_json::Value`, a map, or a struct of the claims the plugin needs): `sub`, `exp`
+    /// and every other claim as signed. `None` for a guest (no token), a development identity,
+    /// or a connection the host does not know. Claims that do not decode into `T` are a
+    /// `bad_claims` error. Imports the `identity` interface: grant it in the manifest (since
+    /// 0.3.3).
+    ///
+    /// The claims are the host's, never the client's: use them to decide what a connection
+    /// may do (`msg.connection_id()` is the origin's).
+    pub fn claims<T: DeserializeOwned>(
+        &self,
+        connection_id: &str,
+    ) -> Result<Option<T>, PluginError> {
+        match self.claims_raw(connection_id) {
+            None => Ok(None),
+            Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+                PluginError::new(
+                    crate::codes::BAD_CLAIMS,
+                    format!("the claims of `{connection_id}` do not decode: {e}"),
+                )
+            }),
+        }
+    }
+
+    /// [`Ctx::claims`] as the JSON text of an object, not parsed.
+    pub fn claims_raw(&self, connection_id: &str) -> Option<String> {
+        host::claims(connection_id)
+    }
+
     // ---- logging ----
 
     /// Writes `message` to the host's log, tagged with the plugin id.

@@ -16,6 +16,9 @@ pub mod codes {
     pub const BAD_RESULT: &str = "bad_result";
     /// A `[config]` value did not parse.
     pub const BAD_CONFIG: &str = "bad_config";
+    /// A connection's verified claims did not decode into the type a handler asked for
+    /// (`Ctx::claims`).
+    pub const BAD_CLAIMS: &str = "bad_claims";
     /// Anything else that went wrong inside the plugin (e.g. a payload failed to serialize).
     pub const INTERNAL: &str = "internal";
 }

@@ -11,7 +11,7 @@ pub(crate) use crate::testing::host::*;
 mod wasm {
     use crate::bindings::plexus::plugin::types::LogLevel as WitLogLevel;
     use crate::bindings::plexus::plugin::{
-        config as wit_config, kv, logging, messaging, rooms, timers,
+        config as wit_config, identity, kv, logging, messaging, rooms, timers,
     };
     use crate::{LogLevel, Member};
 
@@ -107,6 +107,10 @@ mod wasm {
 
     pub(crate) fn config(key: &str) -> Option<String> {
         wit_config::get(key)
+    }
+
+    pub(crate) fn claims(connection_id: &str) -> Option<String> {
+        identity::claims(connection_id)
     }
 
     pub(crate) fn log(level: LogLevel, message: &str) {

@@ -200,6 +200,8 @@ struct State {
     /// The running call's key-value writes (`None`: deleted), applied when it succeeds.
     kv_pending: BTreeMap<String, Option<String>>,
     config: BTreeMap<String, String>,
+    /// Verified claims by connection id, as JSON object text.
+    claims: BTreeMap<String, String>,
     rooms: BTreeMap<String, Vec<Member>>,
     forbidden: BTreeSet<String>,
     effects: Vec<Effect>,
@@ -251,6 +253,23 @@ impl MockHost {
     #[must_use]
     pub fn with_config(self, key: &str, value: &str) -> Self {
         with(|state| state.config.insert(key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Gives connection `connection_id` verified token claims (a JSON object), as the host
+    /// does for a connection admitted with a token; `Ctx::claims` reads them. Connections
+    /// without are guests (`None`).
+    ///
+    /// # Panics
+    /// If `claims` is not a JSON object.
+    #[must_use]
+    pub fn with_claims(self, connection_id: &str, claims: &Value) -> Self {
+        assert!(claims.is_object(), "claims are a JSON object, not {claims}");
+        with(|state| {
+            state
+                .claims
+                .insert(connection_id.to_owned(), claims.to_string())
+        });
         self
     }
 
@@ -858,6 +877,10 @@ pub(crate) mod host {
 
     pub(crate) fn config(key: &str) -> Option<String> {
         with(|s| s.config.get(key).cloned())
+    }
+
+    pub(crate) fn claims(connection_id: &str) -> Option<String> {
+        with(|s| s.claims.get(connection_id).cloned())
     }
 
     pub(crate) fn log(level: LogLevel, message: &str) {

@@ -65,6 +65,20 @@ fn store(ctx: &Ctx, msg: Message<Value>) -> HandlerResult {
     Ok(None)
 }
 
+#[derive(Debug, serde::Deserialize)]
+struct Roles {
+    roles: Vec<String>,
+}
+
+fn whoami(ctx: &Ctx, msg: Message) -> HandlerResult {
+    let claims: Option<Value> = ctx.claims(msg.connection_id())?;
+    let roles = match msg.payload["typed"].as_bool() {
+        Some(true) => ctx.claims::<Roles>(msg.connection_id())?.map(|c| c.roles),
+        _ => None,
+    };
+    crate::ack(&json!({"claims": claims, "roles": roles}))
+}
+
 plugin! {
     "greet" => greet,
     "raw" => raw,
@@ -74,6 +88,7 @@ plugin! {
     "rooms" => rooms,
     "store" => store,
     "closure" => |ctx: &Ctx, msg: Message<u8>| { ctx.reply("n", &msg.payload)?; Ok(None) },
+    "whoami" => whoami,
 }
 
 #[test]
@@ -334,6 +349,26 @@ fn kv_config_logging() {
 }
 
 #[test]
+fn claims_are_the_connections_own_and_none_for_guests() {
+    let claims = json!({"sub": "ada", "exp": 99, "roles": ["admin"]});
+    let host = MockHost::new().with_claims("c-1", &claims);
+    let ask = |conn: &str, typed: bool| {
+        let msg = RawMessage::json("whoami", &json!({"typed": typed})).from_connection(conn, "x");
+        host.call(plexus_dispatch, "whoami", msg)
+    };
+    let (ack, effects) = ask("c-1", true).unwrap();
+    assert_eq!(ack, Some(json!({"claims": claims, "roles": ["admin"]})));
+    assert!(effects.is_empty(), "reading claims records nothing");
+    let (ack, _) = ask("c-guest", true).unwrap();
+    assert_eq!(ack, Some(json!({"claims": null, "roles": null})));
+    // Claims that do not decode into the handler's type.
+    let host = MockHost::new().with_claims("c-2", &json!({"sub": "bo", "roles": "admin"}));
+    let msg = RawMessage::json("whoami", &json!({"typed": true})).from_connection("c-2", "bo");
+    let err = host.call(plexus_dispatch, "whoami", msg).unwrap_err();
+    assert_eq!(err.code, codes::BAD_CLAIMS, "{err:?}");
+}
+
+#[test]
 fn wit_conversions() {
     let wit = crate::__private::WitMessage {
         text: "1tscr{}".into(),
@@ -428,7 +463,8 @@ fn handlers_are_listed_in_the_order_handle_numbers_them() {
             "failing",
             "rooms",
             "store",
-            "closure"
+            "closure",
+            "whoami"
         ]
     );
 }

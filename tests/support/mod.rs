@@ -344,6 +344,46 @@ pub async fn swap_host(fixture: &str, manifest: &str, tweak: impl FnOnce(&mut Co
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tokens
+// ---------------------------------------------------------------------------------------------
+
+/// The HS256 secret of the tests' tokens (`KeySource::Hs256Secret(SECRET.to_vec())`).
+pub const SECRET: &[u8] = b"a test secret of thirty-two bytes";
+
+/// Now, in Unix seconds.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+/// The claims of a token for `sub` valid for an hour, with `extra` claims merged in (they may
+/// replace `exp`).
+pub fn claims(sub: &str, extra: Value) -> Value {
+    let mut c = json!({ "sub": sub, "exp": now() + 3600, "iat": now() });
+    if let (Some(c), Value::Object(extra)) = (c.as_object_mut(), extra) {
+        c.extend(extra);
+    }
+    c
+}
+
+/// `claims` signed with HS256 and [`SECRET`].
+pub fn hs256(claims: &Value) -> String {
+    hs256_with(SECRET, claims)
+}
+
+/// `claims` signed with HS256 and `secret`.
+pub fn hs256_with(secret: &[u8], claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .expect("signing")
+}
+
+// ---------------------------------------------------------------------------------------------
 // Temporary directories
 // ---------------------------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 //! Who may connect: JWT verification (HS256, RS256, ES256 from a secret, a PEM file or a JWKS
 //! file), where a client's token is read from, guests, the Origin allow-list, `sys.refresh`, and
-//! the one mapping of every refusal to its HTTP answer (see docs/protocol.md, "Authentication").
+//! the one mapping of every refusal to its HTTP answer (see docs/protocol.md, "Authentication");
+//! and which rooms a session may join by its claims ([`rules`]).
 
 mod keys;
 mod ring_verify;
+pub mod rules;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,6 +24,7 @@ use crate::error::{ErrorCode, HandleError};
 use crate::session::{Identity, Session};
 
 pub use keys::KeyError;
+pub use rules::{ClaimValue, Denied, RoomRule, RoomRules, RuleError};
 
 /// The WebSocket subprotocol this host speaks, answered in `Sec-WebSocket-Protocol` when a
 /// client offers it.
@@ -61,6 +64,8 @@ pub struct AuthConfig {
     pub allow_guests: bool,
     /// Origins a browser connection (one with an `Origin` header) may come from; empty: any.
     pub allowed_origins: Vec<String>,
+    /// Which sessions may join which rooms, by their claims; empty: every room is open.
+    pub room_rules: RoomRules,
 }
 
 impl Default for AuthConfig {
@@ -72,6 +77,7 @@ impl Default for AuthConfig {
             leeway_secs: 5,
             allow_guests: false,
             allowed_origins: Vec::new(),
+            room_rules: RoomRules::default(),
         }
     }
 }
@@ -203,6 +209,7 @@ pub struct Auth {
     leeway: u64,
     allow_guests: bool,
     origins: Vec<String>,
+    room_rules: RoomRules,
 }
 
 /// Who a connection is, once admitted.
@@ -262,7 +269,13 @@ impl Auth {
                 .iter()
                 .map(|o| normalize_origin(o))
                 .collect(),
+            room_rules: config.room_rules.clone(),
         })
+    }
+
+    /// Which sessions may join which rooms.
+    pub fn room_rules(&self) -> &RoomRules {
+        &self.room_rules
     }
 
     /// Whether tokens are verified (a key is configured).
@@ -291,6 +304,12 @@ impl Auth {
         }
         if !self.origins.is_empty() {
             tracing::info!(origins = ?self.origins, "browser connections only from these origins");
+        }
+        if !self.room_rules.is_empty() {
+            tracing::info!(
+                rules = self.room_rules.len(),
+                "room rules: the first rule matching a room decides who may join it"
+            );
         }
     }
 

@@ -17,6 +17,7 @@ use crate::error::CallError;
 use crate::manifest::{Capabilities, Limits, Manifest};
 use crate::requests::Requests;
 use crate::rooms::Rooms;
+use crate::session::Sessions;
 use crate::timers::Timers;
 
 /// One message handed to a plugin.
@@ -85,11 +86,13 @@ pub struct PluginEnv {
     pub timers: Arc<Timers>,
     /// The host's pending requests (a call reads how many the plugin has).
     pub requests: Arc<Requests>,
+    /// The host's sessions (a call of a plugin granted `identity` reads their claims).
+    pub sessions: Arc<Sessions>,
 }
 
 impl PluginEnv {
-    /// The environment of a plugin of its own (timers and requests of its own too; see
-    /// [`PluginEnv::with_pending`]).
+    /// The environment of a plugin of its own (timers, requests and sessions of its own too;
+    /// see [`PluginEnv::with_host`]).
     pub fn new(manifest: &Manifest, kv: KvStore, rooms: Arc<Rooms>) -> PluginEnv {
         PluginEnv {
             id: manifest.id.clone(),
@@ -100,13 +103,20 @@ impl PluginEnv {
             rooms,
             timers: Default::default(),
             requests: Default::default(),
+            sessions: Default::default(),
         }
     }
 
-    /// Shares the host's timers and requests.
-    pub fn with_pending(mut self, timers: Arc<Timers>, requests: Arc<Requests>) -> PluginEnv {
+    /// Shares the host's timers, requests and sessions.
+    pub fn with_host(
+        mut self,
+        timers: Arc<Timers>,
+        requests: Arc<Requests>,
+        sessions: Arc<Sessions>,
+    ) -> PluginEnv {
         self.timers = timers;
         self.requests = requests;
+        self.sessions = sessions;
         self
     }
 }

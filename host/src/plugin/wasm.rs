@@ -28,7 +28,7 @@ mod bindings {
     });
 }
 
-use bindings::plexus::plugin::{config, kv, logging, messaging, rooms, timers, types};
+use bindings::plexus::plugin::{config, identity, kv, logging, messaging, rooms, timers, types};
 
 /// How often the epoch advances; call deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -81,7 +81,7 @@ fn capability_of(import: &str) -> Option<HostCap> {
 }
 
 /// The version of the `plexus:plugin` package this host provides (`plugin-sdk/wit/plexus.wit`).
-pub const INTERFACE_VERSION: &str = "0.3.2";
+pub const INTERFACE_VERSION: &str = "0.3.3";
 
 /// A `major.minor.patch` version.
 type Semver = (u64, u64, u64);
@@ -471,6 +471,14 @@ impl config::Host for PluginState {
     }
 }
 
+impl identity::Host for PluginState {
+    fn claims(&mut self, connection_id: String) -> Option<String> {
+        let claims = self.env.sessions.get(&connection_id)?.claims()?;
+        // A map of JSON values always serializes.
+        serde_json::to_string(&claims.all).ok()
+    }
+}
+
 /// A ready instance with its store.
 struct Warm {
     store: Store<PluginState>,
@@ -563,6 +571,9 @@ impl WasmPlugin {
         }
         if caps.contains(&HostCap::Timers) {
             timers::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
+        }
+        if caps.contains(&HostCap::Identity) {
+            identity::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(not_a_plugin)?;
         }
         let instance_pre: InstancePre<PluginState> =
             linker.instantiate_pre(component).map_err(not_a_plugin)?;
@@ -856,13 +867,14 @@ mod tests {
     #[test]
     fn earlier_versions_of_the_same_track_run() {
         assert_eq!(
-            INTERFACE_VERSION, "0.3.2",
+            INTERFACE_VERSION, "0.3.3",
             "update these cases with the version"
         );
         assert_eq!(compat("0.3.0"), Compat::Runs);
         assert_eq!(compat("0.3.1"), Compat::Runs);
         assert_eq!(compat("0.3.2"), Compat::Runs);
-        assert_eq!(compat("0.3.3"), Compat::Newer);
+        assert_eq!(compat("0.3.3"), Compat::Runs);
+        assert_eq!(compat("0.3.4"), Compat::Newer);
         assert_eq!(compat("0.2.9"), Compat::Incompatible);
         assert_eq!(compat("0.4.0"), Compat::Incompatible);
         assert_eq!(compat("1.3.0"), Compat::Incompatible);

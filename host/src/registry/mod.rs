@@ -25,6 +25,7 @@ use crate::plugin::wasm::{Runtime, WasmPlugin};
 use crate::plugin::{Code, KvStore, PluginEnv};
 use crate::requests::Requests;
 use crate::rooms::Rooms;
+use crate::session::Sessions;
 use crate::timers::Timers;
 
 /// One loaded version of a plugin.
@@ -60,6 +61,8 @@ pub struct RouteTable {
     /// manifests', never the clients'.
     routes: foldhash::HashMap<String, RouteTarget>,
     events: HashMap<HostEvent, Vec<RouteTarget>>,
+    /// The `room.join` hooks, by room pattern (no two patterns overlap: `manifest::check_set`).
+    join_hooks: Vec<(manifest::RoomPattern, RouteTarget)>,
     /// Plugins by manifest file.
     plugins: BTreeMap<PathBuf, Arc<LoadedPlugin>>,
 }
@@ -68,7 +71,18 @@ impl RouteTable {
     fn new(plugins: BTreeMap<PathBuf, Arc<LoadedPlugin>>) -> RouteTable {
         let mut routes = foldhash::HashMap::default();
         let mut events: HashMap<HostEvent, Vec<RouteTarget>> = HashMap::new();
+        let mut join_hooks = Vec::new();
         for plugin in plugins.values() {
+            for hook in &plugin.manifest.hooks {
+                let manifest::HookPoint::RoomJoin = hook.on;
+                let target = RouteTarget {
+                    plugin: plugin.clone(),
+                    handler: hook.handler.as_str().into(),
+                    allow_outside_room: true,
+                    serialize: None,
+                };
+                join_hooks.extend(hook.rooms.iter().map(|r| (r.clone(), target.clone())));
+            }
             for r in &plugin.manifest.routes {
                 routes.insert(
                     r.ty.clone(),
@@ -92,8 +106,17 @@ impl RouteTable {
         RouteTable {
             routes,
             events,
+            join_hooks,
             plugins,
         }
+    }
+
+    /// The hook that decides who joins `room`, if a plugin hooks it.
+    pub fn join_hook(&self, room: &str) -> Option<&RouteTarget> {
+        self.join_hooks
+            .iter()
+            .find(|(pattern, _)| pattern.matches(room))
+            .map(|(_, target)| target)
     }
 
     pub fn route(&self, ty: &str) -> Option<&RouteTarget> {
@@ -243,6 +266,8 @@ pub struct Registry {
     timers: Arc<Timers>,
     /// Pending requests of every plugin.
     requests: Arc<Requests>,
+    /// The host's sessions, which the hub shares: plugin calls read their verified claims.
+    sessions: Arc<Sessions>,
     dir: PathBuf,
     options: LoadOptions,
     events: broadcast::Sender<ReloadEvent>,
@@ -306,8 +331,11 @@ async fn load_one(
     let (runtime, options) = (&registry.runtime, &registry.options);
     let kv = registry.kv_store(&manifest.id);
     let env = Arc::new(
-        PluginEnv::new(&manifest, kv.clone(), registry.rooms.clone())
-            .with_pending(registry.timers.clone(), registry.requests.clone()),
+        PluginEnv::new(&manifest, kv.clone(), registry.rooms.clone()).with_host(
+            registry.timers.clone(),
+            registry.requests.clone(),
+            registry.sessions.clone(),
+        ),
     );
     let (code, version) = match &manifest.source {
         Source::Builtin(kind) => (
@@ -359,17 +387,22 @@ async fn load_one(
             (Code::Wasm(plugin), version)
         }
     };
-    // Every route and event subscription must name a handler the code has.
+    // Every route, event subscription and hook must name a handler the code has.
     let handlers = code.handler_names();
     let subscriptions = manifest
         .events
         .iter()
         .map(|e| ("event", e.event.name(), &e.handler, None));
+    let hooks = manifest
+        .hooks
+        .iter()
+        .map(|h| ("hook", h.on.name(), &h.handler, Some(h.line)));
     let unknown = manifest
         .routes
         .iter()
         .map(|r| ("route", r.ty.as_str(), &r.handler, Some(r.line)))
         .chain(subscriptions)
+        .chain(hooks)
         .find(|(.., handler, _)| !handlers.contains(&handler.as_str()));
     if let Some((what, name, handler, line)) = unknown {
         let error = ManifestError {
@@ -435,6 +468,7 @@ impl Registry {
             kv: DashMap::new(),
             timers: Default::default(),
             requests: Default::default(),
+            sessions: Default::default(),
             dir: dir.to_path_buf(),
             options,
             events,
@@ -877,6 +911,11 @@ impl Registry {
     /// The pending requests of every plugin.
     pub fn requests(&self) -> &Arc<Requests> {
         &self.requests
+    }
+
+    /// The host's sessions (the hub's `sessions`).
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
     }
 
     pub fn table(&self) -> arc_swap::Guard<Arc<RouteTable>> {
