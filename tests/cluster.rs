@@ -111,7 +111,7 @@ impl Node {
             .args(extra)
             .env(
                 "RUST_LOG",
-                std::env::var("PLEXUS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("PLEXUS_TEST_LOG").unwrap_or_else(|_| "error".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -501,4 +501,118 @@ async fn a_publication_dropped_between_redis_and_a_node_is_repaired() {
     );
     let report = nodes[1].healthz().await;
     assert!(report["cluster"]["repairs"].as_u64() >= Some(1), "{report}");
+}
+
+/// The identities `sys.presence` lists for `room` on `c`'s node.
+async fn presence_list(c: &mut Client, room: &str) -> BTreeSet<String> {
+    let id = c.next_id();
+    let (_, ack) = c
+        .request(json!({"type": "sys.presence", "messageId": id, "room": room}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    ack["payload"]["presence"]
+        .as_array()
+        .expect("a presence list")
+        .iter()
+        .map(|o| o["identity"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Reads `c`'s frames until a `presence.changed` about `identity`; other room notices and
+/// hellos are skipped.
+async fn presence_of(c: &mut Client, identity: &str) -> Value {
+    loop {
+        let frame = c.recv().await;
+        if frame["type"] == "presence.changed" && frame["payload"]["identity"] == identity {
+            return frame["payload"].clone();
+        }
+        assert!(
+            matches!(
+                frame["type"].as_str(),
+                Some("room.joined" | "room.left" | "presence.changed" | "echo.broadcast")
+            ),
+            "unexpected frame {frame}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_agrees_on_every_node_and_changes_once_for_the_whole_cluster() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let mut nodes = cluster(&redis, &dir, 3).await;
+    let mut bob = Client::connect_as(nodes[2].addr, "bob").await;
+    join(&mut bob, "hall").await;
+    // Ada comes online on node 1, then opens a second connection on node 2.
+    let mut ada1 = Client::connect_as(nodes[0].addr, "ada").await;
+    join(&mut ada1, "hall").await;
+    let online = presence_of(&mut bob, "ada").await;
+    assert_eq!(online["state"], "online", "{online}");
+    let mut ada2 = Client::connect_as(nodes[1].addr, "ada").await;
+    join(&mut ada2, "hall").await;
+    // Whatever node 2 told the room about Ada's second connection comes before this marker.
+    let id = ada2.next_id();
+    ada2.request(json!({"type": "echo.broadcast", "messageId": id, "room": "hall", "payload": {"marker": 1}}))
+        .await;
+    loop {
+        let frame = bob.recv().await;
+        assert_ne!(frame["type"], "presence.changed", "told again: {frame}");
+        if frame["type"] == "echo.broadcast" && frame["payload"]["marker"] == 1 {
+            break;
+        }
+    }
+    let mut clients = vec![bob, ada1, ada2];
+    hellos(&mut clients, "hall").await;
+    let [bob, ada1, ada2] = &mut clients[..] else {
+        unreachable!()
+    };
+    // Bob heard Ada come online once: the second connection on another node changed nothing.
+    bob.sync().await;
+    let everyone: BTreeSet<String> = ["ada", "bob"].map(String::from).into();
+    for c in [&mut *bob, &mut *ada1, &mut *ada2] {
+        assert_eq!(presence_list(c, "hall").await, everyone);
+    }
+    // Ada's first connection leaves: still online through node 2. Then the second one leaves.
+    let id = ada1.next_id();
+    ada1.request(json!({"type": "sys.leave", "messageId": id, "room": "hall"}))
+        .await;
+    let (_, left) = bob.recv_until_type("room.left").await;
+    assert_eq!(left["payload"]["connectionId"], ada1.connection_id.as_str());
+    bob.sync().await;
+    let id = ada2.next_id();
+    ada2.request(json!({"type": "sys.leave", "messageId": id, "room": "hall"}))
+        .await;
+    let offline = presence_of(bob, "ada").await;
+    assert_eq!(offline["state"], "offline", "{offline}");
+    bob.sync().await;
+    assert_eq!(
+        presence_list(bob, "hall").await,
+        BTreeSet::from(["bob".to_owned()])
+    );
+
+    // An identity online only on a node that dies goes offline for the others, once.
+    join(ada1, "hall").await;
+    let mut carl = Client::connect_as(nodes[2].addr, "carl").await;
+    join(&mut carl, "hall").await;
+    assert_eq!(presence_of(ada1, "carl").await["state"], "online");
+    nodes[2].kill().await;
+    let mut gone = BTreeSet::new();
+    while gone.len() < 2 {
+        let frame = ada1.recv().await;
+        match frame["type"].as_str() {
+            Some("presence.changed") => {
+                assert_eq!(frame["payload"]["state"], "offline", "{frame}");
+                let who = frame["payload"]["identity"].as_str().unwrap().to_owned();
+                assert!(gone.insert(who), "told twice: {frame}");
+            }
+            Some("room.left") => {}
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    assert_eq!(gone, BTreeSet::from(["bob".to_owned(), "carl".to_owned()]));
+    ada1.sync().await;
+    assert_eq!(
+        presence_list(ada1, "hall").await,
+        BTreeSet::from(["ada".to_owned()])
+    );
 }

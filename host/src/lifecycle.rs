@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use crate::error::CloseReason;
 use crate::manifest::HostEvent;
 use crate::protocol;
-use crate::rooms::presence::Departure;
+use crate::rooms::presence::{Departure, Online};
 use crate::router::{self, Hub};
 use crate::session::Session;
 
@@ -86,7 +86,7 @@ pub async fn run(
                 token,
             }) => {
                 if let Some(status) = hub.presence.expire(&room, &identity, token) {
-                    presence_changed(&hub, &room, &identity, "offline", status.as_deref()).await;
+                    went_offline(&hub, &room, &identity, status.as_deref()).await;
                 }
             }
             Some(Due::Expiry { session, epoch }) => {
@@ -105,6 +105,12 @@ pub async fn run(
 pub async fn arrive(hub: &Hub, room: &str, session: &Session) {
     let identity = &session.identity.0;
     if let Some(status) = hub.presence.arrive(room, identity) {
+        if let Some(bus) = hub.rooms.bus()
+            && !bus.presence(room, identity, true).await
+        {
+            // Online on another node already: the room heard it then.
+            return;
+        }
         let frame = presence_frame(room, identity, "online", status.as_deref());
         hub.rooms
             .broadcast(room, &frame, Some(&session.connection_id), None);
@@ -118,7 +124,7 @@ pub async fn depart(hub: &Hub, room: &str, identity: &Arc<str>, grace: bool) {
     match hub.presence.depart(room, identity, grace) {
         Departure::Stays => {}
         Departure::Offline(status) => {
-            presence_changed(hub, room, identity, "offline", status.as_deref()).await;
+            went_offline(hub, room, identity, status.as_deref()).await;
         }
         Departure::Grace(token) => schedule(
             hub,
@@ -132,8 +138,56 @@ pub async fn depart(hub: &Hub, room: &str, identity: &Arc<str>, grace: bool) {
     }
 }
 
+/// This node's last connection of `identity` in `room` is gone: the room is told once the
+/// identity is offline on every node.
+async fn went_offline(hub: &Hub, room: &str, identity: &str, status: Option<&str>) {
+    if let Some(bus) = hub.rooms.bus()
+        && !bus.presence(room, identity, false).await
+    {
+        // Still online on another node.
+        return;
+    }
+    presence_changed(hub, room, identity, "offline", status).await;
+}
+
+/// Who is online in `room`, on every node of a cluster, sorted by identity. `connections`
+/// counts this node's connections and the members on other nodes.
+pub async fn online(hub: &Hub, room: &str) -> Vec<Online> {
+    let mut list = hub.presence.list(room);
+    let Some(bus) = hub.rooms.bus() else {
+        return list;
+    };
+    let Some(everywhere) = bus.online(room).await else {
+        return list;
+    };
+    let members = hub.rooms.members(room);
+    let elsewhere = |identity: &str| {
+        members
+            .iter()
+            .filter(|m| &*m.identity == identity && hub.sessions.get(&m.connection_id).is_none())
+            .count() as u32
+    };
+    for entry in &mut list {
+        entry.connections += elsewhere(&entry.identity);
+    }
+    for (identity, status) in everywhere {
+        if !list.iter().any(|o| o.identity == identity) {
+            list.push(Online {
+                connections: elsewhere(&identity),
+                identity,
+                status,
+            });
+        }
+    }
+    list.sort_by(|a, b| a.identity.cmp(&b.identity));
+    list
+}
+
 /// Sets the status of an identity and tells every room it is online in.
 pub async fn set_status(hub: &Hub, identity: &Arc<str>, status: Option<Arc<str>>) {
+    if let Some(bus) = hub.rooms.bus() {
+        bus.set_status(identity, status.as_deref());
+    }
     let Some(rooms) = hub.presence.set_status(identity, status.clone()) else {
         return;
     };
@@ -175,7 +229,7 @@ async fn presence_event(hub: &Hub, room: &str, identity: &str, state: &str, stat
     .await;
 }
 
-fn presence_frame(
+pub(crate) fn presence_frame(
     room: &str,
     identity: &str,
     state: &str,

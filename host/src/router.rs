@@ -268,7 +268,7 @@ async fn dispatch<'h>(
         "sys.join" => {
             let room = room_of(hub, msg)?;
             let members = join_room(hub, &session, &room, msg.payload.get(), 0).await?;
-            let presence = hub.presence.list(&room);
+            let presence = lifecycle::online(hub, &room).await;
             Ok(Some(
                 json!({
                     "room": room,
@@ -286,7 +286,7 @@ async fn dispatch<'h>(
                     format!("join room `{room}` before asking who is in it"),
                 ));
             }
-            let presence = hub.presence.list(&room);
+            let presence = lifecycle::online(hub, &room).await;
             Ok(Some(
                 json!({ "room": room, "presence": presence_json(&presence) }).to_string(),
             ))

@@ -245,6 +245,35 @@ impl Cluster {
 }
 
 impl RoomBus for Cluster {
+    fn presence(&self, room: &str, identity: &str, online: bool) -> BoxFuture<'static, bool> {
+        let (shared, room, identity) = (self.shared.clone(), room.to_owned(), identity.to_owned());
+        Box::pin(async move {
+            let result = Cluster::count_presence(&shared, &room, &identity, online).await;
+            shared.link.outcome(&result).await;
+            result.unwrap_or_else(|e| {
+                // Out of reach: this node decides alone (the room may hear it twice).
+                tracing::debug!("cluster: presence not counted: {e}");
+                true
+            })
+        })
+    }
+
+    fn online(&self, room: &str) -> BoxFuture<'static, Option<Vec<(Arc<str>, Option<Arc<str>>)>>> {
+        let (shared, room) = (self.shared.clone(), room.to_owned());
+        Box::pin(async move {
+            let result = Cluster::read_online(&shared, &room).await;
+            shared.link.outcome(&result).await;
+            result.ok()
+        })
+    }
+
+    fn set_status(&self, identity: &str, status: Option<&str>) {
+        let _ = self.jobs.send(Job::Status {
+            identity: Arc::from(identity),
+            status: status.map(Arc::from),
+        });
+    }
+
     fn serve(&self, room: &str) {
         let _ = self.commands.send(Command::Serve(Arc::from(room)));
     }
@@ -297,6 +326,52 @@ impl RoomBus for Cluster {
                 origin: origin.cloned(),
             },
         );
+    }
+}
+
+impl Cluster {
+    async fn count_presence(
+        shared: &Shared,
+        room: &str,
+        identity: &str,
+        online: bool,
+    ) -> redis::RedisResult<bool> {
+        let mut conn = shared.link.get().await?;
+        let changed: u8 = shared
+            .link
+            .scripts
+            .presence
+            .arg(room)
+            .arg(identity)
+            .arg(&*shared.node)
+            .arg(if online { "1" } else { "-1" })
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn read_online(
+        shared: &Shared,
+        room: &str,
+    ) -> redis::RedisResult<Vec<(Arc<str>, Option<Arc<str>>)>> {
+        let mut conn = shared.link.get().await?;
+        let (counts, statuses): (Vec<String>, Vec<String>) = shared
+            .link
+            .scripts
+            .online
+            .arg(room)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(counts
+            .chunks_exact(2)
+            .zip(statuses)
+            .map(|(pair, status)| {
+                (
+                    Arc::from(pair[0].as_str()),
+                    Some(status).filter(|s| !s.is_empty()).map(Arc::from),
+                )
+            })
+            .collect())
     }
 }
 

@@ -37,6 +37,11 @@ pub enum Job {
         body: Frame,
         queued: Instant,
     },
+    /// An identity's presence status (`None`: cleared).
+    Status {
+        identity: Arc<str>,
+        status: Option<Arc<str>>,
+    },
     /// Answered once everything queued before it was sent.
     Flush(oneshot::Sender<()>),
 }
@@ -185,6 +190,21 @@ async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisRe
                     .arg(wire::direct(connection_id, body.as_str()))
                     .ignore();
             }
+            Job::Status { identity, status } => match status {
+                Some(status) => {
+                    pipe.cmd("HSET")
+                        .arg("plexus:status")
+                        .arg(&**identity)
+                        .arg(&**status)
+                        .ignore();
+                }
+                None => {
+                    pipe.cmd("HDEL")
+                        .arg("plexus:status")
+                        .arg(&**identity)
+                        .ignore();
+                }
+            },
             Job::Flush(_) => {}
         }
     }

@@ -4,8 +4,10 @@
 //!
 //! Keys, for a room `R`: `plexus:r:R` (hash: `epoch`, `offset`), `plexus:r:R:s` (the stream of
 //! the room's last publications, entry ids `0-<offset>`), `plexus:r:R:m` (hash: connection id →
-//! node and identity); the channel `plexus:r:R`. For a node `N`: `plexus:n:N:rooms` (the rooms
-//! it had members in), the channel `plexus:n:N` (direct frames). `plexus:nodes`: every live
+//! node and identity), `plexus:r:R:p` (hash: identity → how many nodes it is online on); the
+//! channel `plexus:r:R`. For a node `N`: `plexus:n:N:rooms` (the rooms it had members in),
+//! `plexus:n:N:p` (the room and identity of everyone online on it), the channel `plexus:n:N`
+//! (direct frames). `plexus:status`: each identity's presence status. `plexus:nodes`: every live
 //! node, scored by when its lease ends (Redis time, in ms).
 
 use redis::Script;
@@ -38,6 +40,39 @@ elseif kind == 'L' then
   redis.call('HDEL', 'plexus:r:' .. room .. ':m', ARGV[4])
 end
 return publish(room, ARGV[3], ARGV[7], ARGV[8], ARGV[9])
+";
+
+/// Counts an identity online (`+1`) or offline (`-1`) on a node in a room: the room's presence
+/// hash counts the nodes it is online on, the node's presence set lists (room, identity) so that
+/// a dead node's can be counted off. ARGV: room, identity, node, delta. Returns 1 when the
+/// identity came online or went offline in the whole cluster by it.
+const PRESENCE: &str = r"
+local room, identity, node = ARGV[1], ARGV[2], ARGV[3]
+local counts = 'plexus:r:' .. room .. ':p'
+local mine = 'plexus:n:' .. node .. ':p'
+local entry = room .. '\31' .. identity
+if ARGV[4] == '1' then
+  if redis.call('SADD', mine, entry) == 0 then return 0 end
+  if redis.call('HINCRBY', counts, identity, 1) == 1 then return 1 end
+  return 0
+end
+if redis.call('SREM', mine, entry) == 0 then return 0 end
+if redis.call('HINCRBY', counts, identity, -1) <= 0 then
+  redis.call('HDEL', counts, identity)
+  return 1
+end
+return 0
+";
+
+/// ARGV: room. Returns the identities online in the room (identity, count, ...) and, in the same
+/// order, their statuses (`plexus:status`, empty: none).
+const ONLINE: &str = r"
+local counts = redis.call('HGETALL', 'plexus:r:' .. ARGV[1] .. ':p')
+local statuses = {}
+for i = 1, #counts, 2 do
+  statuses[#statuses + 1] = redis.call('HGET', 'plexus:status', counts[i]) or ''
+end
+return {counts, statuses}
 ";
 
 /// ARGV: room. Returns the room's epoch (empty: no stream yet), its offset and its members
@@ -80,6 +115,17 @@ for _, dead in ipairs(redis.call('ZRANGEBYSCORE', 'plexus:nodes', '-inf', now)) 
     end
   end
   redis.call('DEL', rooms_key)
+  local presence_key = 'plexus:n:' .. dead .. ':p'
+  for _, entry in ipairs(redis.call('SMEMBERS', presence_key)) do
+    local cut = string.find(entry, '\31', 1, true)
+    local room, identity = string.sub(entry, 1, cut - 1), string.sub(entry, cut + 1)
+    local counts = 'plexus:r:' .. room .. ':p'
+    if redis.call('HINCRBY', counts, identity, -1) <= 0 then
+      redis.call('HDEL', counts, identity)
+      publish(room, 'O\31' .. dead .. '\31' .. '0\31' .. identity .. '\31', ARGV[3], ARGV[4], ARGV[5])
+    end
+  end
+  redis.call('DEL', presence_key)
   table.insert(ended, dead)
 end
 return {added, ended}
@@ -90,6 +136,8 @@ pub struct Scripts {
     pub publish: Script,
     pub snapshot: Script,
     pub beat: Script,
+    pub presence: Script,
+    pub online: Script,
 }
 
 impl Default for Scripts {
@@ -98,14 +146,22 @@ impl Default for Scripts {
             publish: Script::new(&format!("{PUBLISH_FN}{PUBLISH}")),
             snapshot: Script::new(SNAPSHOT),
             beat: Script::new(&format!("{PUBLISH_FN}{BEAT}")),
+            presence: Script::new(PRESENCE),
+            online: Script::new(ONLINE),
         }
     }
 }
 
 impl Scripts {
     /// Every script's source, to load after connecting (a restarted Redis has none).
-    pub fn all(&self) -> [&Script; 3] {
-        [&self.publish, &self.snapshot, &self.beat]
+    pub fn all(&self) -> [&Script; 5] {
+        [
+            &self.publish,
+            &self.snapshot,
+            &self.beat,
+            &self.presence,
+            &self.online,
+        ]
     }
 }
 

@@ -405,6 +405,10 @@ impl Subscriber {
                     rooms.deliver(room, &frame, None, false);
                 }
             }
+            Kind::Offline { identity } => {
+                let frame = crate::lifecycle::presence_frame(room, identity, "offline", None);
+                rooms.deliver(room, &frame, None, false);
+            }
         }
     }
 

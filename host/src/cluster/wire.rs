@@ -24,6 +24,9 @@ pub enum Kind<'a> {
     /// A member left on the origin node (or its node died: `origin` is then that node's id,
     /// and `number` 0).
     Left { connection_id: &'a str },
+    /// An identity went offline in the room because its node died (published on the dead
+    /// node's behalf, number 0): each node tells its own members.
+    Offline { identity: &'a str },
 }
 
 /// One publication to a room, as read back.
@@ -55,6 +58,7 @@ impl Publication<'_> {
                 identity,
             } => ('J', *connection_id, *identity),
             Kind::Left { connection_id } => ('L', *connection_id, ""),
+            Kind::Offline { identity } => ('O', *identity, ""),
         };
         let mut out = String::with_capacity(b.len() + a.len() + self.origin.len() + 32);
         out.push(tag);
@@ -95,6 +99,7 @@ pub fn decode(text: &str) -> Result<Publication<'_>, Malformed> {
             identity: b,
         },
         "L" => Kind::Left { connection_id: a },
+        "O" => Kind::Offline { identity: a },
         _ => return Err(Malformed("unknown kind")),
     };
     Ok(Publication {
@@ -176,6 +181,11 @@ mod tests {
                 kind: Kind::Left {
                     connection_id: "c-n-1",
                 },
+            },
+            Publication {
+                origin: "n",
+                number: 0,
+                kind: Kind::Offline { identity: "ada" },
             },
         ];
         for p in cases {

@@ -48,6 +48,23 @@ pub trait RoomBus: Send + Sync + std::fmt::Debug {
         volatile: bool,
         origin: Option<&Outbox>,
     );
+    /// An identity came online (`online`) or went offline on this node in `room` (after its
+    /// grace period); resolves to whether that changed it in the whole cluster, which is then
+    /// told to the room once.
+    fn presence(
+        &self,
+        room: &str,
+        identity: &str,
+        online: bool,
+    ) -> futures_util::future::BoxFuture<'static, bool>;
+    /// The identities online in `room` on any node, with their statuses (`None`: unknown, Redis
+    /// is out of reach).
+    fn online(
+        &self,
+        room: &str,
+    ) -> futures_util::future::BoxFuture<'static, Option<Vec<(Arc<str>, Option<Arc<str>>)>>>;
+    /// An identity set its status (`None`: cleared).
+    fn set_status(&self, identity: &str, status: Option<&str>);
 }
 
 /// All rooms of this host.
