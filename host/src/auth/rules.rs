@@ -222,7 +222,7 @@ fn parse_pattern(pattern: &str) -> Result<Vec<Piece>, RuleError> {
     }
     let mut pieces = Vec::new();
     let mut text = String::new();
-    let mut chars = pattern.char_indices().peekable();
+    let mut chars = pattern.char_indices();
     while let Some((at, c)) = chars.next() {
         match c {
             '*' if at + 1 == pattern.len() => {
