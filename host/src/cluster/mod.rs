@@ -31,7 +31,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::protocol::Frame;
-use crate::rooms::{MemberInfo, RoomBus};
+use crate::rooms::{MemberInfo, OnlineList, RoomBus};
 use crate::router::Hub;
 use crate::session::Relay;
 use crate::session::outbox::Outbox;
@@ -258,7 +258,7 @@ impl RoomBus for Cluster {
         })
     }
 
-    fn online(&self, room: &str) -> BoxFuture<'static, Option<Vec<(Arc<str>, Option<Arc<str>>)>>> {
+    fn online(&self, room: &str) -> BoxFuture<'static, Option<OnlineList>> {
         let (shared, room) = (self.shared.clone(), room.to_owned());
         Box::pin(async move {
             let result = Cluster::read_online(&shared, &room).await;
@@ -350,10 +350,7 @@ impl Cluster {
         Ok(changed == 1)
     }
 
-    async fn read_online(
-        shared: &Shared,
-        room: &str,
-    ) -> redis::RedisResult<Vec<(Arc<str>, Option<Arc<str>>)>> {
+    async fn read_online(shared: &Shared, room: &str) -> redis::RedisResult<OnlineList> {
         let mut conn = shared.link.get().await?;
         let (counts, statuses): (Vec<String>, Vec<String>) = shared
             .link

@@ -25,6 +25,9 @@ pub struct MemberInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomFull;
 
+/// Identities online in a room, with their statuses.
+pub type OnlineList = Vec<(Arc<str>, Option<Arc<str>>)>;
+
 /// What carries a room's traffic to the other nodes of a cluster. Every call is synchronous and
 /// cheap (it queues work for the bus's own tasks), so that rooms can call it where they decide,
 /// in the order they decide.
@@ -59,10 +62,7 @@ pub trait RoomBus: Send + Sync + std::fmt::Debug {
     ) -> futures_util::future::BoxFuture<'static, bool>;
     /// The identities online in `room` on any node, with their statuses (`None`: unknown, Redis
     /// is out of reach).
-    fn online(
-        &self,
-        room: &str,
-    ) -> futures_util::future::BoxFuture<'static, Option<Vec<(Arc<str>, Option<Arc<str>>)>>>;
+    fn online(&self, room: &str) -> futures_util::future::BoxFuture<'static, Option<OnlineList>>;
     /// An identity set its status (`None`: cleared).
     fn set_status(&self, identity: &str, status: Option<&str>);
 }
