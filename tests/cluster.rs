@@ -616,3 +616,32 @@ async fn presence_agrees_on_every_node_and_changes_once_for_the_whole_cluster() 
         BTreeSet::from(["ada".to_owned()])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_fires_once_with_three_nodes_running() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let nodes = cluster(&redis, &dir, 3).await;
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(node.client().await);
+    }
+    let id = clients[1].next_id();
+    let (_, ack) = clients[1]
+        .request(json!({"type": "relay.later", "messageId": id, "payload": {"delayMs": 50, "n": 7}}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    let fired = clients[1].recv_type("fired").await;
+    assert_eq!(fired["payload"]["n"], 7);
+    // Long after it was due: no node fired it again.
+    let id = clients[1].next_id();
+    let (_, ack) = clients[1]
+        .request(json!({"type": "relay.later", "messageId": id, "payload": {"delayMs": 200, "n": 8}}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    let fired = clients[1].recv_type("fired").await;
+    assert_eq!(fired["payload"]["n"], 8, "the first timer fired twice: {fired}");
+    for c in &mut clients {
+        c.sync().await;
+    }
+}
