@@ -628,7 +628,9 @@ async fn a_timer_fires_once_with_three_nodes_running() {
     }
     let id = clients[1].next_id();
     let (_, ack) = clients[1]
-        .request(json!({"type": "relay.later", "messageId": id, "payload": {"delayMs": 50, "n": 7}}))
+        .request(
+            json!({"type": "relay.later", "messageId": id, "payload": {"delayMs": 50, "n": 7}}),
+        )
         .await;
     assert_eq!(ack["type"], "sys.ack", "{ack}");
     let fired = clients[1].recv_type("fired").await;
@@ -636,12 +638,86 @@ async fn a_timer_fires_once_with_three_nodes_running() {
     // Long after it was due: no node fired it again.
     let id = clients[1].next_id();
     let (_, ack) = clients[1]
-        .request(json!({"type": "relay.later", "messageId": id, "payload": {"delayMs": 200, "n": 8}}))
+        .request(
+            json!({"type": "relay.later", "messageId": id, "payload": {"delayMs": 200, "n": 8}}),
+        )
         .await;
     assert_eq!(ack["type"], "sys.ack", "{ack}");
     let fired = clients[1].recv_type("fired").await;
-    assert_eq!(fired["payload"]["n"], 8, "the first timer fired twice: {fired}");
+    assert_eq!(
+        fired["payload"]["n"], 8,
+        "the first timer fired twice: {fired}"
+    );
     for c in &mut clients {
         c.sync().await;
+    }
+}
+
+/// Waits until `node` reports every one of `count` nodes with the same plugin versions, and
+/// returns them (plugin → version).
+async fn agreed_versions(node: &Node, count: usize) -> Value {
+    within("every node to report the same versions", async {
+        loop {
+            let report = node.healthz().await;
+            let cluster = &report["cluster"];
+            let versions = cluster["versions"].as_object().cloned().unwrap_or_default();
+            if versions.len() == count
+                && cluster["versionsDiffer"]
+                    .as_array()
+                    .is_some_and(Vec::is_empty)
+            {
+                return versions.values().next().cloned().unwrap();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_through_a_shared_directory_reaches_every_node_without_losing_a_message() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let nodes = cluster(&redis, &dir, 3).await;
+    let before = agreed_versions(&nodes[0], 3).await;
+    let mut sender = nodes[1].client().await;
+    let mut member = nodes[2].client().await;
+    join(&mut sender, "rollout").await;
+    join(&mut member, "rollout").await;
+    // A new version of `relay` lands in the directory every node serves, under traffic.
+    const N: usize = 300;
+    for n in 0..N {
+        if n == N / 3 {
+            dir.replace("relay.toml", relay_manifest(&wasm("relay"), "b", &[]));
+        }
+        let id = sender.next_id();
+        sender
+            .feed(json!({"type": "echo.broadcast", "messageId": id, "room": "rollout", "payload": {"n": n}}))
+            .await;
+    }
+    sender.flush().await;
+    let expected: Vec<Value> = (0..N).map(|n| json!({"n": n})).collect();
+    assert_eq!(broadcasts(&mut member, N).await, expected);
+    let after = within("every node to swap", async {
+        loop {
+            let versions = agreed_versions(&nodes[0], 3).await;
+            if versions["relay"] != before["relay"] {
+                return versions;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(after["echo"], before["echo"]);
+    // Every node runs the new version.
+    for node in &nodes {
+        let mut c = node.client().await;
+        let id = c.next_id();
+        c.request(
+            json!({"type": "relay.later", "messageId": id, "payload": {"delayMs": 0, "n": 1}}),
+        )
+        .await;
+        let fired = c.recv_type("fired").await;
+        assert_eq!(fired["payload"]["version"], "b", "{fired}");
     }
 }

@@ -118,6 +118,8 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub struct Cluster {
     shared: Arc<Shared>,
+    /// Every live node's plugin versions, as of this node's last lease renewal.
+    versions: std::sync::Mutex<Vec<(String, String)>>,
     jobs: mpsc::UnboundedSender<Job>,
     commands: mpsc::UnboundedSender<Command>,
 }
@@ -168,6 +170,7 @@ impl Cluster {
         ));
         let cluster = Arc::new(Cluster {
             shared,
+            versions: std::sync::Mutex::default(),
             jobs,
             commands,
         });
@@ -196,7 +199,7 @@ impl Cluster {
         let _ = self.jobs.send(Job::Flush(done));
         let bounded = async {
             let _ = flushed.await;
-            let result = nodes::beat(&self.shared, false).await;
+            let result = nodes::beat(&self.shared, false, "{}").await;
             self.shared.link.outcome(&result).await;
         };
         if tokio::time::timeout(self.shared.config.publish_timeout, bounded)
@@ -214,8 +217,44 @@ impl Cluster {
         let _ = flushed.await;
     }
 
+    fn set_versions(&self, versions: Vec<(String, String)>) {
+        *self.versions.lock().unwrap_or_else(|e| e.into_inner()) = versions;
+    }
+
+    /// Each live node's plugin versions, and the plugins whose versions differ between nodes
+    /// (a rollout in progress, or a version some node refused).
+    fn versions(&self) -> (serde_json::Value, Vec<String>) {
+        let held = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut by_node = serde_json::Map::new();
+        let mut seen: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+            Default::default();
+        for (node, json) in held.iter() {
+            let versions: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+            if let Some(map) = versions.as_object() {
+                for (plugin, version) in map {
+                    seen.entry(plugin.clone())
+                        .or_default()
+                        .insert(version.as_str().unwrap_or_default().to_owned());
+                }
+            }
+            by_node.insert(node.clone(), versions);
+        }
+        let nodes = held.len();
+        drop(held);
+        let differ = seen
+            .into_iter()
+            .filter(|(plugin, versions)| {
+                versions.len() > 1
+                    || by_node.values().filter(|v| v.get(plugin).is_some()).count() != nodes
+            })
+            .map(|(plugin, _)| plugin)
+            .collect();
+        (serde_json::Value::Object(by_node), differ)
+    }
+
     /// What `/healthz` shows.
     pub fn report(&self) -> serde_json::Value {
+        let (versions, differ) = self.versions();
         let s = &self.shared.stats;
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         serde_json::json!({
@@ -232,6 +271,8 @@ impl Cluster {
             "lost": n(&s.lost),
             "direct": n(&s.direct),
             "nodesEnded": n(&s.nodes_ended),
+            "versions": versions,
+            "versionsDiffer": differ,
         })
     }
 

@@ -11,12 +11,22 @@ use tokio::sync::watch;
 use super::{Cluster, Shared};
 use crate::router::Hub;
 
-/// Renews this node's lease (`stay`) or ends it now, and ends the dead nodes'. Returns whether
-/// this node's lease was new, and the nodes ended.
-pub async fn beat(shared: &Shared, stay: bool) -> redis::RedisResult<(bool, Vec<String>)> {
+/// What a lease renewal learned.
+pub struct Beat {
+    /// This node's lease was new (it had been ended, or never begun).
+    pub new: bool,
+    /// The nodes it ended.
+    pub ended: Vec<String>,
+    /// Every live node's plugin versions (node, JSON object plugin → version).
+    pub versions: Vec<(String, String)>,
+}
+
+/// Renews this node's lease (`stay`) and stores its plugin versions (`versions`, a JSON object),
+/// or ends its lease now; ends the dead nodes' leases.
+pub async fn beat(shared: &Shared, stay: bool, versions: &str) -> redis::RedisResult<Beat> {
     let mut conn = shared.link.get().await?;
     let lease_ms = u64::try_from(shared.config.node_ttl.as_millis()).unwrap_or(u64::MAX);
-    let (added, ended): (u8, Vec<String>) = shared
+    let (added, ended, versions): (u8, Vec<String>, Vec<(String, String)>) = shared
         .link
         .scripts
         .beat
@@ -26,9 +36,14 @@ pub async fn beat(shared: &Shared, stay: bool) -> redis::RedisResult<(bool, Vec<
         .arg(shared.config.stream_length)
         .arg(shared.config.room_ttl.as_secs().max(1))
         .arg(if stay { "1" } else { "0" })
+        .arg(versions)
         .invoke_async(&mut conn)
         .await?;
-    Ok((added == 1, ended))
+    Ok(Beat {
+        new: added == 1,
+        ended,
+        versions,
+    })
 }
 
 pub async fn run(cluster: Arc<Cluster>, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
@@ -36,10 +51,22 @@ pub async fn run(cluster: Arc<Cluster>, hub: Arc<Hub>, mut shutdown: watch::Rece
     let period = (shared.config.node_ttl / 3).max(std::time::Duration::from_millis(100));
     let mut began = false;
     loop {
-        let result = beat(shared, true).await;
+        let versions: serde_json::Map<String, serde_json::Value> = hub
+            .registry
+            .report()
+            .into_iter()
+            .map(|p| (p.id, p.version.into()))
+            .collect();
+        let versions = serde_json::Value::Object(versions).to_string();
+        let result = beat(shared, true, &versions).await;
         shared.link.outcome(&result).await;
         match result {
-            Ok((new, ended)) => {
+            Ok(Beat {
+                new,
+                ended,
+                versions,
+            }) => {
+                cluster.set_versions(versions);
                 if new && began {
                     tracing::warn!(
                         "cluster: this node's lease had ended (Redis was out of reach or lost its data): announcing its members again"

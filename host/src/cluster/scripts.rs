@@ -88,7 +88,8 @@ return {epoch, offset, redis.call('HGETALL', meta .. ':m')}
 /// (one `L` publication each, on the dead node's behalf, number 0). ARGV: node, lease (ms),
 /// epoch candidate, stream length, ttl (s), `stay` (`1`; `0`: the node is leaving and ends its
 /// own lease now). Returns whether the node's lease was new (it had been ended or never begun),
-/// then the nodes ended.
+/// then the nodes ended, then every live node's plugin versions (node, JSON, ...), after storing
+/// this node's (ARGV[7], a JSON object plugin → version).
 const BEAT: &str = r"
 local node, lease, stay = ARGV[1], tonumber(ARGV[2]), ARGV[6]
 local t = redis.call('TIME')
@@ -96,6 +97,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local added = 0
 if stay == '1' then
   added = redis.call('ZADD', 'plexus:nodes', now + lease, node)
+  redis.call('HSET', 'plexus:versions', node, ARGV[7])
 else
   redis.call('ZADD', 'plexus:nodes', 0, node)
 end
@@ -126,9 +128,10 @@ for _, dead in ipairs(redis.call('ZRANGEBYSCORE', 'plexus:nodes', '-inf', now)) 
     end
   end
   redis.call('DEL', presence_key)
+  redis.call('HDEL', 'plexus:versions', dead)
   table.insert(ended, dead)
 end
-return {added, ended}
+return {added, ended, redis.call('HGETALL', 'plexus:versions')}
 ";
 
 /// The scripts, compiled once per process (their SHA-1 names them in `EVALSHA`).
