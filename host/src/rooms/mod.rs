@@ -6,7 +6,7 @@
 pub mod presence;
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use dashmap::DashMap;
 
@@ -67,10 +67,36 @@ pub trait RoomBus: Send + Sync + std::fmt::Debug {
     fn set_status(&self, identity: &str, status: Option<&str>);
 }
 
+/// One room's members on this node, behind a lock of its own: a fan-out holds this room's read
+/// lock only, so that joins and leaves of the other rooms (in the same map shard) go on.
+#[derive(Debug, Default)]
+struct Room {
+    members: RwLock<Members>,
+}
+
+#[derive(Debug, Default)]
+struct Members {
+    sessions: HashMap<Arc<str>, Arc<Session>>,
+    /// The room was taken out of the map (it emptied): a join that still holds it must look
+    /// the room up again.
+    removed: bool,
+}
+
+impl Room {
+    fn read(&self) -> RwLockReadGuard<'_, Members> {
+        // Every critical section leaves the map consistent.
+        self.members.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Members> {
+        self.members.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// All rooms of this host.
 #[derive(Debug, Default)]
 pub struct Rooms {
-    rooms: DashMap<Arc<str>, HashMap<Arc<str>, Arc<Session>>>,
+    rooms: DashMap<Arc<str>, Arc<Room>>,
     /// The members on other nodes of the rooms this node serves, as the bus reported them.
     remote: DashMap<Arc<str>, HashMap<Arc<str>, MemberInfo>>,
     bus: OnceLock<Arc<dyn RoomBus>>,
@@ -97,61 +123,83 @@ impl Rooms {
         session: &Arc<Session>,
         max_members: usize,
     ) -> Result<bool, RoomFull> {
-        let mut members = self.rooms.entry(Arc::from(room)).or_default();
-        if members.contains_key(&session.connection_id) {
-            return Ok(false);
-        }
-        let elsewhere = self.remote.get(room).map_or(0, |r| r.len());
-        if members.len() + elsewhere >= max_members {
-            let empty = members.is_empty();
-            drop(members);
-            if empty {
-                self.rooms.remove_if(room, |_, members| members.is_empty());
+        loop {
+            let entry = self.rooms.entry(Arc::from(room)).or_default().clone();
+            let mut members = entry.write();
+            if members.removed {
+                // Emptied and taken out meanwhile: join the room that replaces it.
+                continue;
             }
-            return Err(RoomFull);
-        }
-        members.insert(session.connection_id.clone(), session.clone());
-        if let Some(bus) = self.bus.get() {
-            // Under the room's guard, so that the bus sees a room's first join and last leave
-            // in the order they happened.
-            if members.len() == 1 {
-                bus.serve(room);
+            if members.sessions.contains_key(&session.connection_id) {
+                return Ok(false);
             }
-            bus.joined(
-                room,
-                &MemberInfo {
-                    connection_id: session.connection_id.clone(),
-                    identity: session.identity.0.clone(),
-                },
-            );
+            let elsewhere = self.remote.get(room).map_or(0, |r| r.len());
+            if members.sessions.len() + elsewhere >= max_members {
+                drop(members);
+                self.forget_if_empty(room, &entry);
+                return Err(RoomFull);
+            }
+            members
+                .sessions
+                .insert(session.connection_id.clone(), session.clone());
+            if let Some(bus) = self.bus.get() {
+                // Under the room's lock, so that the bus sees a room's first join and last
+                // leave in the order they happened.
+                if members.sessions.len() == 1 {
+                    bus.serve(room);
+                }
+                bus.joined(
+                    room,
+                    &MemberInfo {
+                        connection_id: session.connection_id.clone(),
+                        identity: session.identity.0.clone(),
+                    },
+                );
+            }
+            return Ok(true);
         }
-        Ok(true)
     }
 
     /// Removes a session from a room. Returns false when it was not a member.
     pub fn leave(&self, room: &str, connection_id: &str) -> bool {
-        let removed = match self.rooms.get_mut(room) {
-            Some(mut members) => {
-                let removed = members.remove(connection_id).is_some();
-                if removed && let Some(bus) = self.bus.get() {
-                    bus.left(room, connection_id);
-                    if members.is_empty() {
-                        bus.unserve(room);
-                    }
-                }
-                removed
-            }
-            None => false,
+        let Some(entry) = self.rooms.get(room).map(|r| r.clone()) else {
+            return false;
         };
-        self.rooms.remove_if(room, |_, members| members.is_empty());
+        let mut members = entry.write();
+        let removed = members.sessions.remove(connection_id).is_some();
+        if removed && let Some(bus) = self.bus.get() {
+            bus.left(room, connection_id);
+            if members.sessions.is_empty() {
+                bus.unserve(room);
+            }
+        }
+        drop(members);
+        self.forget_if_empty(room, &entry);
         removed
+    }
+
+    /// Takes `room` out of the map if it has no member (marked, for a join holding it).
+    fn forget_if_empty(&self, room: &str, entry: &Arc<Room>) {
+        self.rooms.remove_if(room, |_, held| {
+            if !Arc::ptr_eq(held, entry) {
+                return false;
+            }
+            let mut members = held.write();
+            if members.sessions.is_empty() {
+                members.removed = true;
+            }
+            members.removed
+        });
     }
 
     /// The members of a room on every node (as far as this node knows the others: it keeps
     /// them for the rooms it serves), sorted by connection id.
     pub fn members(&self, room: &str) -> Vec<MemberInfo> {
-        let mut list: Vec<MemberInfo> = self.rooms.get(room).map_or_else(Vec::new, |members| {
-            members
+        let entry = self.rooms.get(room).map(|r| r.clone());
+        let mut list: Vec<MemberInfo> = entry.map_or_else(Vec::new, |entry| {
+            entry
+                .read()
+                .sessions
                 .values()
                 .map(|s| MemberInfo {
                     connection_id: s.connection_id.clone(),
@@ -170,7 +218,7 @@ impl Rooms {
     pub fn local_members(&self) -> Vec<(Arc<str>, MemberInfo)> {
         let mut all = Vec::new();
         for entry in self.rooms.iter() {
-            for session in entry.value().values() {
+            for session in entry.value().read().sessions.values() {
                 all.push((
                     entry.key().clone(),
                     MemberInfo {
@@ -274,11 +322,12 @@ impl Rooms {
         except: Option<&str>,
         push: fn(&Outbox, Frame) -> bool,
     ) -> usize {
-        let Some(members) = self.rooms.get(room) else {
+        let Some(entry) = self.rooms.get(room).map(|r| r.clone()) else {
             return 0;
         };
+        let members = entry.read();
         let mut delivered = 0;
-        for (id, session) in members.iter() {
+        for (id, session) in members.sessions.iter() {
             if except == Some(&**id) {
                 continue;
             }
@@ -303,6 +352,35 @@ impl Rooms {
 mod tests {
     use super::*;
     use crate::session::{Identity, SessionPolicy, Sessions};
+
+    #[test]
+    fn a_join_racing_the_room_emptying_is_never_lost() {
+        let sessions = Sessions::default();
+        let rooms = Arc::new(Rooms::default());
+        let policy = SessionPolicy::default();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (rooms, session) = (rooms.clone(), sessions.open(Identity::guest(), &policy));
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        assert_eq!(rooms.join("r", &session, usize::MAX), Ok(true));
+                        assert!(
+                            rooms
+                                .members("r")
+                                .iter()
+                                .any(|m| m.connection_id == session.connection_id),
+                            "a join went into a room taken out of the map"
+                        );
+                        assert!(rooms.leave("r", &session.connection_id));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(rooms.is_empty());
+    }
 
     #[test]
     fn join_leave_and_broadcast() {
