@@ -56,29 +56,32 @@ start_node() {
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 redis_commands() { redis-cli -p "$REDIS_PORT" info stats | awk -F: '/^total_commands_processed/ {print $2+0}'; }
 
-# run_case NAME FROM_PORT TO_PORT PIDS...
+# run_case NAME FROM_PORT TO_PORT PIDS...: the sender's node first.
 run_case() {
     local name=$1 from=$2 to=$3; shift 3
-    local before_cpu=0 after_cpu=0 p
-    for p in "$@"; do before_cpu=$((before_cpu + $(cpu_ticks "$p"))); done
+    local before=() after=() p
+    for p in "$@"; do before+=("$(cpu_ticks "$p")"); done
     local before_cmds; before_cmds=$(redis_commands)
     local out
     out=$("$BENCH" --from "ws://127.0.0.1:$from/ws" --to "ws://127.0.0.1:$to/ws" \
         --receivers "$RECEIVERS" --rate "$RATE" --seconds "$SECONDS_RUN" --room "bench-$name")
-    for p in "$@"; do after_cpu=$((after_cpu + $(cpu_ticks "$p"))); done
+    for p in "$@"; do after+=("$(cpu_ticks "$p")"); done
     local after_cmds; after_cmds=$(redis_commands)
-    local hz; hz=$(getconf CLK_TCK)
-    python3 - "$name" "$out" "$((after_cpu - before_cpu))" "$hz" "$((after_cmds - before_cmds))" <<'PY'
+    local ticks="" i
+    for i in "${!before[@]}"; do ticks+="$((after[i] - before[i])) "; done
+    python3 - "$name" "$out" "$ticks" "$(getconf CLK_TCK)" "$((after_cmds - before_cmds))" <<'PY'
 import json, sys
-name, out, ticks, hz, cmds = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+name, out, ticks, hz, cmds = sys.argv[1], json.loads(sys.argv[2]), [int(t) for t in sys.argv[3].split()], int(sys.argv[4]), int(sys.argv[5])
 d = max(out["delivered"], 1)
-print(f"| {name} | {out['delivered']} | {out['missing']} | {out['outOfOrder']} | {out['deliveriesPerSecond']:.0f} | {out['p50us']} | {out['p99us']} | {out['p999us']} | {ticks / hz * 1e6 / d:.2f} | {cmds / d:.3f} |")
+per_node = " + ".join(f"{t / hz * 1e6 / d:.2f}" for t in ticks)
+total = sum(ticks) / hz * 1e6 / d
+print(f"| {name} | {out['delivered']} | {out['missing']} | {out['outOfOrder']} | {out['deliveriesPerSecond']:.0f} | {out['p50us']} | {out['p99us']} | {out['p999us']} | {per_node} = {total:.2f} | {cmds / d:.3f} |")
 PY
 }
 
 echo "rate $RATE/s x $RECEIVERS receivers for ${SECONDS_RUN}s; $(nproc) CPUs"
 echo
-echo "| case | delivered | missing | out of order | deliveries/s | p50 µs | p99 µs | p99.9 µs | node CPU µs per delivery | Redis commands per delivery |"
+echo "| case | delivered | missing | out of order | deliveries/s | p50 µs | p99 µs | p99.9 µs | node CPU µs per delivery (the sender's node + the other) | Redis commands per delivery |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 P1=$(free_port); N1=$(start_node "$P1")
 run_case single "$P1" "$P1" "$N1"
@@ -88,3 +91,4 @@ PA=$(free_port); NA=$(start_node "$PA" --cluster "$URL")
 PB=$(free_port); NB=$(start_node "$PB" --cluster "$URL")
 run_case cluster-same-node "$PA" "$PA" "$NA" "$NB"
 run_case cluster-cross-node "$PA" "$PB" "$NA" "$NB"
+kill "$NA" "$NB"

@@ -18,8 +18,11 @@ const PUBLISH_FN: &str = r"
 local function publish(room, payload, epoch_candidate, maxlen, ttl)
   local meta = 'plexus:r:' .. room
   local stream = meta .. ':s'
-  redis.call('HSETNX', meta, 'epoch', epoch_candidate)
   local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    epoch = epoch_candidate
+    redis.call('HSET', meta, 'epoch', epoch)
+  end
   local offset = redis.call('HINCRBY', meta, 'offset', 1)
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '0-' .. offset, 'd', payload)
   redis.call('EXPIRE', meta, ttl)
