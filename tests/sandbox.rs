@@ -251,3 +251,32 @@ async fn an_effect_outside_the_grant_fails_the_whole_call() {
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_frames_of_a_connection_that_went_away_are_dropped_not_handled() {
+    // The breaker off, so that every handled frame costs a whole 50 ms call.
+    let host = host(BreakerPolicy {
+        failures: 0,
+        ..BreakerPolicy::default()
+    })
+    .await;
+    let mut gone = host.client().await;
+    const SENT: u64 = 300;
+    for n in 0..SENT {
+        gone.feed(json!({"type": "faulty.spin", "messageId": format!("spin-{n}")}))
+            .await;
+    }
+    gone.flush().await;
+    gone.drop_connection();
+    within("the host to notice the connection went away", async {
+        while host.healthz().await["connections"] != 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let calls = host.healthz().await["plugins"]["faulty"]["calls"]
+        .as_u64()
+        .unwrap();
+    eprintln!("{calls} of {SENT} frames handled after the client went away");
+    assert!(calls < SENT / 4, "{calls} of {SENT} frames were handled");
+}
