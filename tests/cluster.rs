@@ -675,7 +675,7 @@ async fn agreed_versions(node: &Node, count: usize) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rollout_through_a_shared_directory_reaches_every_node_without_losing_a_message() {
+async fn plexus_rollout_reaches_every_node_under_traffic_without_losing_a_message() {
     let redis = Redis::start().await;
     let dir = manifests();
     let nodes = cluster(&redis, &dir, 3).await;
@@ -684,11 +684,25 @@ async fn a_rollout_through_a_shared_directory_reaches_every_node_without_losing_
     let mut member = nodes[2].client().await;
     join(&mut sender, "rollout").await;
     join(&mut member, "rollout").await;
-    // A new version of `relay` lands in the directory every node serves, under traffic.
+    // `plexus rollout` puts a new version of `relay` into the directory every node serves,
+    // under traffic, and follows it until every node runs it.
+    let staging = TempDir::new();
+    let new_manifest = staging.write("relay.toml", relay_manifest(&wasm("relay"), "b", &[]));
+    let mut rollout = None;
     const N: usize = 300;
     for n in 0..N {
         if n == N / 3 {
-            dir.replace("relay.toml", relay_manifest(&wasm("relay"), "b", &[]));
+            rollout = Some(
+                Command::new(support::plexus_bin())
+                    .arg("rollout")
+                    .arg("--manifests")
+                    .arg(dir.path())
+                    .args(["--host", &nodes[0].addr.to_string()])
+                    .arg(&new_manifest)
+                    .stdin(Stdio::null())
+                    .kill_on_drop(true)
+                    .output(),
+            );
         }
         let id = sender.next_id();
         sender
@@ -698,6 +712,19 @@ async fn a_rollout_through_a_shared_directory_reaches_every_node_without_losing_
     sender.flush().await;
     let expected: Vec<Value> = (0..N).map(|n| json!({"n": n})).collect();
     assert_eq!(broadcasts(&mut member, N).await, expected);
+    let output = within("plexus rollout", rollout.unwrap())
+        .await
+        .expect("running plexus rollout");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("relay: ") && stdout.contains("on 3 node(s)"),
+        "{stdout}"
+    );
     let after = within("every node to swap", async {
         loop {
             let versions = agreed_versions(&nodes[0], 3).await;
@@ -720,4 +747,33 @@ async fn a_rollout_through_a_shared_directory_reaches_every_node_without_losing_
         let fired = c.recv_type("fired").await;
         assert_eq!(fired["payload"]["version"], "b", "{fired}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plexus_rollout_reports_a_version_the_nodes_refuse() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let nodes = cluster(&redis, &dir, 2).await;
+    let before = agreed_versions(&nodes[0], 2).await;
+    let staging = TempDir::new();
+    let broken = staging.write("relay.toml", "manifest_version = 1\n[plugin\n");
+    let output = within(
+        "plexus rollout",
+        Command::new(support::plexus_bin())
+            .arg("rollout")
+            .arg("--manifests")
+            .arg(dir.path())
+            .args(["--host", &nodes[0].addr.to_string(), "--timeout-secs", "15"])
+            .arg(&broken)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("running plexus rollout");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("refused the new version"), "{stderr}");
+    // Every node still serves the version it had.
+    assert_eq!(agreed_versions(&nodes[0], 2).await, before);
 }

@@ -1,8 +1,10 @@
 //! The `plexus` command: `serve`, `dev`, `check` and `rollback`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use plexus::config_file::{self, Settings};
@@ -282,6 +284,24 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         host: SocketAddr,
     },
+    /// Roll a new plugin version out to every node: put FILES (manifests, components) into the
+    /// manifests directory the nodes share (each written beside its place, then renamed into
+    /// it), then follow one node's /healthz until every node runs the same new version, or say
+    /// which node does not (docs/operations.md, "Cluster").
+    Rollout {
+        /// The manifests and components to roll out.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The manifests directory every node serves.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// A node's address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        host: SocketAddr,
+        /// How long to wait for every node.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -309,6 +329,12 @@ fn main() -> ExitCode {
                 no_build,
             } => check(manifests, !no_build).await,
             Command::Rollback { plugin, host } => rollback(&plugin, host).await,
+            Command::Rollout {
+                files,
+                manifests,
+                host,
+                timeout_secs,
+            } => rollout(&files, &manifests, host, Duration::from_secs(timeout_secs)).await,
         }
     })
 }
@@ -447,4 +473,121 @@ async fn post_rollback(
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Each node's plugin versions (node → plugin → version) and the queried node's refusals, from
+/// its `/healthz`; a host that is not in a cluster is one node, `this`.
+fn versions_of(report: &serde_json::Value) -> BTreeMap<String, BTreeMap<String, String>> {
+    let as_map = |v: &serde_json::Value| -> BTreeMap<String, String> {
+        v.as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| {
+                        let version = v.get("version").unwrap_or(v);
+                        (k.clone(), version.as_str().unwrap_or_default().to_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    match report["cluster"]["versions"].as_object() {
+        Some(nodes) => nodes.iter().map(|(n, v)| (n.clone(), as_map(v))).collect(),
+        None => BTreeMap::from([("this".to_owned(), as_map(&report["plugins"]))]),
+    }
+}
+
+async fn rollout(
+    files: &[PathBuf],
+    manifests: &Path,
+    host: SocketAddr,
+    timeout: Duration,
+) -> ExitCode {
+    let fail = |message: String| {
+        eprintln!("error: {message}");
+        ExitCode::FAILURE
+    };
+    let before = match get_healthz(host).await {
+        Ok(report) => report,
+        Err(e) => return fail(format!("cannot reach the host at {host}: {e:#}")),
+    };
+    let before_versions = versions_of(&before);
+    let refused_before = before["refused"].as_array().map_or(0, Vec::len);
+    for file in files {
+        let Some(name) = file.file_name() else {
+            return fail(format!("{} names no file", file.display()));
+        };
+        let target = manifests.join(name);
+        let staging = manifests.join(format!(".{}.rollout", name.to_string_lossy()));
+        if let Err(e) =
+            std::fs::copy(file, &staging).and_then(|_| std::fs::rename(&staging, &target))
+        {
+            return fail(format!(
+                "cannot put {} into {}: {e}",
+                file.display(),
+                manifests.display()
+            ));
+        }
+        println!("{} -> {}", file.display(), target.display());
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = before_versions.clone();
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(report) = get_healthz(host).await else {
+            continue;
+        };
+        if let Some(refused) = report["refused"].as_array()
+            && refused.len() > refused_before
+        {
+            return fail(format!(
+                "the node at {host} refused the new version: {}",
+                refused[refused.len() - 1]
+            ));
+        }
+        last = versions_of(&report);
+        let agree = report["cluster"]["versionsDiffer"]
+            .as_array()
+            .is_none_or(Vec::is_empty);
+        let Some(first) = last.values().next() else {
+            continue;
+        };
+        let changed: Vec<&String> = first
+            .iter()
+            .filter(|(plugin, version)| {
+                before_versions
+                    .values()
+                    .all(|node| node.get(*plugin) != Some(*version))
+            })
+            .map(|(plugin, _)| plugin)
+            .collect();
+        if agree && last.len() >= before_versions.len() && !changed.is_empty() {
+            for plugin in changed {
+                println!("{plugin}: {} on {} node(s)", first[plugin], last.len());
+            }
+            return ExitCode::SUCCESS;
+        }
+    }
+    let mut message = format!(
+        "not every node runs one new version after {}s:",
+        timeout.as_secs()
+    );
+    for (node, versions) in &last {
+        message.push_str(&format!("\n  {node}: {versions:?}"));
+    }
+    fail(message)
+}
+
+/// `GET /healthz` of the host, parsed.
+async fn get_healthz(host: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(host).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/healthz")
+        .header(hyper::header::HOST, host.to_string())
+        .body(Empty::<bytes::Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
 }
