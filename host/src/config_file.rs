@@ -574,6 +574,42 @@ mod tests {
     }
 
     #[test]
+    fn durations_too_long_for_the_clock_are_accepted_and_can_be_armed() {
+        // The largest integer TOML has, for every duration in seconds: the deadlines the host
+        // set with them overflowed the clock (a property of the `config_parse` fuzz target).
+        let max = i64::MAX;
+        let text = format!(
+            "[limits]\nflood_close_secs = {max}\nrequest_head_timeout_secs = {max}\n\
+             [session]\nresume_ttl_secs = {max}\nwrite_timeout_secs = {max}\ndedupe_secs = {max}\n\
+             ping_interval_secs = {max}\npong_timeout_secs = {max}\n\
+             [swap]\nkeep_previous_secs = {max}\nprobation_secs = {max}\n\
+             [breaker]\nfailures = 1\ncool_down_secs = {max}\n\
+             [auth]\nleeway_secs = {max}\n"
+        );
+        let mut config = Config::new("x");
+        parse(&text, Path::new("/"))
+            .unwrap()
+            .apply(&mut config)
+            .unwrap();
+        let health = crate::registry::Health::default();
+        health.start_probation(&config.swap);
+        assert!(health.on_probation());
+        health.record_circuit(true, &config.limits.breaker);
+        assert!(health.admit().is_err());
+        let exp = crate::protocol::now_ms() / 1000 + 3600;
+        crate::auth::deadline(exp.saturating_add(config.auth.leeway_secs));
+        let session = &config.session;
+        for d in [
+            session.ping_interval,
+            session.pong_timeout,
+            config.swap.keep_previous,
+            config.request_head_timeout,
+        ] {
+            let _ = std::time::Instant::now() + crate::timers::capped(d);
+        }
+    }
+
+    #[test]
     fn bad_values_name_their_line() {
         let (line, _) = parse("\n\nlisten = \"nowhere\"\n", Path::new("/")).unwrap_err();
         assert_eq!(line, Some(3));
