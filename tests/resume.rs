@@ -317,6 +317,23 @@ async fn a_client_that_stops_answering_pings_is_closed_and_its_presence_cleaned(
     assert_eq!(u16::from(close.code), 4001, "{close:?}");
 }
 
+#[tokio::test]
+async fn a_pong_timeout_too_long_for_the_clock_never_closes_a_connection() {
+    // `--pong-timeout-secs 18446744073709551615`: the pong's deadline, armed at every ping,
+    // would overflow the clock and end the connection's task at its first ping.
+    let host = host(|config| {
+        config.session.ping_interval = Duration::from_millis(100);
+        config.session.pong_timeout = Duration::from_secs(u64::MAX);
+    })
+    .await;
+    let mut a = host.client().await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Reading answers the ping that came meanwhile.
+        a.echo_round_trip().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_loses_volatile_frames_first_then_is_closed_with_1013_and_resumes() {
     use futures_util::StreamExt;

@@ -456,9 +456,9 @@ struct RawSwap {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawAuth {
-    hs256_secret_file: Option<PathBuf>,
-    public_key_file: Option<PathBuf>,
-    jwks_file: Option<PathBuf>,
+    hs256_secret_file: Option<Spanned<PathBuf>>,
+    public_key_file: Option<Spanned<PathBuf>>,
+    jwks_file: Option<Spanned<PathBuf>>,
     audience: Option<String>,
     issuer: Option<String>,
     leeway_secs: Option<u64>,
@@ -524,12 +524,17 @@ pub fn parse(text: &str, base: &Path) -> Result<Settings, (Option<usize>, String
         }
     };
     let keys = [
-        raw.auth.hs256_secret_file.is_some(),
-        raw.auth.public_key_file.is_some(),
-        raw.auth.jwks_file.is_some(),
+        &raw.auth.hs256_secret_file,
+        &raw.auth.public_key_file,
+        &raw.auth.jwks_file,
     ];
-    if keys.iter().filter(|k| **k).count() > 1 {
-        return Err((None, SettingsError::SeveralKeys.to_string()));
+    if keys.iter().filter(|k| k.is_some()).count() > 1 {
+        // The line of the key given last: the one too many.
+        let last = keys.into_iter().flatten().map(|k| k.span().start).max();
+        return Err((
+            last.map(|start| line_of(text, start)),
+            SettingsError::SeveralKeys.to_string(),
+        ));
     }
     let room_rules = match raw.rooms {
         None => None,
@@ -578,9 +583,9 @@ pub fn parse(text: &str, base: &Path) -> Result<Settings, (Option<usize>, String
         ping_interval_secs: raw.session.ping_interval_secs,
         pong_timeout_secs: raw.session.pong_timeout_secs,
         dev_identity: raw.session.dev_identity,
-        jwt_secret_file: path(raw.auth.hs256_secret_file),
-        jwt_public_key: path(raw.auth.public_key_file),
-        jwt_jwks: path(raw.auth.jwks_file),
+        jwt_secret_file: path(raw.auth.hs256_secret_file.map(Spanned::into_inner)),
+        jwt_public_key: path(raw.auth.public_key_file.map(Spanned::into_inner)),
+        jwt_jwks: path(raw.auth.jwks_file.map(Spanned::into_inner)),
         jwt_audience: raw.auth.audience,
         jwt_issuer: raw.auth.issuer,
         jwt_leeway_secs: raw.auth.leeway_secs,
@@ -734,9 +739,54 @@ pattern = "user:{sub}"
     }
 
     #[test]
+    fn durations_too_long_for_the_clock_are_accepted_and_can_be_armed() {
+        // The largest integer TOML has, for every duration in seconds: the deadlines the host
+        // set with them overflowed the clock (a property of the `config_parse` fuzz target).
+        let max = i64::MAX;
+        let text = format!(
+            "[limits]\nflood_close_secs = {max}\nrequest_head_timeout_secs = {max}\n\
+             [session]\nresume_ttl_secs = {max}\nwrite_timeout_secs = {max}\ndedupe_secs = {max}\n\
+             ping_interval_secs = {max}\npong_timeout_secs = {max}\n\
+             [swap]\nkeep_previous_secs = {max}\nprobation_secs = {max}\n\
+             [breaker]\nfailures = 1\ncool_down_secs = {max}\n\
+             [auth]\nleeway_secs = {max}\n"
+        );
+        let mut config = Config::new("x");
+        parse(&text, Path::new("/"))
+            .unwrap()
+            .apply(&mut config)
+            .unwrap();
+        let health = crate::registry::Health::default();
+        health.start_probation(&config.swap);
+        assert!(health.on_probation());
+        health.record_circuit(true, &config.limits.breaker);
+        assert!(health.admit().is_err());
+        let exp = crate::protocol::now_ms() / 1000 + 3600;
+        crate::auth::deadline(exp.saturating_add(config.auth.leeway_secs));
+        let session = &config.session;
+        for d in [
+            session.ping_interval,
+            session.pong_timeout,
+            config.swap.keep_previous,
+            config.request_head_timeout,
+        ] {
+            let _ = std::time::Instant::now() + crate::timers::capped(d);
+        }
+    }
+
+    #[test]
     fn bad_values_name_their_line() {
         let (line, _) = parse("\n\nlisten = \"nowhere\"\n", Path::new("/")).unwrap_err();
         assert_eq!(line, Some(3));
+        // Two token keys: the second one's line (a property of the `config_parse` fuzz target:
+        // this error had none).
+        let (line, message) = parse(
+            "[auth]\njwks_file = \"k.json\"\naudience = \"a\"\nhs256_secret_file = \"s\"\n",
+            Path::new("/"),
+        )
+        .unwrap_err();
+        assert_eq!(line, Some(4), "{message}");
+        assert!(message.contains("one token key"), "{message}");
         let (line, message) =
             parse("[swap]\nprobation_secs = \"x\"\n", Path::new("/")).unwrap_err();
         assert_eq!(line, Some(2), "{message}");

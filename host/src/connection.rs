@@ -23,6 +23,7 @@ use crate::protocol;
 use crate::router::{self, ConnState, Hub};
 use crate::session::Identity;
 use crate::session::outbox::{Entry, Next, OutboxRx, ReceiverWaker};
+use crate::timers::capped;
 
 /// Most client frames handled in a row before what they queued is written.
 const READ_BURST: u32 = 16;
@@ -142,7 +143,7 @@ pub async fn serve<S>(
                 awaiting_pong = true;
                 heartbeat
                     .as_mut()
-                    .reset(tokio::time::Instant::now() + policy.pong_timeout);
+                    .reset(tokio::time::Instant::now() + capped(policy.pong_timeout));
                 let ping = ws.send(Message::Ping(Default::default()));
                 match tokio::time::timeout(policy.write_timeout, ping).await {
                     Ok(Ok(())) => {}
@@ -179,7 +180,7 @@ pub async fn serve<S>(
                         awaiting_pong = false;
                         heartbeat
                             .as_mut()
-                            .reset(tokio::time::Instant::now() + policy.ping_interval);
+                            .reset(tokio::time::Instant::now() + capped(policy.ping_interval));
                     }
                 }
                 Some(Ok(Message::Ping(_) | Message::Frame(_))) => {
@@ -331,8 +332,8 @@ enum Event {
 fn expiry_instant(valid_until: Option<u64>) -> tokio::time::Instant {
     match valid_until {
         Some(t) => crate::auth::deadline(t),
-        // About 30 years: never, as tokio's timer counts it.
-        None => tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365 * 30),
+        // Never, as tokio's timer counts it.
+        None => tokio::time::Instant::now() + crate::timers::FOREVER,
     }
 }
 

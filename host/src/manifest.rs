@@ -358,8 +358,8 @@ struct RawCapabilities {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
-    timeout_ms: Option<u64>,
-    memory_mb: Option<u64>,
+    timeout_ms: Option<Spanned<u64>>,
+    memory_mb: Option<Spanned<u64>>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -559,22 +559,26 @@ pub fn parse(file: &Path, text: &str) -> Result<Manifest, Vec<ManifestError>> {
             "the manifest declares no [[route]], no [[event]] and no [[hook]]".into(),
         ));
     }
+    // A limit given and its line; the default (always in range) has none.
+    let limit = |given: Option<Spanned<u64>>, default: u64| match given {
+        Some(v) => (*v.get_ref(), line(v.span())),
+        None => (default, None),
+    };
+    let (timeout_ms, timeout_line) = limit(raw.limits.timeout_ms, Limits::default().timeout_ms);
+    let (memory_mb, memory_line) = limit(raw.limits.memory_mb, Limits::default().memory_mb);
     let limits = Limits {
-        timeout_ms: raw
-            .limits
-            .timeout_ms
-            .unwrap_or(Limits::default().timeout_ms),
-        memory_mb: raw.limits.memory_mb.unwrap_or(Limits::default().memory_mb),
+        timeout_ms,
+        memory_mb,
     };
     if limits.timeout_ms == 0 || limits.timeout_ms > MAX_TIMEOUT_MS {
         errors.push(err(
-            None,
+            timeout_line,
             format!("[limits] timeout_ms must be between 1 and {MAX_TIMEOUT_MS}"),
         ));
     }
     if limits.memory_mb == 0 || limits.memory_mb > 4096 {
         errors.push(err(
-            None,
+            memory_line,
             "[limits] memory_mb must be between 1 and 4096".into(),
         ));
     }
@@ -716,6 +720,22 @@ k = "v"
             errors[0].message.contains("between 1 and 10000"),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn limits_out_of_range_name_their_line() {
+        // The largest integer the toml crate reads into a `u64` field, past TOML's own `i64`
+        // (a property of the `manifest_parse` fuzz target: these errors had no line).
+        let text = GOOD.replace(
+            "timeout_ms = 50",
+            "timeout_ms = 18446744073709551615\nmemory_mb = 0",
+        );
+        let errors = parse(Path::new("m/chat.toml"), &text).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors[0].line, Some(17), "{errors:?}");
+        assert!(errors[0].message.contains("timeout_ms"), "{errors:?}");
+        assert_eq!(errors[1].line, Some(18), "{errors:?}");
+        assert!(errors[1].message.contains("memory_mb"), "{errors:?}");
     }
 
     #[test]

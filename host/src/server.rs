@@ -158,7 +158,8 @@ impl Server {
             shutdown: shutdown_rx.clone(),
             tracker: tracker.clone(),
             ws_config,
-            request_head_timeout: config.request_head_timeout,
+            // hyper adds it to the present instant.
+            request_head_timeout: crate::timers::capped(config.request_head_timeout),
             tls,
         });
         let accept = tokio::spawn(accept_loop(listener, ctx, shutdown_rx.clone()));

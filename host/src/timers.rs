@@ -1,6 +1,7 @@
 //! Plugin timers: calls of a plugin's own handlers after a delay, owned by the plugin id (not a
 //! version, so a pending timer fires into whichever version serves when it is due), bounded
-//! per plugin, and handed out in due order to the task that makes the calls.
+//! per plugin, and handed out in due order to the task that makes the calls. Also the longest
+//! deadline the host sets ([`capped`]).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -15,6 +16,18 @@ use tokio::time::Instant;
 pub const MAX_TIMERS_PER_PLUGIN: usize = 10_000;
 /// The longest delay of a timer, in milliseconds (24 hours).
 pub const MAX_TIMER_DELAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// The furthest ahead the host sets a deadline: about 30 years, which is never for a host.
+pub const FOREVER: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `d`, at most [`FOREVER`]: a duration that can be added to the present instant.
+///
+/// Every configured duration the host adds to `Instant::now()` goes through this: adding one
+/// past the clock's range panics (`pong_timeout_secs = 9223372036854775807` would take down
+/// every connection at its first ping), while cut to [`FOREVER`] it means what it says.
+pub fn capped(d: Duration) -> Duration {
+    d.min(FOREVER)
+}
 
 /// Why a timer was not scheduled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -249,6 +262,16 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_deadline_past_the_clock_is_cut_to_forever() {
+        assert_eq!(capped(ms(1500)), ms(1500));
+        assert_eq!(capped(Duration::MAX), FOREVER);
+        // `pong_timeout_secs = 9223372036854775807`, from a configuration file.
+        let long = Duration::from_secs(i64::MAX as u64);
+        assert!(Instant::now().checked_add(long).is_none());
+        assert!(Instant::now() + capped(long) > Instant::now() + FOREVER - ms(1000));
     }
 
     #[test]

@@ -442,7 +442,7 @@ pub fn deadline(valid_until: u64) -> tokio::time::Instant {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     let left = Duration::from_secs(valid_until).saturating_sub(now);
-    tokio::time::Instant::now() + left
+    tokio::time::Instant::now() + crate::timers::capped(left)
 }
 
 /// The token a request carries, looked for in this order: `Authorization: Bearer`, the
@@ -502,6 +502,15 @@ mod tests {
             map.append(*name, HeaderValue::from_str(value).unwrap());
         }
         map
+    }
+
+    #[test]
+    fn an_expiry_too_far_for_the_clock_is_never() {
+        // A token's `exp` plus `leeway_secs = 9223372036854775807`, or an `exp` that far.
+        for valid_until in [i64::MAX as u64 + 1_000_000_000, u64::MAX] {
+            let at = deadline(valid_until);
+            assert!(at > tokio::time::Instant::now() + crate::timers::FOREVER / 2);
+        }
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::timers::capped;
+
 /// How the host treats a version it has just swapped in.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SwapPolicy {
@@ -192,7 +194,9 @@ impl Health {
     /// Starts the probation window of a version that replaced another.
     pub fn start_probation(&self, policy: &SwapPolicy) {
         if !policy.probation.is_zero() && !policy.keep_previous.is_zero() {
-            let _ = self.probation_until.set(Instant::now() + policy.probation);
+            let _ = self
+                .probation_until
+                .set(Instant::now() + capped(policy.probation));
         }
     }
 
@@ -284,7 +288,7 @@ impl Health {
         if (policy.failures > 0 && in_a_row >= policy.failures && breaker.open_until.is_none())
             || retrying
         {
-            breaker.open_until = Some(Instant::now() + policy.cool_down);
+            breaker.open_until = Some(Instant::now() + capped(policy.cool_down));
             breaker.trying = false;
             self.breaker_engaged.store(true, Ordering::Relaxed);
             self.trips.fetch_add(1, Ordering::Relaxed);
@@ -327,7 +331,7 @@ impl Health {
         }
         let streak = self.slow_streak.fetch_add(1, Ordering::Relaxed) + 1;
         if streak >= SLOW_STREAK || self.is_slow() {
-            let until = nanos_since_epoch(Instant::now() + policy.slow_for);
+            let until = nanos_since_epoch(Instant::now() + capped(policy.slow_for));
             self.slow_until.fetch_max(until, Ordering::Relaxed);
         }
     }
@@ -444,6 +448,33 @@ mod tests {
         assert_eq!(h.record_circuit(true, &policy), Change::Opened);
         let refused = h.admit().unwrap_err();
         assert!(refused.retry_in > Duration::from_secs(50));
+    }
+
+    #[test]
+    fn a_cool_down_or_a_probation_too_long_for_the_clock_lasts_for_ever() {
+        // What `cool_down_secs` or `probation_secs = 9223372036854775807` give.
+        let long = Duration::from_secs(i64::MAX as u64);
+        let breaker = BreakerPolicy {
+            failures: 1,
+            cool_down: long,
+            slow_for: long,
+            ..BreakerPolicy::default()
+        };
+        let h = Health::default();
+        assert_eq!(h.record_circuit(true, &breaker), Change::Opened);
+        assert!(h.admit().unwrap_err().retry_in > Duration::from_secs(86_400 * 365 * 29));
+        for _ in 0..SLOW_STREAK {
+            h.record_duration(breaker.slow_call, &breaker);
+        }
+        assert!(h.is_slow());
+        let swap = SwapPolicy {
+            keep_previous: long,
+            probation: long,
+            ..policy()
+        };
+        let h = Health::default();
+        h.start_probation(&swap);
+        assert!(h.on_probation());
     }
 
     #[test]

@@ -654,7 +654,7 @@ impl Registry {
                     id,
                     Kept {
                         plugin: prev.clone(),
-                        until: now + self.policy.keep_previous,
+                        until: now + crate::timers::capped(self.policy.keep_previous),
                     },
                 );
                 self.kept_changed.notify_one();
