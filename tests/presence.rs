@@ -93,7 +93,12 @@ async fn an_identity_stays_online_until_its_last_connection_leaves_and_a_quick_r
     tab2.drop_connection();
     let mut tab3 = Client::connect_as(host.addr(), "ada").await;
     let list = join(&mut tab3, "p").await;
-    assert!(list.contains(&("ada".to_owned(), 1)), "{list:?}");
+    // Online: tab3, and tab2 until the host has seen its socket go (either may come first).
+    assert!(
+        list.iter()
+            .any(|(who, n)| who == "ada" && (1..=2).contains(n)),
+        "{list:?}"
+    );
     // A second identity drops for good: its offline comes after the grace period, so any flap
     // of ada's (whose grace period began earlier) would have come before it.
     let mut bob = Client::connect_as(host.addr(), "bob").await;
