@@ -241,11 +241,7 @@ impl Rooms {
         except: Option<&str>,
         origin: Option<&Outbox>,
     ) -> usize {
-        let delivered = self.fan_out(room, frame, except, Outbox::push);
-        if let Some(bus) = self.bus.get() {
-            bus.publish(room, frame, except, false, origin);
-        }
-        delivered
+        self.fan_out_everywhere(room, frame, except, false, origin)
     }
 
     /// Like [`Rooms::broadcast`] for a volatile frame, which a member whose outbox is half full
@@ -257,14 +253,26 @@ impl Rooms {
         except: Option<&str>,
         origin: Option<&Outbox>,
     ) -> usize {
-        let delivered = self.fan_out(room, frame, except, Outbox::push_volatile);
+        self.fan_out_everywhere(room, frame, except, true, origin)
+    }
+
+    fn fan_out_everywhere(
+        &self,
+        room: &str,
+        frame: &Frame,
+        except: Option<&str>,
+        volatile: bool,
+        origin: Option<&Outbox>,
+    ) -> usize {
+        let delivered = self.deliver(room, frame, except, volatile);
         if let Some(bus) = self.bus.get() {
-            bus.publish(room, frame, except, true, origin);
+            bus.publish(room, frame, except, volatile, origin);
         }
         delivered
     }
 
-    /// Delivers a fan-out published by another node to this node's members.
+    /// Queues a fan-out to this node's members only (one published by another node, or this
+    /// node's own before it is published).
     pub fn deliver(
         &self,
         room: &str,
