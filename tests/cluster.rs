@@ -120,16 +120,9 @@ impl Node {
             .spawn()
             .expect("spawning plexus serve");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        within("the listening line", stdout.read_line(&mut line))
+        let addr = support::listening_addr(&mut stdout)
             .await
-            .expect("reading stdout");
-        let addr = line
-            .trim()
-            .strip_prefix("plexus listening on ws://")
-            .and_then(|rest| rest.strip_suffix("/ws"))
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+            .unwrap_or_else(|line| panic!("unexpected first line {line:?}"));
         tokio::spawn(async move {
             let mut sink = String::new();
             while stdout.read_line(&mut sink).await.is_ok_and(|n| n > 0) {

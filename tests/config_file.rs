@@ -4,12 +4,11 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 
 use support::{TempDir, echo_manifest, within};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// Runs `plexus serve ARGS` in `dir` until it exits; it must fail. Returns its stderr.
@@ -145,16 +144,9 @@ allowed_origins = ["https://file.example"]
         text
     });
     let mut stdout = BufReader::new(guard.0.stdout.take().expect("piped stdout"));
-    let mut line = String::new();
-    within("the listening line", stdout.read_line(&mut line))
-        .await
-        .expect("reading stdout");
-    let addr: Option<SocketAddr> = line
-        .trim()
-        .strip_prefix("plexus listening on ws://")
-        .and_then(|rest| rest.strip_suffix("/ws"))
-        .and_then(|addr| addr.parse().ok());
-    let Some(addr) = addr else {
+    let addr = support::listening_addr(&mut stdout).await;
+    let Ok(addr) = addr else {
+        let line = addr.unwrap_err();
         let _ = guard.0.start_kill();
         let stderr = within("stderr", stderr_text).await.unwrap_or_default();
         panic!("unexpected first line {line:?}; stderr:\n{stderr}");

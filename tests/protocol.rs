@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 use serde_json::{Value, json};
 use support::{Client, Host, assert_host_frame, echo_manifest, http_get, str_at, within};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncReadExt, BufReader};
 
 async fn echo_host() -> Host {
     Host::start(&[("echo.toml", echo_manifest())]).await
@@ -297,16 +297,9 @@ async fn sigterm_shuts_the_binary_down_gracefully() {
         text
     });
     let mut stdout = BufReader::new(guard.0.stdout.take().expect("piped stdout"));
-    let mut line = String::new();
-    within("the listening line", stdout.read_line(&mut line))
-        .await
-        .expect("reading stdout");
-    let addr = line
-        .trim()
-        .strip_prefix("plexus listening on ws://")
-        .and_then(|rest| rest.strip_suffix("/ws"))
-        .and_then(|addr| addr.parse().ok());
-    let Some(addr) = addr else {
+    let addr = support::listening_addr(&mut stdout).await;
+    let Ok(addr) = addr else {
+        let line = addr.unwrap_err();
         let _ = guard.0.start_kill();
         let stderr = within("stderr", stderr_text).await.unwrap_or_default();
         panic!("unexpected first line {line:?}; stderr:\n{stderr}");

@@ -40,6 +40,23 @@ pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
 // Paths and plugins
 // ---------------------------------------------------------------------------------------------
 
+/// Reads a spawned `plexus serve`'s first line of output, `plexus listening on ws://ADDR/ws`:
+/// the address, or the line it printed instead.
+pub async fn listening_addr(
+    stdout: &mut tokio::io::BufReader<tokio::process::ChildStdout>,
+) -> Result<SocketAddr, String> {
+    use tokio::io::AsyncBufReadExt;
+    let mut line = String::new();
+    within("the listening line", stdout.read_line(&mut line))
+        .await
+        .expect("reading stdout");
+    line.trim()
+        .strip_prefix("plexus listening on ws://")
+        .and_then(|rest| rest.strip_suffix("/ws"))
+        .and_then(|addr| addr.parse().ok())
+        .ok_or(line)
+}
+
 /// The repository root (the parent of `host/`).
 pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
