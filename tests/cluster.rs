@@ -381,6 +381,137 @@ async fn a_killed_node_s_members_leave_every_room_within_the_lease() {
     assert!(!listed.contains(&victim.as_str()), "{listed:?}");
 }
 
+/// The `echo.broadcast` payloads among `frames`.
+fn payloads(frames: &[Value]) -> Vec<Value> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "echo.broadcast")
+        .map(|f| f["payload"].clone())
+        .collect()
+}
+
+/// Sends `echo.broadcast` `{"n": n}` to `room` for each `n` in `range`, pipelined, and reads
+/// the acks.
+async fn send_numbered(sender: &mut Client, room: &str, range: std::ops::Range<usize>) {
+    let count = range.len();
+    for n in range {
+        let id = sender.next_id();
+        sender
+            .feed(json!({"type": "echo.broadcast", "messageId": id, "room": room, "payload": {"n": n}}))
+            .await;
+    }
+    sender.flush().await;
+    let mut acks = 0;
+    while acks < count {
+        let frame = sender.recv().await;
+        match frame["type"].as_str() {
+            Some("sys.ack") => acks += 1,
+            Some("room.joined" | "room.left" | "presence.changed") => {}
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumes_on_another_node_after_its_node_was_killed_without_losing_a_frame() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let mut nodes = cluster(&redis, &dir, 3).await;
+    let mut sender = nodes[0].client().await;
+    let mut watcher = Client::connect_as(nodes[1].addr, "wanda").await;
+    let mut moving = nodes[2].client().await;
+    let mut staying = Client::connect_as(nodes[2].addr, "yuri").await;
+    for c in [&mut sender, &mut watcher, &mut moving, &mut staying] {
+        join(c, "feed").await;
+    }
+    let mut all = [sender, watcher, moving, staying];
+    hellos(&mut all, "feed").await;
+    let [mut sender, mut watcher, mut moving, staying] = all;
+
+    // The moving client reads half of the first 100 broadcasts; then its node dies.
+    send_numbered(&mut sender, "feed", 0..100).await;
+    let read = broadcasts(&mut moving, 50).await;
+    assert_eq!(read, (0..50).map(|n| json!({"n": n})).collect::<Vec<_>>());
+    drop(staying);
+    nodes[2].kill().await;
+    // Published while it is between nodes.
+    send_numbered(&mut sender, "feed", 100..200).await;
+
+    // It resumes on another node: every frame after its last seq, in order, once each (the
+    // client checks that the seqs go on without a hole).
+    let (mut moved, before, answer) = Client::resume(
+        nodes[1].addr,
+        &moving.session_id,
+        &moving.resume_token,
+        moving.last_seq,
+    )
+    .await;
+    assert_eq!(answer["type"], "sys.ack", "{answer}");
+    assert_eq!(answer["payload"]["connectionId"], moving.connection_id.as_str());
+    let mut got = payloads(&before);
+    got.extend(broadcasts(&mut moved, 150 - got.len()).await);
+    assert_eq!(got, (50..200).map(|n| json!({"n": n})).collect::<Vec<_>>());
+    // And what comes next.
+    send_numbered(&mut sender, "feed", 200..201).await;
+    assert_eq!(broadcasts(&mut moved, 1).await, [json!({"n": 200})]);
+
+    // The identity that did not come back goes offline, once, within the lease.
+    let (_, offline) = watcher.recv_until_type("presence.changed").await;
+    let mut offline = offline;
+    while offline["payload"]["identity"] != "yuri" {
+        offline = watcher.recv_until_type("presence.changed").await.1;
+    }
+    assert_eq!(offline["payload"]["state"], "offline", "{offline}");
+    // A direct send to the moved connection reaches it on its new node.
+    let id = sender.next_id();
+    sender
+        .send(json!({"type": "relay.send", "messageId": id, "payload": {"to": moving.connection_id, "body": "found you"}}))
+        .await;
+    let (_, direct) = moved.recv_until_type("relayed").await;
+    assert_eq!(direct["payload"]["body"], "found you", "{direct}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moves_from_a_live_node_to_another_without_losing_a_frame() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let nodes = cluster(&redis, &dir, 2).await;
+    let mut sender = nodes[0].client().await;
+    let mut moving = nodes[0].client().await;
+    for c in [&mut sender, &mut moving] {
+        join(c, "feed").await;
+    }
+    send_numbered(&mut sender, "feed", 0..100).await;
+    let read = broadcasts(&mut moving, 30).await;
+    assert_eq!(read, (0..30).map(|n| json!({"n": n})).collect::<Vec<_>>());
+    // A load balancer without sticky sessions sends the reconnection to the other node: the
+    // first node lets the session go (its connection closes with 4000) and it moves.
+    let (mut moved, before, answer) = Client::resume(
+        nodes[1].addr,
+        &moving.session_id,
+        &moving.resume_token,
+        moving.last_seq,
+    )
+    .await;
+    assert_eq!(answer["type"], "sys.ack", "{answer}");
+    let closed = loop {
+        match moving.next_message().await {
+            Some(tokio_tungstenite::tungstenite::Message::Close(frame)) => break frame,
+            Some(_) => continue,
+            None => break None,
+        }
+    };
+    assert_eq!(
+        closed.map(|f| u16::from(f.code)),
+        Some(4000),
+        "the old connection closes as taken over"
+    );
+    send_numbered(&mut sender, "feed", 100..150).await;
+    let mut got = payloads(&before);
+    got.extend(broadcasts(&mut moved, 120 - got.len()).await);
+    assert_eq!(got, (30..150).map(|n| json!({"n": n})).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_recover_by_themselves_when_redis_restarts_and_no_frame_goes_missing_silently() {
     let mut redis = Redis::start().await;

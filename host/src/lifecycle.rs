@@ -263,6 +263,21 @@ pub async fn detached(hub: &Hub, session: &Arc<Session>) {
     );
 }
 
+/// A session moved here from another node, not yet attached: it waits for its resume like
+/// a session whose connection dropped (its presence was counted off where it was).
+pub fn awaiting_resume(hub: &Hub, session: &Arc<Session>) {
+    if let Some(epoch) = session.mark_detached() {
+        schedule(
+            hub,
+            hub.policy.resume_ttl,
+            Due::Expiry {
+                session: session.clone(),
+                epoch,
+            },
+        );
+    }
+}
+
 /// A connection took a waiting session over: its identity is present again in its rooms.
 pub async fn attached(hub: &Hub, session: &Arc<Session>) {
     for room in session.rooms() {

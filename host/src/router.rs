@@ -369,10 +369,23 @@ async fn resume(
             "this connection already drives that session",
         ));
     }
-    let target = hub
-        .sessions
-        .find(&request.session_id)
-        .map_err(|missing| match missing {
+    let found = match (hub.sessions.find(&request.session_id), hub.cluster.get()) {
+        // Not on this node: on another one of the cluster, or saved from one that died.
+        (Err(Missing::Unknown), Some(cluster)) => {
+            let resume = crate::cluster::sessions::Resume {
+                session_id: &request.session_id,
+                resume_token: &request.resume_token,
+                last_seq: request.last_seq,
+                authenticated: conn.session.claims().is_some(),
+                identity: &conn.session.identity,
+            };
+            Ok(crate::cluster::sessions::adopt(cluster, hub, resume)
+                .await
+                .map_err(|r| fail(r.reason, r.message))?)
+        }
+        (found, _) => found,
+    };
+    let target = found.map_err(|missing| match missing {
             Missing::Unknown => fail(
                 "unknown_session",
                 format!("no session `{}` on this host", request.session_id),

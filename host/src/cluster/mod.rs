@@ -20,6 +20,7 @@ mod link;
 mod nodes;
 mod publisher;
 pub mod scripts;
+pub mod sessions;
 mod subscriber;
 pub mod wire;
 
@@ -112,6 +113,10 @@ pub(crate) struct Shared {
     config: ClusterConfig,
     link: Arc<Link>,
     stats: Stats,
+    /// How long a session waits for a resume (the sessions of a dead node, in Redis).
+    resume_ttl: Duration,
+    /// Frames each session's journal keeps (about).
+    journal_length: usize,
 }
 
 /// This node's part in a cluster.
@@ -158,6 +163,8 @@ impl Cluster {
             config,
             link: Link::new(client),
             stats: Stats::default(),
+            resume_ttl: hub.policy.resume_ttl,
+            journal_length: hub.policy.bounds.kept_frames.max(1),
         });
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let (commands, commands_rx) = mpsc::unbounded_channel();
@@ -177,6 +184,7 @@ impl Cluster {
         tokio::spawn(nodes::run(cluster.clone(), hub.clone(), shutdown));
         hub.rooms.set_bus(cluster.clone());
         hub.sessions.set_relay(cluster.clone());
+        hub.sessions.set_journal(cluster.clone());
         tracing::info!(node = %cluster.shared.node, redis = %cluster.shared.config.redis_url, "cluster: joining");
         Ok(cluster)
     }
@@ -350,12 +358,17 @@ impl RoomBus for Cluster {
         );
     }
 
+    fn orders(&self) -> bool {
+        self.is_up()
+    }
+
     fn publish(
         &self,
         room: &str,
         frame: &Frame,
         except: Option<&str>,
         volatile: bool,
+        ordered: bool,
         origin: Option<&Outbox>,
     ) {
         self.room_job(
@@ -363,6 +376,7 @@ impl RoomBus for Cluster {
             RoomJob::Frame {
                 except: except.map(Arc::from),
                 volatile,
+                ordered,
                 body: frame.clone(),
                 origin: origin.cloned(),
             },

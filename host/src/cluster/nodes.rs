@@ -37,6 +37,7 @@ pub async fn beat(shared: &Shared, stay: bool, versions: &str) -> redis::RedisRe
         .arg(shared.config.room_ttl.as_secs().max(1))
         .arg(if stay { "1" } else { "0" })
         .arg(versions)
+        .arg(shared.resume_ttl.as_millis().max(1) as u64)
         .invoke_async(&mut conn)
         .await?;
     Ok(Beat {

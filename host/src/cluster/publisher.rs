@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::link::Backoff;
 use super::wire::{self, Kind, Publication};
-use super::{Shared, channel_of_node};
+use super::Shared;
 use crate::error::ErrorCode;
 use crate::protocol::{self, Frame};
 use crate::session::outbox::Outbox;
@@ -44,6 +44,36 @@ pub enum Job {
     },
     /// Answered once everything queued before it was sent.
     Flush(oneshot::Sender<()>),
+    /// Frame `seq` of a session's stream, for its journal.
+    Journal {
+        session: Arc<str>,
+        seq: u64,
+        entry: JournalJob,
+        /// Told once it is saved.
+        outbox: Outbox,
+        queued: Instant,
+    },
+    /// A session began on this node: its record.
+    Opened {
+        session: Arc<str>,
+        fields: Vec<(&'static str, String)>,
+    },
+    /// A session ended: its record and journal go.
+    Ended {
+        session: Arc<str>,
+        connection_id: Arc<str>,
+    },
+    /// This node let a session go to another node.
+    Released { session: Arc<str> },
+}
+
+/// What a session's journal saves of a frame.
+#[derive(Debug)]
+pub enum JournalJob {
+    /// A room's frame, kept in the room's stream at this offset.
+    Room { room: Arc<str>, offset: u64 },
+    /// The session's own frame.
+    Frame(Frame),
 }
 
 #[derive(Debug)]
@@ -51,6 +81,8 @@ pub enum RoomJob {
     Frame {
         except: Option<Arc<str>>,
         volatile: bool,
+        /// Its origin's members get it from the subscriber, in the room's order.
+        ordered: bool,
         body: Frame,
         /// The session that caused it, told when it cannot be sent.
         origin: Option<Outbox>,
@@ -100,6 +132,7 @@ pub async fn run(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
         match result {
             Ok(()) => {
                 tracing::trace!(count = pending.len(), "cluster: published");
+                mark_saved(&pending);
                 shared
                     .stats
                     .published
@@ -110,6 +143,9 @@ pub async fn run(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
             Err(e) => {
                 shared.stats.publish_retries.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("cluster: publishing failed, retrying: {e}");
+                // Redis is out of reach: connections stop waiting for their frames to be saved
+                // (the node serves its clients; a resume elsewhere will say what it lost).
+                mark_saved(&pending);
                 drop_expired(&shared, &mut pending);
                 tokio::time::sleep(backoff.next()).await;
             }
@@ -120,7 +156,8 @@ pub async fn run(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
 async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisResult<()> {
     let mut conn = shared.link.get().await?;
     let mut pipe = redis::pipe();
-    let publish = shared.link.scripts.publish.get_hash();
+    let scripts = &shared.link.scripts;
+    let publish = scripts.publish.get_hash();
     let epoch_candidate = format!("{:016x}", rand::random::<u64>());
     for (number, job) in pending {
         match job {
@@ -129,6 +166,7 @@ async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisRe
                     RoomJob::Frame {
                         except,
                         volatile,
+                        ordered,
                         body,
                         ..
                     } => (
@@ -138,6 +176,7 @@ async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisRe
                         Kind::Frame {
                             except: except.as_deref(),
                             volatile: *volatile,
+                            ordered: *ordered,
                             body: body.as_str(),
                         },
                     ),
@@ -185,9 +224,76 @@ async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisRe
                 body,
                 ..
             } => {
-                pipe.cmd("PUBLISH")
-                    .arg(channel_of_node(node))
+                pipe.cmd("EVALSHA")
+                    .arg(scripts.direct.get_hash())
+                    .arg(0)
+                    .arg(&**connection_id)
+                    .arg(&**node)
                     .arg(wire::direct(connection_id, body.as_str()))
+                    .ignore();
+            }
+            Job::Journal {
+                session,
+                seq,
+                entry,
+                ..
+            } => {
+                pipe.cmd("EVALSHA")
+                    .arg(scripts.journal.get_hash())
+                    .arg(0)
+                    .arg(&**session)
+                    .arg(*seq)
+                    .arg(shared.journal_length);
+                match entry {
+                    JournalJob::Room { room, offset } => {
+                        pipe.arg("r").arg(&**room).arg(*offset);
+                    }
+                    JournalJob::Frame(frame) => {
+                        pipe.arg("f").arg(frame.as_str());
+                    }
+                }
+                pipe.ignore();
+            }
+            Job::Opened { session, fields } => {
+                let key = format!("plexus:s:{session}");
+                pipe.cmd("HSET").arg(&key).arg("node").arg(&*shared.node);
+                for (name, value) in fields {
+                    pipe.arg(*name).arg(value);
+                }
+                pipe.ignore();
+                pipe.cmd("SADD")
+                    .arg(format!("plexus:n:{}:s", shared.node))
+                    .arg(&**session)
+                    .ignore();
+            }
+            Job::Ended {
+                session,
+                connection_id,
+            } => {
+                pipe.cmd("DEL")
+                    .arg(format!("plexus:s:{session}"))
+                    .arg(format!("plexus:s:{session}:j"))
+                    .arg(format!("plexus:c:{connection_id}"))
+                    .ignore();
+                pipe.cmd("SREM")
+                    .arg(format!("plexus:n:{}:s", shared.node))
+                    .arg(&**session)
+                    .ignore();
+                pipe.cmd("HDEL")
+                    .arg("plexus:moved")
+                    .arg(&**connection_id)
+                    .ignore();
+            }
+            Job::Released { session } => {
+                let key = format!("plexus:s:{session}");
+                let ttl = shared.resume_ttl.as_millis().max(1) as u64;
+                pipe.cmd("HSET").arg(&key).arg("node").arg("").ignore();
+                for key in [key.clone(), format!("{key}:j")] {
+                    pipe.cmd("PEXPIRE").arg(key).arg(ttl).ignore();
+                }
+                pipe.cmd("SREM")
+                    .arg(format!("plexus:n:{}:s", shared.node))
+                    .arg(&**session)
                     .ignore();
             }
             Job::Status { identity, status } => match status {
@@ -211,6 +317,16 @@ async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisRe
     pipe.query_async::<()>(&mut conn).await
 }
 
+/// Tells the sessions whose frames were in a batch that they may write them (saved, or Redis is
+/// out of reach).
+fn mark_saved(pending: &VecDeque<(u64, Job)>) {
+    for (_, job) in pending {
+        if let Job::Journal { seq, outbox, .. } = job {
+            outbox.saved(*seq);
+        }
+    }
+}
+
 /// Drops the frames queued longer than the publish timeout, telling their origins.
 fn drop_expired(shared: &Shared, pending: &mut VecDeque<(u64, Job)>) {
     let timeout = shared.config.publish_timeout;
@@ -221,7 +337,7 @@ fn drop_expired(shared: &Shared, pending: &mut VecDeque<(u64, Job)>) {
                 what: RoomJob::Frame { origin, .. },
                 queued,
             } => (*queued, Some(room), origin.as_ref()),
-            Job::Direct { queued, .. } => (*queued, None, None),
+            Job::Direct { queued, .. } | Job::Journal { queued, .. } => (*queued, None, None),
             _ => return true,
         };
         if queued.elapsed() < timeout {

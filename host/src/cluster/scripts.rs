@@ -7,7 +7,10 @@
 //! node and identity), `plexus:r:R:p` (hash: identity → how many nodes it is online on); the
 //! channel `plexus:r:R`. For a node `N`: `plexus:n:N:rooms` (the rooms it had members in),
 //! `plexus:n:N:p` (the room and identity of everyone online on it), the channel `plexus:n:N`
-//! (direct frames). `plexus:status`: each identity's presence status. `plexus:nodes`: every live
+//! (direct frames), `plexus:n:N:s` (its sessions). For a session `S` with connection id `C`:
+//! `plexus:s:S` (hash: `cid`, `identity`, `token` (its SHA-256), `node`), `plexus:s:S:j` (the
+//! journal of its frames, entry ids `0-<seq>`), `plexus:c:C` (hash: room → the offset it joined
+//! at); `plexus:moved`: connection id → the node its session moved to. `plexus:status`: each identity's presence status. `plexus:nodes`: every live
 //! node, scored by when its lease ends (Redis time, in ms).
 
 use redis::Script;
@@ -41,8 +44,60 @@ if kind == 'J' then
   redis.call('SADD', 'plexus:n:' .. ARGV[6] .. ':rooms', room)
 elseif kind == 'L' then
   redis.call('HDEL', 'plexus:r:' .. room .. ':m', ARGV[4])
+  redis.call('HDEL', 'plexus:c:' .. ARGV[4], room)
 end
-return publish(room, ARGV[3], ARGV[7], ARGV[8], ARGV[9])
+local offset = publish(room, ARGV[3], ARGV[7], ARGV[8], ARGV[9])
+if kind == 'J' then
+  redis.call('HSET', 'plexus:c:' .. ARGV[4], room, offset)
+end
+return offset
+";
+
+/// Saves frame `seq` of a session's stream to its journal (a frame saved already, by a batch
+/// sent again, is left as it is). ARGV: session id, seq, journal length, then `r` and the
+/// room and offset of a room's frame, or `f` and the frame.
+const JOURNAL: &str = r"
+local key = 'plexus:s:' .. ARGV[1] .. ':j'
+local ok = pcall(function()
+  if ARGV[4] == 'r' then
+    redis.call('XADD', key, 'MAXLEN', '~', ARGV[3], '0-' .. ARGV[2], 'r', ARGV[5], 'o', ARGV[6])
+  else
+    redis.call('XADD', key, 'MAXLEN', '~', ARGV[3], '0-' .. ARGV[2], 'f', ARGV[5])
+  end
+end)
+return ok and 1 or 0
+";
+
+/// A session moves to this node once the node that had it let it go or died: ARGV: session
+/// id, the moving node, the lease's margin (ms). Returns `ok` and marks the session this
+/// node's; `wait` while its node is alive and has not let it go; `gone` when no such session
+/// is saved.
+const CLAIM: &str = r"
+local key = 'plexus:s:' .. ARGV[1]
+local owner = redis.call('HGET', key, 'node')
+if not owner then return 'gone' end
+if owner ~= '' and owner ~= ARGV[2] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local lease = redis.call('ZSCORE', 'plexus:nodes', owner)
+  if lease and tonumber(lease) > now then return 'wait' end
+  redis.call('SREM', 'plexus:n:' .. owner .. ':s', ARGV[1])
+end
+redis.call('HSET', key, 'node', ARGV[2])
+redis.call('SADD', 'plexus:n:' .. ARGV[2] .. ':s', ARGV[1])
+local cid = redis.call('HGET', key, 'cid')
+redis.call('PERSIST', key)
+redis.call('PERSIST', key .. ':j')
+redis.call('PERSIST', 'plexus:c:' .. cid)
+redis.call('HSET', 'plexus:moved', cid, ARGV[2])
+return 'ok'
+";
+
+/// Sends a frame to a connection on the node its id names, or on the node its session moved
+/// to. ARGV: connection id, its node, the direct frame.
+const DIRECT: &str = r"
+local node = redis.call('HGET', 'plexus:moved', ARGV[1]) or ARGV[2]
+return redis.call('PUBLISH', 'plexus:n:' .. node, ARGV[3])
 ";
 
 /// Counts an identity online (`+1`) or offline (`-1`) on a node in a room: the room's presence
@@ -131,6 +186,19 @@ for _, dead in ipairs(redis.call('ZRANGEBYSCORE', 'plexus:nodes', '-inf', now)) 
     end
   end
   redis.call('DEL', presence_key)
+  -- Its sessions wait for a resume on another node for the resume time, then go.
+  local sessions_key = 'plexus:n:' .. dead .. ':s'
+  for _, sid in ipairs(redis.call('SMEMBERS', sessions_key)) do
+    local key = 'plexus:s:' .. sid
+    if redis.call('HGET', key, 'node') == dead then
+      local cid = redis.call('HGET', key, 'cid') or ''
+      redis.call('PEXPIRE', key, ARGV[8])
+      redis.call('PEXPIRE', key .. ':j', ARGV[8])
+      redis.call('PEXPIRE', 'plexus:c:' .. cid, ARGV[8])
+      redis.call('HDEL', 'plexus:moved', cid)
+    end
+  end
+  redis.call('DEL', sessions_key)
   redis.call('HDEL', 'plexus:versions', dead)
   table.insert(ended, dead)
 end
@@ -144,6 +212,9 @@ pub struct Scripts {
     pub beat: Script,
     pub presence: Script,
     pub online: Script,
+    pub journal: Script,
+    pub claim: Script,
+    pub direct: Script,
 }
 
 impl Default for Scripts {
@@ -154,19 +225,25 @@ impl Default for Scripts {
             beat: Script::new(&format!("{PUBLISH_FN}{BEAT}")),
             presence: Script::new(PRESENCE),
             online: Script::new(ONLINE),
+            journal: Script::new(JOURNAL),
+            claim: Script::new(CLAIM),
+            direct: Script::new(DIRECT),
         }
     }
 }
 
 impl Scripts {
     /// Every script's source, to load after connecting (a restarted Redis has none).
-    pub fn all(&self) -> [&Script; 5] {
+    pub fn all(&self) -> [&Script; 8] {
         [
             &self.publish,
             &self.snapshot,
             &self.beat,
             &self.presence,
             &self.online,
+            &self.journal,
+            &self.claim,
+            &self.direct,
         ]
     }
 }

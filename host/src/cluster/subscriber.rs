@@ -356,7 +356,9 @@ impl Subscriber {
                 return;
             }
         };
-        if publication.origin == &*self.shared.node {
+        let own = publication.origin == &*self.shared.node;
+        if own && !matches!(publication.kind, Kind::Frame { ordered: true, .. }) {
+            // This node applied it when it published it.
             return;
         }
         if publication.number != 0 {
@@ -376,9 +378,17 @@ impl Subscriber {
                 except,
                 volatile,
                 body,
+                ..
             } => {
-                self.shared.stats.received.fetch_add(1, Ordering::Relaxed);
-                rooms.deliver(room, &Frame::from(body), except, volatile);
+                if !own {
+                    self.shared.stats.received.fetch_add(1, Ordering::Relaxed);
+                }
+                let frame = Frame::from(body);
+                if volatile {
+                    rooms.deliver(room, &frame, except, true);
+                } else {
+                    rooms.deliver_at(room, &frame, except, offset);
+                }
             }
             Kind::Joined {
                 connection_id,
@@ -418,6 +428,16 @@ impl Subscriber {
             tracing::warn!("cluster: a malformed direct frame, dropped");
             return;
         };
+        if connection_id == super::sessions::RELEASE {
+            if let Some(cluster) = self.hub.cluster.get() {
+                tokio::spawn(super::sessions::release(
+                    cluster.clone(),
+                    self.hub.clone(),
+                    body.to_owned(),
+                ));
+            }
+            return;
+        }
         match self.hub.sessions.get(connection_id) {
             Some(session) => {
                 self.shared.stats.direct.fetch_add(1, Ordering::Relaxed);

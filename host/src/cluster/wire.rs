@@ -14,6 +14,9 @@ pub enum Kind<'a> {
     Frame {
         except: Option<&'a str>,
         volatile: bool,
+        /// Delivered in the room's order on every node, its origin's included (a non-volatile
+        /// frame while Redis answers); otherwise its origin delivered it at once.
+        ordered: bool,
         body: &'a str,
     },
     /// A member joined on the origin node.
@@ -47,9 +50,14 @@ impl Publication<'_> {
             Kind::Frame {
                 except,
                 volatile,
+                ordered,
                 body,
             } => (
-                if *volatile { 'V' } else { 'F' },
+                match (*volatile, *ordered) {
+                    (true, _) => 'V',
+                    (false, true) => 'R',
+                    (false, false) => 'F',
+                },
                 except.unwrap_or(""),
                 *body,
             ),
@@ -89,9 +97,10 @@ pub fn decode(text: &str) -> Result<Publication<'_>, Malformed> {
     let a = fields.next().ok_or(Malformed("no third field"))?;
     let b = fields.next().ok_or(Malformed("no fourth field"))?;
     let kind = match tag {
-        "F" | "V" => Kind::Frame {
+        "F" | "V" | "R" => Kind::Frame {
             except: Some(a).filter(|a| !a.is_empty()),
             volatile: tag == "V",
+            ordered: tag == "R",
             body: b,
         },
         "J" => Kind::Joined {
@@ -155,6 +164,7 @@ mod tests {
                 kind: Kind::Frame {
                     except: Some("c-0a0b0c0d-1"),
                     volatile: false,
+                    ordered: true,
                     body: r#"{"type":"x","payload":"a\u001fb"}"#,
                 },
             },
@@ -164,6 +174,7 @@ mod tests {
                 kind: Kind::Frame {
                     except: None,
                     volatile: true,
+                    ordered: false,
                     body: "{}",
                 },
             },

@@ -12,6 +12,7 @@ use dashmap::DashMap;
 
 use crate::protocol::Frame;
 use crate::session::Session;
+use crate::session::journal::Source;
 use crate::session::outbox::Outbox;
 
 /// A member of a room, as plugins and clients see it.
@@ -42,13 +43,20 @@ pub trait RoomBus: Send + Sync + std::fmt::Debug {
     /// A member joined or left on this node.
     fn joined(&self, room: &str, member: &MemberInfo);
     fn left(&self, room: &str, connection_id: &str);
-    /// A fan-out this node's members already got, for the members on the other nodes.
+    /// Whether the bus hands this node's own non-volatile fan-outs back to it in the room's
+    /// order (so that every member on every node gets a room's frames in one order): then this
+    /// node's members get them from the bus, not at once. False while the other nodes are out
+    /// of reach.
+    fn orders(&self) -> bool;
+    /// A fan-out for the members on the other nodes (`ordered`: and for this node's, through
+    /// [`Rooms::deliver_at`]; otherwise they got it already).
     fn publish(
         &self,
         room: &str,
         frame: &Frame,
         except: Option<&str>,
         volatile: bool,
+        ordered: bool,
         origin: Option<&Outbox>,
     );
     /// An identity came online (`online`) or went offline on this node in `room` (after its
@@ -178,6 +186,23 @@ impl Rooms {
         removed
     }
 
+    /// Removes a session from a room on this node only, without telling the other nodes: it
+    /// moves to another node, which joins it again there.
+    pub fn forget(&self, room: &str, connection_id: &str) {
+        let Some(entry) = self.rooms.get(room).map(|r| r.clone()) else {
+            return;
+        };
+        let mut members = entry.write();
+        if members.sessions.remove(connection_id).is_some()
+            && members.sessions.is_empty()
+            && let Some(bus) = self.bus.get()
+        {
+            bus.unserve(room);
+        }
+        drop(members);
+        self.forget_if_empty(room, &entry);
+    }
+
     /// Takes `room` out of the map if it has no member (marked, for a join holding it).
     fn forget_if_empty(&self, room: &str, entry: &Arc<Room>) {
         self.rooms.remove_if(room, |_, held| {
@@ -264,10 +289,16 @@ impl Rooms {
         volatile: bool,
         origin: Option<&Outbox>,
     ) -> usize {
-        let delivered = self.deliver(room, frame, except, volatile);
-        if let Some(bus) = self.bus.get() {
-            bus.publish(room, frame, except, volatile, origin);
-        }
+        let Some(bus) = self.bus.get() else {
+            return self.deliver(room, frame, except, volatile);
+        };
+        let ordered = !volatile && bus.orders();
+        let delivered = if ordered {
+            0
+        } else {
+            self.deliver(room, frame, except, volatile)
+        };
+        bus.publish(room, frame, except, volatile, ordered, origin);
         delivered
     }
 
@@ -280,12 +311,18 @@ impl Rooms {
         except: Option<&str>,
         volatile: bool,
     ) -> usize {
-        let push = if volatile {
-            Outbox::push_volatile
+        if volatile {
+            self.fan_out(room, except, |outbox| outbox.push_volatile(frame.clone()))
         } else {
-            Outbox::push
-        };
-        self.fan_out(room, frame, except, push)
+            self.fan_out(room, except, |outbox| outbox.push(frame.clone()))
+        }
+    }
+
+    /// Queues the non-volatile fan-out at `offset` of the room's stream (in a cluster) to this
+    /// node's members.
+    pub fn deliver_at(&self, room: &str, frame: &Frame, except: Option<&str>, offset: u64) -> usize {
+        let source = Source::Room { room, offset };
+        self.fan_out(room, except, |outbox| outbox.push_from(frame.clone(), source))
     }
 
     /// Another node reported a member of `room` joined there.
@@ -323,13 +360,7 @@ impl Rooms {
         }
     }
 
-    fn fan_out(
-        &self,
-        room: &str,
-        frame: &Frame,
-        except: Option<&str>,
-        push: fn(&Outbox, Frame) -> bool,
-    ) -> usize {
+    fn fan_out(&self, room: &str, except: Option<&str>, push: impl Fn(&Outbox) -> bool) -> usize {
         let Some(entry) = self.rooms.get(room).map(|r| r.clone()) else {
             return 0;
         };
@@ -339,7 +370,7 @@ impl Rooms {
             if except == Some(&**id) {
                 continue;
             }
-            if push(&session.outbox, frame.clone()) {
+            if push(&session.outbox) {
                 delivered += 1;
             }
         }

@@ -5,6 +5,7 @@
 
 pub mod dedupe;
 pub mod outbox;
+pub mod journal;
 pub mod replay;
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
@@ -16,6 +17,7 @@ use dashmap::DashMap;
 use subtle::ConstantTimeEq;
 
 use dedupe::Dedupe;
+use journal::Journal;
 use outbox::{Bounds, Outbox, outbox};
 
 /// Who is on the other end of a connection: a verified token's `sub`, or a guest. Filled by the
@@ -257,6 +259,17 @@ pub fn node_of(connection_id: &str) -> Option<&str> {
     Some(node)
 }
 
+/// What a session is made of when it is registered.
+#[derive(Debug)]
+pub struct Opened<'a> {
+    pub connection_id: Arc<str>,
+    pub session_id: Arc<str>,
+    pub identity: Identity,
+    pub resume_token: Box<str>,
+    pub outbox: Outbox,
+    pub policy: &'a SessionPolicy,
+}
+
 /// Why a session could not be found for a resume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Missing {
@@ -303,6 +316,8 @@ pub struct Sessions {
     by_session: DashMap<Arc<str>, Arc<Session>>,
     expired: Mutex<Expired>,
     relay: OnceLock<Arc<dyn Relay>>,
+    /// Where sessions' frames are saved so that they can resume on another node (a cluster).
+    journal: OnceLock<Arc<dyn Journal>>,
 }
 
 impl Default for Sessions {
@@ -327,7 +342,20 @@ impl Sessions {
             by_session: DashMap::new(),
             expired: Mutex::default(),
             relay: OnceLock::new(),
+            journal: OnceLock::new(),
         }
+    }
+
+    /// Saves every session's frames to `journal` from now on (once, before the first session).
+    pub fn set_journal(&self, journal: Arc<dyn Journal>) {
+        if self.journal.set(journal).is_err() {
+            tracing::error!("a second session journal was refused");
+        }
+    }
+
+    /// The journal sessions are saved to, in a cluster.
+    pub fn journal(&self) -> Option<&Arc<dyn Journal>> {
+        self.journal.get()
     }
 
     /// This node's id.
@@ -352,8 +380,9 @@ impl Sessions {
                 Delivery::Gone
             };
         }
+        // In a cluster, a connection of this node that is not here may have moved to another.
         match (self.relay.get(), node_of(connection_id)) {
-            (Some(relay), Some(node)) if node != &*self.node => {
+            (Some(relay), Some(node)) => {
                 relay.send(node, connection_id, &frame);
                 Delivery::Relayed
             }
@@ -365,14 +394,40 @@ impl Sessions {
     pub fn open(&self, identity: Identity, policy: &SessionPolicy) -> Arc<Session> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let token: [u8; 32] = rand::random();
-        let session = Arc::new(Session {
+        let session_id: Arc<str> = format!("s-{}", &id[16..]).into();
+        let stream = match self.journal.get() {
+            Some(journal) => outbox::journaled(policy.bounds, journal.clone(), session_id.clone()),
+            None => outbox(policy.bounds),
+        };
+        let session = self.register(Opened {
             connection_id: format!("c-{}-{}", self.node, &id[..16]).into(),
-            session_id: format!("s-{}", &id[16..]).into(),
+            session_id,
             identity,
             resume_token: token.iter().map(|b| format!("{b:02x}")).collect(),
-            outbox: outbox(policy.bounds),
+            outbox: stream,
+            policy,
+        });
+        if let Some(journal) = self.journal.get() {
+            journal.opened(&session);
+        }
+        session
+    }
+
+    /// Registers a session that moved here from another node (its ids, identity and resume
+    /// token kept), with its stream as [`outbox::moved`] made it.
+    pub fn adopt(&self, opened: Opened<'_>) -> Arc<Session> {
+        self.register(opened)
+    }
+
+    fn register(&self, opened: Opened<'_>) -> Arc<Session> {
+        let session = Arc::new(Session {
+            connection_id: opened.connection_id,
+            session_id: opened.session_id,
+            identity: opened.identity,
+            resume_token: opened.resume_token,
+            outbox: opened.outbox,
             rooms: Mutex::default(),
-            dedupe: Mutex::new(Dedupe::new(policy.dedupe_ids, policy.dedupe_ttl)),
+            dedupe: Mutex::new(Dedupe::new(opened.policy.dedupe_ids, opened.policy.dedupe_ttl)),
             driver: Arc::default(),
             attached: tokio::sync::Notify::new(),
             life: Mutex::new((Life::Attached, 0)),
@@ -388,6 +443,9 @@ impl Sessions {
 
     /// Forgets a session (it has ended); `expired` when it ended waiting for a resume.
     pub fn remove(&self, session: &Session, expired: bool) {
+        if let Some(journal) = self.journal.get() {
+            journal.ended(session);
+        }
         self.by_connection.remove(&session.connection_id);
         self.by_session.remove(&session.session_id);
         if expired {
@@ -400,6 +458,12 @@ impl Sessions {
             list.order.push_back(session.session_id.clone());
             list.ids.insert(session.session_id.clone());
         }
+    }
+
+    /// Forgets a session that moved to another node (what is saved of it stays).
+    pub fn forget(&self, session: &Session) {
+        self.by_connection.remove(&session.connection_id);
+        self.by_session.remove(&session.session_id);
     }
 
     /// The session of a connection id, if it is on this host.

@@ -15,12 +15,13 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 
+use super::journal::{Journal, Source};
 use super::replay::Replay;
 use crate::error::CloseReason;
 use crate::protocol::Frame;
@@ -76,6 +77,16 @@ struct Queue {
     close: Option<CloseReason>,
     /// The session is over: nothing is queued any more.
     ended: bool,
+    /// While a session moves here from another node, the frames pushed meanwhile (with the
+    /// room offset they came at), queued after what the move brings along.
+    held: Option<Vec<(Frame, Option<(Arc<str>, u64)>)>>,
+}
+
+/// The journal a session's frames are saved to, and the session's id there.
+#[derive(Debug)]
+struct Hook {
+    journal: Arc<dyn Journal>,
+    session: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -89,6 +100,11 @@ struct Shared {
     /// Whether the live queue holds frames or a close request: lets the receiver look without
     /// the lock. Written under the lock.
     signalled: AtomicBool,
+    /// Where the session's frames are saved, in a cluster.
+    hook: Option<Hook>,
+    /// The last `seq` the journal saved: while it holds frames back, the connection writes
+    /// no frame after it.
+    saved: AtomicU64,
 }
 
 impl Shared {
@@ -148,21 +164,52 @@ pub enum AttachError {
 
 /// Creates a session's stream, detached.
 pub fn outbox(bounds: Bounds) -> Outbox {
+    build(bounds, Replay::new(bounds.kept_frames, bounds.kept_bytes), None)
+}
+
+/// Creates a session's stream whose frames are saved to `journal` under `session`, detached.
+pub fn journaled(bounds: Bounds, journal: Arc<dyn Journal>, session: Arc<str>) -> Outbox {
+    let kept = Replay::new(bounds.kept_frames, bounds.kept_bytes);
+    build(bounds, kept, Some(Hook { journal, session }))
+}
+
+/// Creates the stream of a session that moves here from another node, detached and holding
+/// back what is pushed until [`Outbox::release`]: `kept` are the frames saved for it (with
+/// contiguous `seq`s ending at `next_seq - 1`).
+pub fn moved(
+    bounds: Bounds,
+    journal: Arc<dyn Journal>,
+    session: Arc<str>,
+    next_seq: u64,
+    kept: Vec<(u64, Frame)>,
+) -> Outbox {
+    let kept = Replay::resumed(bounds.kept_frames, bounds.kept_bytes, next_seq, kept);
+    let saved = kept.last_seq();
+    let outbox = build(bounds, kept, Some(Hook { journal, session }));
+    outbox.shared.saved.store(saved, Ordering::Release);
+    outbox.shared.lock().held = Some(Vec::new());
+    outbox
+}
+
+fn build(bounds: Bounds, kept: Replay, hook: Option<Hook>) -> Outbox {
     Outbox {
         shared: Arc::new(Shared {
             queue: Mutex::new(Queue {
                 live: VecDeque::new(),
                 live_bytes: 0,
                 replay: (0, 0),
-                kept: Replay::new(bounds.kept_frames, bounds.kept_bytes),
+                kept,
                 attached: None,
                 generations: 0,
                 close: None,
                 ended: false,
+                held: None,
             }),
             bounds,
             ready: AtomicWaker::new(),
             signalled: AtomicBool::new(false),
+            hook,
+            saved: AtomicU64::new(0),
         }),
     }
 }
@@ -173,12 +220,28 @@ impl Outbox {
     /// connection as a slow consumer (the frames it missed stay kept). Returns false when the
     /// session is over.
     pub fn push(&self, frame: Frame) -> bool {
+        self.push_from(frame, Source::Own)
+    }
+
+    /// Like [`Outbox::push`], saying where the frame came from (for the journal).
+    pub fn push_from(&self, frame: Frame, source: Source<'_>) -> bool {
         let bounds = &self.shared.bounds;
         let mut queue = self.shared.lock();
         if queue.ended {
             return false;
         }
+        if let Some(held) = queue.held.as_mut() {
+            let at = match source {
+                Source::Room { room, offset } => Some((Arc::from(room), offset)),
+                Source::Own => None,
+            };
+            held.push((frame, at));
+            return true;
+        }
         let seq = queue.kept.record(&frame);
+        if let Some(hook) = &self.shared.hook {
+            hook.journal.append(&hook.session, seq, &frame, source, self);
+        }
         let len = frame.len();
         let entry = Entry { seq, frame };
         if queue.attached.is_none() || queue.close.is_some() {
@@ -198,6 +261,44 @@ impl Outbox {
         }
         self.enqueue(queue, entry, len);
         true
+    }
+
+    /// Ends the hold of a session that moved here: queues `recovered` (frames of its rooms
+    /// published while it was between nodes, with their room offsets), then what was pushed
+    /// meanwhile, except the room frames `recovered` already holds (by offset).
+    pub fn release(&self, recovered: Vec<(Frame, Option<(Arc<str>, u64)>)>) {
+        let held = self.shared.lock().held.take().unwrap_or_default();
+        let mut reached: std::collections::HashMap<Arc<str>, u64> = Default::default();
+        for (frame, at) in recovered {
+            let source = match &at {
+                Some((room, offset)) => {
+                    let top = reached.entry(room.clone()).or_default();
+                    *top = (*top).max(*offset);
+                    Source::Room { room, offset: *offset }
+                }
+                None => Source::Own,
+            };
+            self.push_from(frame, source);
+        }
+        for (frame, at) in held {
+            let source = match &at {
+                Some((room, offset)) => {
+                    if reached.get(room).is_some_and(|top| *offset <= *top) {
+                        continue;
+                    }
+                    Source::Room { room, offset: *offset }
+                }
+                None => Source::Own,
+            };
+            self.push_from(frame, source);
+        }
+    }
+
+    /// The journal saved every frame up to `seq`: the connection may write them.
+    pub fn saved(&self, seq: u64) {
+        if self.shared.saved.fetch_max(seq, Ordering::AcqRel) < seq {
+            self.shared.ready.wake();
+        }
     }
 
     /// Queues a volatile frame (a typing indicator, a cursor move): one a late or slow client
@@ -388,6 +489,27 @@ impl OutboxRx {
             return Some(Next::Close(CloseReason::TakenOver));
         }
         if !queue.live.is_empty() {
+            let ready = match &self.shared.hook {
+                Some(hook) if hook.journal.holding() => {
+                    // Only what the journal saved: another node can give it again.
+                    let saved = self.shared.saved.load(Ordering::Acquire);
+                    queue
+                        .live
+                        .iter()
+                        .take_while(|e| e.seq == 0 || e.seq <= saved)
+                        .count()
+                }
+                _ => queue.live.len(),
+            };
+            if ready == 0 {
+                return None;
+            }
+            if ready < queue.live.len() {
+                batch.extend(queue.live.drain(..ready));
+                queue.live_bytes -= batch.iter().map(|e| e.frame.len()).sum::<usize>();
+                queue.replay = (0, 0);
+                return Some(Next::Frames);
+            }
             std::mem::swap(batch, &mut queue.live);
             queue.live_bytes = 0;
             queue.replay = (0, 0);

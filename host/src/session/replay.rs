@@ -29,6 +29,25 @@ impl Replay {
         }
     }
 
+    /// The frames of a session that moved here from another node: `kept`, with contiguous
+    /// `seq`s ending at `next_seq - 1`.
+    pub fn resumed(
+        max_frames: usize,
+        max_bytes: usize,
+        next_seq: u64,
+        kept: Vec<(u64, Frame)>,
+    ) -> Replay {
+        let mut replay = Replay {
+            next_seq,
+            ..Replay::new(max_frames, max_bytes)
+        };
+        for (seq, frame) in kept {
+            replay.bytes += frame.len();
+            replay.kept.push_back(Entry { seq, frame });
+        }
+        replay
+    }
+
     /// Gives `frame` the next `seq` and keeps it, dropping the oldest frames beyond the bounds.
     pub fn record(&mut self, frame: &Frame) -> u64 {
         let seq = self.next_seq;
