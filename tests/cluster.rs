@@ -428,6 +428,13 @@ async fn a_session_resumes_on_another_node_after_its_node_was_killed_without_los
     hellos(&mut all, "feed").await;
     let [mut sender, mut watcher, mut moving, staying] = all;
 
+    // A message the moving client had answered before its node died.
+    let retried = moving.next_id();
+    let (before, first_answer) = moving
+        .request(json!({"type": "echo", "messageId": retried, "payload": {"once": true}}))
+        .await;
+    assert_eq!(first_answer["type"], "sys.ack", "{first_answer}");
+    assert_eq!(payloads(&before), Vec::<Value>::new());
     // The moving client reads half of the first 100 broadcasts; then its node dies.
     send_numbered(&mut sender, "feed", 0..100).await;
     let read = broadcasts(&mut moving, 50).await;
@@ -447,13 +454,24 @@ async fn a_session_resumes_on_another_node_after_its_node_was_killed_without_los
     )
     .await;
     assert_eq!(answer["type"], "sys.ack", "{answer}");
-    assert_eq!(answer["payload"]["connectionId"], moving.connection_id.as_str());
+    assert_eq!(
+        answer["payload"]["connectionId"],
+        moving.connection_id.as_str()
+    );
     let mut got = payloads(&before);
     got.extend(broadcasts(&mut moved, 150 - got.len()).await);
     assert_eq!(got, (50..200).map(|n| json!({"n": n})).collect::<Vec<_>>());
     // And what comes next.
     send_numbered(&mut sender, "feed", 200..201).await;
     assert_eq!(broadcasts(&mut moved, 1).await, [json!({"n": 200})]);
+    // The retry window moved with it: the message retried gets its first answer again, and is
+    // not handled again (no second echo before the answer).
+    moved
+        .send(json!({"type": "echo", "messageId": retried, "payload": {"once": true}}))
+        .await;
+    let again = moved.recv().await;
+    assert_eq!(again["type"], "sys.ack", "{again}");
+    assert_eq!(again["payload"], first_answer["payload"]);
 
     // The identity that did not come back goes offline, once, within the lease.
     let (_, offline) = watcher.recv_until_type("presence.changed").await;

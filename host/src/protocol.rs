@@ -283,7 +283,13 @@ pub fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// The next host `messageId` number. Each process starts at a random point between 2^32 and
+/// 2^52 (an integer JavaScript holds exactly), so that the nodes of a cluster do not hand out
+/// the same ids: two nodes that each hand out a billion share one with a probability of about
+/// 1 in 2 million.
+static NEXT_ID: std::sync::LazyLock<AtomicU64> = std::sync::LazyLock::new(|| {
+    AtomicU64::new((1 << 32) + rand::random::<u64>() % ((1 << 52) - (1 << 33)))
+});
 
 /// A fresh number for a host `messageId` (`h-<n>`), for a frame encoded later with
 /// [`Outbound::encode_with_id`] (a request's id is its frame's, known before it is sent).

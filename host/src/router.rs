@@ -386,19 +386,19 @@ async fn resume(
         (found, _) => found,
     };
     let target = found.map_err(|missing| match missing {
-            Missing::Unknown => fail(
-                "unknown_session",
-                format!("no session `{}` on this host", request.session_id),
+        Missing::Unknown => fail(
+            "unknown_session",
+            format!("no session `{}` on this host", request.session_id),
+        ),
+        Missing::Expired => fail(
+            "expired",
+            format!(
+                "session `{}` waited longer than {} s for a resume",
+                request.session_id,
+                hub.policy.resume_ttl.as_secs()
             ),
-            Missing::Expired => fail(
-                "expired",
-                format!(
-                    "session `{}` waited longer than {} s for a resume",
-                    request.session_id,
-                    hub.policy.resume_ttl.as_secs()
-                ),
-            ),
-        })?;
+        ),
+    })?;
     if !target.token_matches(&request.resume_token) {
         return Err(fail("bad_token", "the resume token does not match".into()));
     }

@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::Shared;
 use super::link::Backoff;
 use super::wire::{self, Kind, Publication};
-use super::Shared;
 use crate::error::ErrorCode;
 use crate::protocol::{self, Frame};
 use crate::session::outbox::Outbox;

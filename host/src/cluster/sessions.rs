@@ -139,7 +139,11 @@ pub struct Resume<'a> {
 /// Moves the session `resume` names here from the node it was on: waits until that node let it
 /// go or died (bounded by its lease), then rebuilds it. The session is returned detached, its
 /// stream holding every frame after `last_seq`, for the resume to attach.
-pub async fn adopt(cluster: &Cluster, hub: &Hub, resume: Resume<'_>) -> Result<Arc<Session>, Refused> {
+pub async fn adopt(
+    cluster: &Cluster,
+    hub: &Hub,
+    resume: Resume<'_>,
+) -> Result<Arc<Session>, Refused> {
     let shared = &cluster.shared;
     let down = |e: redis::RedisError| {
         refused(
@@ -153,9 +157,11 @@ pub async fn adopt(cluster: &Cluster, hub: &Hub, resume: Resume<'_>) -> Result<A
         .query_async(&mut conn)
         .await
         .map_err(down)?;
-    let (Some(cid), Some(identity), Some(token)) =
-        (record.get("cid"), record.get("identity"), record.get("token"))
-    else {
+    let (Some(cid), Some(identity), Some(token)) = (
+        record.get("cid"),
+        record.get("identity"),
+        record.get("token"),
+    ) else {
         return Err(refused(
             "unknown_session",
             format!(
@@ -264,9 +270,15 @@ pub async fn adopt(cluster: &Cluster, hub: &Hub, resume: Resume<'_>) -> Result<A
             ),
         ));
     }
-    let wanted: Vec<(u64, Saved)> = saved
+    let (wanted, answers): (Vec<(u64, Saved)>, Vec<(u64, Saved)>) = saved
         .into_iter()
-        .filter(|(seq, _)| *seq > resume.last_seq)
+        .partition(|(seq, _)| *seq > resume.last_seq);
+    let mut answers: Vec<(u64, Frame)> = answers
+        .into_iter()
+        .filter_map(|(seq, entry)| match entry {
+            Saved::Frame(frame) => Some((seq, frame)),
+            Saved::Room { .. } => None,
+        })
         .collect();
     if let Some((first, _)) = wanted.first()
         && *first != resume.last_seq + 1
@@ -284,6 +296,10 @@ pub async fn adopt(cluster: &Cluster, hub: &Hub, resume: Resume<'_>) -> Result<A
     if wanted_len != last_saved - resume.last_seq {
         return Err(refused("gap", "the saved frames have a hole"));
     }
+    answers.extend(wanted.iter().filter_map(|(seq, entry)| match entry {
+        Saved::Frame(frame) => Some((*seq, frame.clone())),
+        Saved::Room { .. } => None,
+    }));
     let kept = resolve(&mut conn, wanted).await.map_err(|e| match e {
         Resolve::Redis(e) => down(e),
         Resolve::Trimmed { room, offset } => refused(
@@ -313,6 +329,16 @@ pub async fn adopt(cluster: &Cluster, hub: &Hub, resume: Resume<'_>) -> Result<A
         policy: &hub.policy,
     });
     crate::lifecycle::awaiting_resume(hub, &session);
+    // Its retry window: the answers among its saved frames.
+    {
+        let now = Instant::now();
+        let mut dedupe = session.dedupe();
+        for (_, frame) in answers {
+            if let Some(id) = answered(&frame) {
+                dedupe.record(&id, frame, now);
+            }
+        }
+    }
     // Its rooms again: from now on their frames reach it (held until the recovered ones).
     let mut rooms: Vec<(Arc<str>, u64)> = cursors.into_iter().collect();
     rooms.sort();
@@ -358,6 +384,16 @@ pub async fn adopt(cluster: &Cluster, hub: &Hub, resume: Resume<'_>) -> Result<A
     }
     tracing::info!(session = %session.session_id, connection = %session.connection_id, from = %owner, "cluster: a session moved here");
     Ok(session)
+}
+
+/// The client `messageId` a saved frame answers, if it is a `sys.ack` or a `sys.error` naming
+/// one.
+fn answered(frame: &Frame) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(frame.as_str()).ok()?;
+    if !matches!(value["type"].as_str(), Some("sys.ack" | "sys.error")) {
+        return None;
+    }
+    value["payload"]["ref"].as_str().map(str::to_owned)
 }
 
 enum Resolve {
@@ -453,11 +489,15 @@ async fn recover(
                 body,
                 ..
             } if except != Some(connection_id) => Frame::from(body),
-            Kind::Left { connection_id: gone } if publication.number == 0 && gone == connection_id => {
+            Kind::Left {
+                connection_id: gone,
+            } if publication.number == 0 && gone == connection_id => {
                 reaped = true;
                 continue;
             }
-            Kind::Left { connection_id: gone } if publication.number == 0 => {
+            Kind::Left {
+                connection_id: gone,
+            } if publication.number == 0 => {
                 let payload = json!({
                     "room": &**room,
                     "connectionId": gone,

@@ -320,9 +320,17 @@ impl Rooms {
 
     /// Queues the non-volatile fan-out at `offset` of the room's stream (in a cluster) to this
     /// node's members.
-    pub fn deliver_at(&self, room: &str, frame: &Frame, except: Option<&str>, offset: u64) -> usize {
+    pub fn deliver_at(
+        &self,
+        room: &str,
+        frame: &Frame,
+        except: Option<&str>,
+        offset: u64,
+    ) -> usize {
         let source = Source::Room { room, offset };
-        self.fan_out(room, except, |outbox| outbox.push_from(frame.clone(), source))
+        self.fan_out(room, except, |outbox| {
+            outbox.push_from(frame.clone(), source)
+        })
     }
 
     /// Another node reported a member of `room` joined there.

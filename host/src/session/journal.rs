@@ -22,7 +22,14 @@ pub enum Source<'a> {
 pub trait Journal: Send + Sync + std::fmt::Debug {
     /// Saves frame `seq` of `session`'s stream. Called in `seq` order, under the outbox's lock:
     /// it only queues. Once saved, the journal marks it with [`Outbox::saved`].
-    fn append(&self, session: &Arc<str>, seq: u64, frame: &Frame, source: Source<'_>, outbox: &Outbox);
+    fn append(
+        &self,
+        session: &Arc<str>,
+        seq: u64,
+        frame: &Frame,
+        source: Source<'_>,
+        outbox: &Outbox,
+    );
     /// Whether connections write only saved frames now (false while the store is out of reach:
     /// the node goes on serving its clients, and a resume elsewhere will say what it lost).
     fn holding(&self) -> bool;

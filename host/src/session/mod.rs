@@ -4,8 +4,8 @@
 //! connection id (plugins address connections) and by session id (a resume).
 
 pub mod dedupe;
-pub mod outbox;
 pub mod journal;
+pub mod outbox;
 pub mod replay;
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
@@ -427,7 +427,10 @@ impl Sessions {
             resume_token: opened.resume_token,
             outbox: opened.outbox,
             rooms: Mutex::default(),
-            dedupe: Mutex::new(Dedupe::new(opened.policy.dedupe_ids, opened.policy.dedupe_ttl)),
+            dedupe: Mutex::new(Dedupe::new(
+                opened.policy.dedupe_ids,
+                opened.policy.dedupe_ttl,
+            )),
             driver: Arc::default(),
             attached: tokio::sync::Notify::new(),
             life: Mutex::new((Life::Attached, 0)),

@@ -164,7 +164,11 @@ pub enum AttachError {
 
 /// Creates a session's stream, detached.
 pub fn outbox(bounds: Bounds) -> Outbox {
-    build(bounds, Replay::new(bounds.kept_frames, bounds.kept_bytes), None)
+    build(
+        bounds,
+        Replay::new(bounds.kept_frames, bounds.kept_bytes),
+        None,
+    )
 }
 
 /// Creates a session's stream whose frames are saved to `journal` under `session`, detached.
@@ -240,7 +244,8 @@ impl Outbox {
         }
         let seq = queue.kept.record(&frame);
         if let Some(hook) = &self.shared.hook {
-            hook.journal.append(&hook.session, seq, &frame, source, self);
+            hook.journal
+                .append(&hook.session, seq, &frame, source, self);
         }
         let len = frame.len();
         let entry = Entry { seq, frame };
@@ -274,7 +279,10 @@ impl Outbox {
                 Some((room, offset)) => {
                     let top = reached.entry(room.clone()).or_default();
                     *top = (*top).max(*offset);
-                    Source::Room { room, offset: *offset }
+                    Source::Room {
+                        room,
+                        offset: *offset,
+                    }
                 }
                 None => Source::Own,
             };
@@ -286,7 +294,10 @@ impl Outbox {
                     if reached.get(room).is_some_and(|top| *offset <= *top) {
                         continue;
                     }
-                    Source::Room { room, offset: *offset }
+                    Source::Room {
+                        room,
+                        offset: *offset,
+                    }
                 }
                 None => Source::Own,
             };
