@@ -270,7 +270,8 @@ pub async fn adopt(
             ),
         ));
     }
-    let (wanted, answers): (Vec<(u64, Saved)>, Vec<(u64, Saved)>) = saved
+    type Entries = Vec<(u64, Saved)>;
+    let (wanted, answers): (Entries, Entries) = saved
         .into_iter()
         .partition(|(seq, _)| *seq > resume.last_seq);
     let mut answers: Vec<(u64, Frame)> = answers
@@ -449,7 +450,7 @@ async fn resolve(
 /// The frames `room` published after offset `cursor` that a member `connection_id` gets, as
 /// the subscriber would have delivered them; what the stream no longer holds is told as a
 /// `room.gap`. Also says whether the member was ended with its node meanwhile.
-type Recovered = (Vec<(Frame, Option<(Arc<str>, u64)>)>, bool);
+type Recovered = (Vec<outbox::Placed>, bool);
 
 async fn recover(
     conn: &mut redis::aio::MultiplexedConnection,

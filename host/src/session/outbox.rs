@@ -79,8 +79,11 @@ struct Queue {
     ended: bool,
     /// While a session moves here from another node, the frames pushed meanwhile (with the
     /// room offset they came at), queued after what the move brings along.
-    held: Option<Vec<(Frame, Option<(Arc<str>, u64)>)>>,
+    held: Option<Vec<Placed>>,
 }
+
+/// A frame and, for a room's frame, the room and the offset it came at.
+pub type Placed = (Frame, Option<(Arc<str>, u64)>);
 
 /// The journal a session's frames are saved to, and the session's id there.
 #[derive(Debug)]
@@ -271,7 +274,7 @@ impl Outbox {
     /// Ends the hold of a session that moved here: queues `recovered` (frames of its rooms
     /// published while it was between nodes, with their room offsets), then what was pushed
     /// meanwhile, except the room frames `recovered` already holds (by offset).
-    pub fn release(&self, recovered: Vec<(Frame, Option<(Arc<str>, u64)>)>) {
+    pub fn release(&self, recovered: Vec<Placed>) {
         let held = self.shared.lock().held.take().unwrap_or_default();
         let mut reached: std::collections::HashMap<Arc<str>, u64> = Default::default();
         for (frame, at) in recovered {
