@@ -158,6 +158,7 @@ async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisRe
     let mut pipe = redis::pipe();
     let scripts = &shared.link.scripts;
     let publish = scripts.publish.get_hash();
+    let mut journal: Option<redis::Cmd> = None;
     let epoch_candidate = format!("{:016x}", rand::random::<u64>());
     for (number, job) in pending {
         match job {
@@ -238,21 +239,23 @@ async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisRe
                 entry,
                 ..
             } => {
-                pipe.cmd("EVALSHA")
-                    .arg(scripts.journal.get_hash())
-                    .arg(0)
-                    .arg(&**session)
-                    .arg(*seq)
-                    .arg(shared.journal_length);
+                // One script call saves every frame of the batch, after its publications.
+                let call = journal.get_or_insert_with(|| {
+                    let mut call = redis::cmd("EVALSHA");
+                    call.arg(scripts.journal.get_hash())
+                        .arg(0)
+                        .arg(shared.journal_length);
+                    call
+                });
+                call.arg(&**session).arg(*seq);
                 match entry {
                     JournalJob::Room { room, offset } => {
-                        pipe.arg("r").arg(&**room).arg(*offset);
+                        call.arg("r").arg(&**room).arg(*offset);
                     }
                     JournalJob::Frame(frame) => {
-                        pipe.arg("f").arg(frame.as_str());
+                        call.arg("f").arg(frame.as_str()).arg("");
                     }
                 }
-                pipe.ignore();
             }
             Job::Opened { session, fields } => {
                 let key = format!("plexus:s:{session}");
@@ -313,6 +316,9 @@ async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisRe
             },
             Job::Flush(_) => {}
         }
+    }
+    if let Some(call) = journal {
+        pipe.add_command(call).ignore();
     }
     pipe.query_async::<()>(&mut conn).await
 }

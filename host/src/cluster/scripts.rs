@@ -53,19 +53,24 @@ end
 return offset
 ";
 
-/// Saves frame `seq` of a session's stream to its journal (a frame saved already, by a batch
-/// sent again, is left as it is). ARGV: session id, seq, journal length, then `r` and the
-/// room and offset of a room's frame, or `f` and the frame.
+/// Saves frames of sessions' streams to their journals, several per call (a frame saved
+/// already, by a batch sent again, is left as it is). ARGV: journal length, then per frame five
+/// fields: session id, seq, and `r`, the room and the offset of a room's frame, or `f`, the
+/// frame and an empty field. A session without a record (it ended) gets nothing.
 const JOURNAL: &str = r"
-local key = 'plexus:s:' .. ARGV[1] .. ':j'
-local ok = pcall(function()
-  if ARGV[4] == 'r' then
-    redis.call('XADD', key, 'MAXLEN', '~', ARGV[3], '0-' .. ARGV[2], 'r', ARGV[5], 'o', ARGV[6])
+local maxlen = ARGV[1]
+for i = 2, #ARGV, 5 do
+  local key = 'plexus:s:' .. ARGV[i] .. ':j'
+  local id = '0-' .. ARGV[i + 1]
+  if redis.call('EXISTS', 'plexus:s:' .. ARGV[i]) == 0 then
+    -- The session ended (its record went first in the same batch).
+  elseif ARGV[i + 2] == 'r' then
+    pcall(redis.call, 'XADD', key, 'MAXLEN', '~', maxlen, id, 'r', ARGV[i + 3], 'o', ARGV[i + 4])
   else
-    redis.call('XADD', key, 'MAXLEN', '~', ARGV[3], '0-' .. ARGV[2], 'f', ARGV[5])
+    pcall(redis.call, 'XADD', key, 'MAXLEN', '~', maxlen, id, 'f', ARGV[i + 3])
   end
-end)
-return ok and 1 or 0
+end
+return 1
 ";
 
 /// A session moves to this node once the node that had it let it go or died: ARGV: session
