@@ -891,6 +891,64 @@ async fn plexus_rollout_reaches_every_node_under_traffic_without_losing_a_messag
     }
 }
 
+/// The version the `relay` plugin on `node` answers with (a timer's `fired`).
+async fn relay_version(node: &Node) -> String {
+    let mut c = node.client().await;
+    let id = c.next_id();
+    c.request(json!({"type": "relay.later", "messageId": id, "payload": {"delayMs": 0, "n": 1}}))
+        .await;
+    let fired = c.recv_type("fired").await;
+    fired["payload"]["version"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plexus_rollout_through_redis_reaches_nodes_that_share_no_directory() {
+    let redis = Redis::start().await;
+    // Each node serves a directory of its own.
+    let dirs = [manifests(), manifests()];
+    let mut nodes = Vec::new();
+    for dir in &dirs {
+        nodes.push(Node::start(&redis, dir, &["--cluster-node-ttl-secs", "2"]).await);
+    }
+    agreed_versions(&nodes[0], 2).await;
+    let staging = TempDir::new();
+    let new_manifest = staging.write("relay.toml", relay_manifest(&wasm("relay"), "b", &[]));
+    let output = within(
+        "plexus rollout",
+        Command::new(support::plexus_bin())
+            .arg("rollout")
+            .args(["--cluster", &redis.url()])
+            .args(["--host", &nodes[0].addr.to_string()])
+            .arg(&new_manifest)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("running plexus rollout");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("on 2 node(s)"), "{stdout}");
+    // The artifact is named by its content hash.
+    let sha = plexus::cluster::rollout::content_hash(&std::fs::read(&new_manifest).unwrap());
+    let recorded: String = redis.cmd(&["HGET", "plexus:rollout", "relay.toml"]).await;
+    assert_eq!(recorded, sha);
+    let stored: Vec<u8> = redis.cmd(&["GET", &format!("plexus:artifact:{sha}")]).await;
+    assert_eq!(stored, std::fs::read(&new_manifest).unwrap());
+    for node in &nodes {
+        assert_eq!(relay_version(node).await, "b");
+    }
+    // A node that joins later, from a directory still holding the old version, catches up.
+    let late_dir = manifests();
+    nodes.push(Node::start(&redis, &late_dir, &["--cluster-node-ttl-secs", "2"]).await);
+    agreed_versions(&nodes[0], 3).await;
+    assert_eq!(relay_version(&nodes[2]).await, "b");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plexus_rollout_reports_a_version_the_nodes_refuse() {
     let redis = Redis::start().await;

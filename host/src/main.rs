@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -285,16 +285,21 @@ enum Command {
         host: SocketAddr,
     },
     /// Roll a new plugin version out to every node: put FILES (manifests, components) into the
-    /// manifests directory the nodes share (each written beside its place, then renamed into
-    /// it), then follow one node's /healthz until every node runs the same new version, or say
-    /// which node does not (docs/operations.md, "Cluster").
+    /// manifests directory the nodes share (`--manifests`; each written beside its place, then
+    /// renamed into it), or publish them through the cluster's Redis (`--cluster`; stored by
+    /// content hash, and each node writes them into its own manifests directory), then follow
+    /// one node's /healthz until every node runs the same new version, or say which node does
+    /// not (docs/operations.md, "Cluster").
     Rollout {
         /// The manifests and components to roll out.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// The manifests directory every node serves.
+        #[arg(long, required_unless_present = "cluster", conflicts_with = "cluster")]
+        manifests: Option<PathBuf>,
+        /// The cluster's Redis, for nodes that share no directory.
         #[arg(long)]
-        manifests: PathBuf,
+        cluster: Option<String>,
         /// A node's address.
         #[arg(long, default_value = "127.0.0.1:8080")]
         host: SocketAddr,
@@ -332,9 +337,17 @@ fn main() -> ExitCode {
             Command::Rollout {
                 files,
                 manifests,
+                cluster,
                 host,
                 timeout_secs,
-            } => rollout(&files, &manifests, host, Duration::from_secs(timeout_secs)).await,
+            } => {
+                let via = match (manifests, cluster) {
+                    (_, Some(url)) => Via::Redis(url),
+                    (Some(dir), None) => Via::Directory(dir),
+                    (None, None) => unreachable!("clap requires --manifests or --cluster"),
+                };
+                rollout(&files, &via, host, Duration::from_secs(timeout_secs)).await
+            }
         }
     })
 }
@@ -496,12 +509,15 @@ fn versions_of(report: &serde_json::Value) -> BTreeMap<String, BTreeMap<String, 
     }
 }
 
-async fn rollout(
-    files: &[PathBuf],
-    manifests: &Path,
-    host: SocketAddr,
-    timeout: Duration,
-) -> ExitCode {
+/// How `plexus rollout` hands the files to the nodes.
+enum Via {
+    /// A manifests directory every node serves.
+    Directory(PathBuf),
+    /// The cluster's Redis.
+    Redis(String),
+}
+
+async fn rollout(files: &[PathBuf], via: &Via, host: SocketAddr, timeout: Duration) -> ExitCode {
     let fail = |message: String| {
         eprintln!("error: {message}");
         ExitCode::FAILURE
@@ -512,22 +528,34 @@ async fn rollout(
     };
     let before_versions = versions_of(&before);
     let refused_before = before["refused"].as_array().map_or(0, Vec::len);
-    for file in files {
-        let Some(name) = file.file_name() else {
-            return fail(format!("{} names no file", file.display()));
-        };
-        let target = manifests.join(name);
-        let staging = manifests.join(format!(".{}.rollout", name.to_string_lossy()));
-        if let Err(e) =
-            std::fs::copy(file, &staging).and_then(|_| std::fs::rename(&staging, &target))
-        {
-            return fail(format!(
-                "cannot put {} into {}: {e}",
-                file.display(),
-                manifests.display()
-            ));
+    match via {
+        Via::Directory(manifests) => {
+            for file in files {
+                let Some(name) = file.file_name() else {
+                    return fail(format!("{} names no file", file.display()));
+                };
+                let target = manifests.join(name);
+                let staging = manifests.join(format!(".{}.rollout", name.to_string_lossy()));
+                if let Err(e) =
+                    std::fs::copy(file, &staging).and_then(|_| std::fs::rename(&staging, &target))
+                {
+                    return fail(format!(
+                        "cannot put {} into {}: {e}",
+                        file.display(),
+                        manifests.display()
+                    ));
+                }
+                println!("{} -> {}", file.display(), target.display());
+            }
         }
-        println!("{} -> {}", file.display(), target.display());
+        Via::Redis(url) => match plexus::cluster::rollout::publish(url, files).await {
+            Ok(published) => {
+                for (name, sha) in published {
+                    println!("{name} -> sha256:{sha}");
+                }
+            }
+            Err(e) => return fail(format!("cannot publish the rollout: {e}")),
+        },
     }
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = before_versions.clone();

@@ -142,8 +142,10 @@ impl Server {
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
         if let Some(cluster) = config.cluster.clone() {
-            let cluster = crate::cluster::Cluster::start(cluster, &hub, shutdown_rx.clone())
-                .map_err(|e| StartError::Other(e.into()))?;
+            let manifests = Some(config.manifests.clone());
+            let cluster =
+                crate::cluster::Cluster::start(cluster, &hub, manifests, shutdown_rx.clone())
+                    .map_err(|e| StartError::Other(e.into()))?;
             let _ = hub.cluster.set(cluster);
         }
         let tracker = TaskTracker::new();

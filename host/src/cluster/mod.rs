@@ -19,6 +19,7 @@
 mod link;
 mod nodes;
 mod publisher;
+pub mod rollout;
 pub mod scripts;
 pub mod sessions;
 mod subscriber;
@@ -117,6 +118,10 @@ pub(crate) struct Shared {
     resume_ttl: Duration,
     /// Frames each session's journal keeps (about).
     journal_length: usize,
+    /// The manifests directory the files rolled out through Redis are written to.
+    manifests: Option<std::path::PathBuf>,
+    /// One rollout is followed at a time.
+    rollout_turn: tokio::sync::Mutex<()>,
 }
 
 /// This node's part in a cluster.
@@ -150,6 +155,7 @@ impl Cluster {
     pub fn start(
         config: ClusterConfig,
         hub: &Arc<Hub>,
+        manifests: Option<std::path::PathBuf>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let client = redis::Client::open(config.redis_url.as_str()).map_err(|source| {
@@ -165,6 +171,8 @@ impl Cluster {
             stats: Stats::default(),
             resume_ttl: hub.policy.resume_ttl,
             journal_length: hub.policy.bounds.kept_frames.max(1),
+            manifests,
+            rollout_turn: tokio::sync::Mutex::new(()),
         });
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let (commands, commands_rx) = mpsc::unbounded_channel();

@@ -173,6 +173,9 @@ impl Subscriber {
 
     async fn sync_all(&mut self, sink: &mut PubSubSink) -> RedisResult<()> {
         sink.subscribe(&self.own_channel).await?;
+        // Rollouts announced while this node was away are caught up now.
+        sink.subscribe(super::rollout::CHANNEL).await?;
+        tokio::spawn(super::rollout::follow(self.shared.clone()));
         let rooms: Vec<Arc<str>> = self.served.keys().cloned().collect();
         for room in rooms {
             self.sync(sink, &room).await?;
@@ -298,6 +301,10 @@ impl Subscriber {
         let channel = message.get_channel_name();
         if channel == self.own_channel {
             self.direct(text);
+            return Ok(());
+        }
+        if channel == super::rollout::CHANNEL {
+            tokio::spawn(super::rollout::follow(self.shared.clone()));
             return Ok(());
         }
         let Some(room) = channel.strip_prefix("plexus:r:") else {
