@@ -354,6 +354,11 @@ async fn member_lists_agree_on_every_node_and_direct_sends_cross_nodes() {
 async fn a_killed_node_s_members_leave_every_room_within_the_lease() {
     let redis = Redis::start().await;
     let dir = manifests();
+    // The plugins hear of each member that left with its node once, on one node.
+    dir.replace(
+        "relay.toml",
+        relay_manifest(&wasm("relay"), "a", &[("room.left", "seen")]),
+    );
     let mut nodes = cluster(&redis, &dir, 3).await;
     let mut clients = Vec::new();
     for node in &nodes {
@@ -361,6 +366,8 @@ async fn a_killed_node_s_members_leave_every_room_within_the_lease() {
         join(&mut c, "watch").await;
         clients.push(c);
     }
+    let mut events = nodes[0].client().await;
+    join(&mut events, "events").await;
     hellos(&mut clients, "watch").await;
     let victim = clients.pop().unwrap().connection_id.clone();
     nodes[2].kill().await;
@@ -370,6 +377,10 @@ async fn a_killed_node_s_members_leave_every_room_within_the_lease() {
         let (_, left) = c.recv_until_type("room.left").await;
         assert_eq!(left["payload"]["connectionId"], victim.as_str(), "{left}");
     }
+    let (_, seen) = events.recv_until_type("seen").await;
+    assert_eq!(seen["payload"]["event"], "room.left", "{seen}");
+    assert_eq!(seen["payload"]["payload"]["connectionId"], victim.as_str());
+    assert_eq!(seen["payload"]["payload"]["reason"], "node_lost");
     let mut probe = nodes[0].client().await;
     let ack = join(&mut probe, "watch").await;
     let listed: Vec<&str> = ack["payload"]["members"]

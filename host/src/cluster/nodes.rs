@@ -19,6 +19,8 @@ pub struct Beat {
     pub ended: Vec<String>,
     /// Every live node's plugin versions (node, JSON object plugin → version).
     pub versions: Vec<(String, String)>,
+    /// The members of the nodes ended: (room, connection id, identity).
+    pub left: Vec<(String, String, String)>,
 }
 
 /// Renews this node's lease (`stay`) and stores its plugin versions (`versions`, a JSON object),
@@ -26,24 +28,29 @@ pub struct Beat {
 pub async fn beat(shared: &Shared, stay: bool, versions: &str) -> redis::RedisResult<Beat> {
     let mut conn = shared.link.get().await?;
     let lease_ms = u64::try_from(shared.config.node_ttl.as_millis()).unwrap_or(u64::MAX);
-    let (added, ended, versions): (u8, Vec<String>, Vec<(String, String)>) = shared
-        .link
-        .scripts
-        .beat
-        .arg(&*shared.node)
-        .arg(lease_ms)
-        .arg(format!("{:016x}", rand::random::<u64>()))
-        .arg(shared.config.stream_length)
-        .arg(shared.config.room_ttl.as_secs().max(1))
-        .arg(if stay { "1" } else { "0" })
-        .arg(versions)
-        .arg(shared.resume_ttl.as_millis().max(1) as u64)
-        .invoke_async(&mut conn)
-        .await?;
+    let (added, ended, versions, left): (u8, Vec<String>, Vec<(String, String)>, Vec<String>) =
+        shared
+            .link
+            .scripts
+            .beat
+            .arg(&*shared.node)
+            .arg(lease_ms)
+            .arg(format!("{:016x}", rand::random::<u64>()))
+            .arg(shared.config.stream_length)
+            .arg(shared.config.room_ttl.as_secs().max(1))
+            .arg(if stay { "1" } else { "0" })
+            .arg(versions)
+            .arg(shared.resume_ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
+            .await?;
     Ok(Beat {
         new: added == 1,
         ended,
         versions,
+        left: left
+            .chunks_exact(3)
+            .map(|m| (m[0].clone(), m[1].clone(), m[2].clone()))
+            .collect(),
     })
 }
 
@@ -66,6 +73,7 @@ pub async fn run(cluster: Arc<Cluster>, hub: Arc<Hub>, mut shutdown: watch::Rece
                 new,
                 ended,
                 versions,
+                left,
             }) => {
                 cluster.set_versions(versions);
                 if new && began {
@@ -79,6 +87,24 @@ pub async fn run(cluster: Arc<Cluster>, hub: Arc<Hub>, mut shutdown: watch::Rece
                 began = true;
                 for node in &ended {
                     tracing::warn!(%node, "cluster: a node's lease ran out: its members left their rooms");
+                }
+                // This node ended them: the plugins hear it once, here.
+                for (room, connection_id, identity) in left {
+                    let payload = serde_json::json!({
+                        "room": room,
+                        "connectionId": connection_id,
+                        "identity": identity,
+                        "reason": "node_lost",
+                    });
+                    crate::router::fire_event(
+                        &hub,
+                        None,
+                        crate::manifest::HostEvent::RoomLeft,
+                        Some(&room),
+                        &payload,
+                        0,
+                    )
+                    .await;
                 }
                 shared
                     .stats

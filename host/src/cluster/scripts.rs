@@ -152,7 +152,8 @@ return {epoch, offset, redis.call('HGETALL', meta .. ':m')}
 /// epoch candidate, stream length, ttl (s), `stay` (`1`; `0`: the node is leaving and ends its
 /// own lease now). Returns whether the node's lease was new (it had been ended or never begun),
 /// then the nodes ended, then every live node's plugin versions (node, JSON, ...), after storing
-/// this node's (ARGV[7], a JSON object plugin → version).
+/// this node's (ARGV[7], a JSON object plugin → version), then the members ended (room,
+/// connection id, identity, ...). ARGV[8]: how long a dead node's sessions wait for a resume (ms).
 const BEAT: &str = r"
 local node, lease, stay = ARGV[1], tonumber(ARGV[2]), ARGV[6]
 local t = redis.call('TIME')
@@ -165,6 +166,7 @@ else
   redis.call('ZADD', 'plexus:nodes', 0, node)
 end
 local ended = {}
+local left = {}
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', 'plexus:nodes', '-inf', now)) do
   redis.call('ZREM', 'plexus:nodes', dead)
   local prefix = dead .. '\31'
@@ -175,6 +177,9 @@ for _, dead in ipairs(redis.call('ZRANGEBYSCORE', 'plexus:nodes', '-inf', now)) 
     for i = 1, #fields, 2 do
       if string.sub(fields[i + 1], 1, #prefix) == prefix then
         redis.call('HDEL', members, fields[i])
+        table.insert(left, room)
+        table.insert(left, fields[i])
+        table.insert(left, string.sub(fields[i + 1], #prefix + 1))
         publish(room, 'L\31' .. dead .. '\31' .. '0\31' .. fields[i] .. '\31', ARGV[3], ARGV[4], ARGV[5])
       end
     end
@@ -207,7 +212,7 @@ for _, dead in ipairs(redis.call('ZRANGEBYSCORE', 'plexus:nodes', '-inf', now)) 
   redis.call('HDEL', 'plexus:versions', dead)
   table.insert(ended, dead)
 end
-return {added, ended, redis.call('HGETALL', 'plexus:versions')}
+return {added, ended, redis.call('HGETALL', 'plexus:versions'), left}
 ";
 
 /// The scripts, compiled once per process (their SHA-1 names them in `EVALSHA`).

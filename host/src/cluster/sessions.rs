@@ -382,6 +382,15 @@ pub async fn adopt(
         let frame = protocol::host_frame("room.joined", Some(&room), &payload);
         hub.rooms
             .broadcast(&room, &frame, Some(&session.connection_id), None);
+        crate::router::fire_event(
+            hub,
+            Some(&session),
+            crate::manifest::HostEvent::RoomJoined,
+            Some(&room),
+            &payload,
+            0,
+        )
+        .await;
     }
     tracing::info!(session = %session.session_id, connection = %session.connection_id, from = %owner, "cluster: a session moved here");
     Ok(session)
