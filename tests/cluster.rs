@@ -541,6 +541,82 @@ async fn a_session_moves_from_a_live_node_to_another_without_losing_a_frame() {
     assert_eq!(got, (30..150).map(|n| json!({"n": n})).collect::<Vec<_>>());
 }
 
+/// `c` answers the `question` it reads next with `answer`; returns the host's answer to its
+/// `sys.reply`.
+async fn answer_question(c: &mut Client, answer: Value) -> Value {
+    let (_, question) = c.recv_until_type("question").await;
+    let reference = question["messageId"].as_str().unwrap().to_owned();
+    let id = c.next_id();
+    let (_, ack) = c
+        .request(json!({"type": "sys.reply", "messageId": id,
+                        "payload": {"ref": reference, "payload": answer}}))
+        .await;
+    ack
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_s_request_gets_answers_from_clients_on_other_nodes() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let nodes = cluster(&redis, &dir, 2).await;
+    let mut asker = nodes[0].client().await;
+    let mut far = nodes[1].client().await;
+    // One connection of another node.
+    let id = asker.next_id();
+    let (_, ack) = asker
+        .request(json!({"type": "relay.ask", "messageId": id,
+                        "payload": {"to": far.connection_id, "timeoutMs": 10000, "q": "ready?"}}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    let ack = answer_question(&mut far, json!("yes")).await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    let (_, outcome) = asker.recv_until_type("outcome").await;
+    let outcome = &outcome["payload"]["outcome"];
+    assert_eq!(
+        outcome["answers"][0]["connectionId"],
+        far.connection_id.as_str(),
+        "{outcome}"
+    );
+    assert_eq!(outcome["answers"][0]["payload"], "yes", "{outcome}");
+    assert_eq!(outcome["missing"], json!([]), "{outcome}");
+
+    // A room with members on both nodes (each node knows the other's once the hellos are read).
+    join(&mut asker, "poll").await;
+    join(&mut far, "poll").await;
+    let mut both = [asker, far];
+    hellos(&mut both, "poll").await;
+    let [mut asker, mut far] = both;
+    let id = asker.next_id();
+    let (before, ack) = asker
+        .request(json!({"type": "relay.ask", "messageId": id, "room": "poll",
+                        "payload": {"timeoutMs": 10000, "q": "ready?"}}))
+        .await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    let mine = before
+        .iter()
+        .find(|f| f["type"] == "question")
+        .expect("the asker's own question");
+    let reference = mine["messageId"].as_str().unwrap().to_owned();
+    let id = asker.next_id();
+    asker
+        .send(json!({"type": "sys.reply", "messageId": id,
+                     "payload": {"ref": reference, "payload": "near"}}))
+        .await;
+    let ack = answer_question(&mut far, json!("far")).await;
+    assert_eq!(ack["type"], "sys.ack", "{ack}");
+    let (_, outcome) = asker.recv_until_type("outcome").await;
+    let outcome = &outcome["payload"]["outcome"];
+    let mut answers: Vec<&str> = outcome["answers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["payload"].as_str().unwrap())
+        .collect();
+    answers.sort();
+    assert_eq!(answers, ["far", "near"], "{outcome}");
+    assert_eq!(outcome["missing"], json!([]), "{outcome}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_recover_by_themselves_when_redis_restarts_and_no_frame_goes_missing_silently() {
     let mut redis = Redis::start().await;

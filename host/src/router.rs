@@ -332,10 +332,26 @@ async fn dispatch<'h>(
         "sys.reply" => {
             let (reference, answer) = protocol::payload_reply(msg.payload)
                 .map_err(|m| HandleError::new(ErrorCode::BadFrame, m))?;
-            hub.registry
+            match hub
+                .registry
                 .requests()
-                .reply(&reference, &session.connection_id, answer)?;
-            Ok(None)
+                .reply(&reference, &session.connection_id, answer)
+            {
+                // A request of another node of the cluster: its answer goes there.
+                Err(crate::requests::ReplyError::UnknownRef(_))
+                    if match hub.cluster.get() {
+                        Some(cluster) => {
+                            cluster
+                                .forward_reply(&reference, &session.connection_id, answer.get())
+                                .await
+                        }
+                        None => false,
+                    } =>
+                {
+                    Ok(None)
+                }
+                result => result.map(|()| None).map_err(Into::into),
+            }
         }
         "sys.received" => {
             let seq = protocol::payload_seq(msg.payload)
@@ -1156,6 +1172,10 @@ fn apply_deferred(hub: &Hub, plugin: &LoadedPlugin, origin: Option<&Arc<Session>
             let (room, targets) = match &to {
                 RequestTo::Connection(to) => {
                     let target = hub.sessions.get(to);
+                    // In a cluster, a connection of another node (its id names the node).
+                    let elsewhere = target.is_none()
+                        && hub.cluster.get().is_some()
+                        && crate::session::node_of(to).is_some_and(|n| n != &**hub.sessions.node());
                     let who = MemberInfo {
                         connection_id: Arc::from(to.as_str()),
                         identity: target
@@ -1164,6 +1184,7 @@ fn apply_deferred(hub: &Hub, plugin: &LoadedPlugin, origin: Option<&Arc<Session>
                     };
                     let targets = match target {
                         Some(_) => Targets::Members(vec![who]),
+                        None if elsewhere => Targets::Members(vec![who]),
                         None => Targets::Gone(who),
                     };
                     (None, targets)
@@ -1198,10 +1219,14 @@ fn apply_deferred(hub: &Hub, plugin: &LoadedPlugin, origin: Option<&Arc<Session>
                 sender: origin.map(|s| &*s.identity.0),
             }
             .encode_with_id(request);
+            if let Some(cluster) = hub.cluster.get()
+                && recipients.iter().any(|to| hub.sessions.get(to).is_none())
+            {
+                // Answers from the other nodes find their way back here.
+                cluster.requested(request, std::time::Duration::from_millis(timeout_ms));
+            }
             for to in recipients {
-                if let Some(session) = hub.sessions.get(&to) {
-                    session.outbox.push(frame.clone());
-                }
+                hub.sessions.deliver(&to, frame.clone());
             }
         }
         _ => {}

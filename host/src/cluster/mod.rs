@@ -435,6 +435,46 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Request `id` of this node awaits answers from connections of other nodes for `timeout`:
+    /// their nodes forward the answers here ([`Cluster::forward_reply`]).
+    pub fn requested(&self, id: u64, timeout: Duration) {
+        let _ = self.jobs.send(Job::Requested { id, ttl: timeout });
+    }
+
+    /// A client of this node answered a request this node does not have: sends the answer to
+    /// the node that asked, if one did. Returns whether it was sent.
+    pub async fn forward_reply(&self, reference: &str, connection_id: &str, answer: &str) -> bool {
+        let Some(id) = crate::requests::parse_ref(reference) else {
+            return false;
+        };
+        if answer.len() > crate::requests::MAX_ANSWER_BYTES {
+            // Refused here as the asking node would (unknown to it, the answer is not sent).
+            return false;
+        }
+        let forward = async {
+            let mut conn = self.shared.link.get().await?;
+            let node: Option<String> = redis::cmd("GET")
+                .arg(format!("plexus:q:{id}"))
+                .query_async(&mut conn)
+                .await?;
+            let Some(node) = node.filter(|n| *n != *self.shared.node) else {
+                return Ok(false);
+            };
+            let text = wire::reply(reference, connection_id, answer);
+            redis::cmd("PUBLISH")
+                .arg(channel_of_node(&node))
+                .arg(text)
+                .query_async::<()>(&mut conn)
+                .await?;
+            Ok(true)
+        };
+        let result: redis::RedisResult<bool> = forward.await;
+        self.shared.link.outcome(&result).await;
+        result.unwrap_or(false)
+    }
+}
+
 impl Relay for Cluster {
     fn send(&self, node: &str, connection_id: &str, frame: &Frame) {
         let _ = self.jobs.send(Job::Direct {

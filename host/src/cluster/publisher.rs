@@ -65,6 +65,8 @@ pub enum Job {
     },
     /// This node let a session go to another node.
     Released { session: Arc<str> },
+    /// A request of this node awaits answers from connections of other nodes until `ttl`.
+    Requested { id: u64, ttl: std::time::Duration },
 }
 
 /// What a session's journal saves of a frame.
@@ -285,6 +287,18 @@ async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisRe
                 pipe.cmd("HDEL")
                     .arg("plexus:moved")
                     .arg(&**connection_id)
+                    .ignore();
+            }
+            Job::Requested { id, ttl } => {
+                pipe.cmd("SET")
+                    .arg(format!("plexus:q:{id}"))
+                    .arg(&*shared.node)
+                    .arg("PX")
+                    .arg(
+                        u64::try_from(ttl.as_millis())
+                            .unwrap_or(u64::MAX)
+                            .saturating_add(5000),
+                    )
                     .ignore();
             }
             Job::Released { session } => {

@@ -435,6 +435,20 @@ impl Subscriber {
             tracing::warn!("cluster: a malformed direct frame, dropped");
             return;
         };
+        if connection_id == wire::REPLY {
+            let Some((reference, from, answer)) = wire::split_reply(body) else {
+                tracing::warn!("cluster: a malformed forwarded answer, dropped");
+                return;
+            };
+            let Ok(answer) = serde_json::value::RawValue::from_string(answer.to_owned()) else {
+                tracing::warn!("cluster: a forwarded answer that is not JSON, dropped");
+                return;
+            };
+            if let Err(e) = self.hub.registry.requests().reply(reference, from, &answer) {
+                tracing::debug!(%reference, "cluster: a forwarded answer was refused: {e}");
+            }
+            return;
+        }
         if connection_id == super::sessions::RELEASE {
             if let Some(cluster) = self.hub.cluster.get() {
                 tokio::spawn(super::sessions::release(

@@ -146,6 +146,23 @@ pub fn direct(connection_id: &str, body: &str) -> String {
     format!("{connection_id}{SEP}{body}")
 }
 
+/// The connection id field of a direct message that carries a client's answer to a request of
+/// the receiving node.
+pub const REPLY: &str = "!reply";
+
+/// A client's answer to a request of another node: the request's `ref`, the answering
+/// connection, the answer (JSON text).
+pub fn reply(reference: &str, connection_id: &str, answer: &str) -> String {
+    format!("{REPLY}{SEP}{reference}{SEP}{connection_id}{SEP}{answer}")
+}
+
+/// Reads the body of a forwarded answer: (ref, connection id, answer).
+pub fn split_reply(body: &str) -> Option<(&str, &str, &str)> {
+    let (reference, rest) = body.split_once(SEP)?;
+    let (connection_id, answer) = rest.split_once(SEP)?;
+    Some((reference, connection_id, answer))
+}
+
 /// Reads a direct frame: (connection id, body).
 pub fn split_direct(text: &str) -> Option<(&str, &str)> {
     text.split_once(SEP)
