@@ -141,6 +141,20 @@ impl Node {
         serde_json::from_str(&resp.body).expect("healthz JSON")
     }
 
+    /// Stops the process with SIGTERM (a graceful shutdown) and waits for it to exit.
+    async fn terminate(&mut self) {
+        let pid = self.child.id().expect("a running node").to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .expect("running kill");
+        assert!(status.success());
+        within("the node to shut down", self.child.wait())
+            .await
+            .expect("waiting for the node");
+    }
+
     /// Kills the process with SIGKILL: no goodbye to the cluster.
     async fn kill(&mut self) {
         self.child.start_kill().expect("killing a node");
@@ -539,6 +553,40 @@ async fn a_session_moves_from_a_live_node_to_another_without_losing_a_frame() {
     let mut got = payloads(&before);
     got.extend(broadcasts(&mut moved, 120 - got.len()).await);
     assert_eq!(got, (30..150).map(|n| json!({"n": n})).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_outlive_a_node_shut_down_gracefully() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    let mut nodes = cluster(&redis, &dir, 2).await;
+    let mut sender = nodes[1].client().await;
+    let mut moving = nodes[0].client().await;
+    for c in [&mut sender, &mut moving] {
+        join(c, "feed").await;
+    }
+    let mut both = [sender, moving];
+    hellos(&mut both, "feed").await;
+    let [mut sender, mut moving] = both;
+    send_numbered(&mut sender, "feed", 0..40).await;
+    assert_eq!(
+        broadcasts(&mut moving, 20).await,
+        (0..20).map(|n| json!({"n": n})).collect::<Vec<_>>()
+    );
+    // A rolling restart stops the node: its client resumes on the other one.
+    nodes[0].terminate().await;
+    send_numbered(&mut sender, "feed", 40..60).await;
+    let (mut moved, before, answer) = Client::resume(
+        nodes[1].addr,
+        &moving.session_id,
+        &moving.resume_token,
+        moving.last_seq,
+    )
+    .await;
+    assert_eq!(answer["type"], "sys.ack", "{answer}");
+    let mut got = payloads(&before);
+    got.extend(broadcasts(&mut moved, 40 - got.len()).await);
+    assert_eq!(got, (20..60).map(|n| json!({"n": n})).collect::<Vec<_>>());
 }
 
 /// `c` answers the `question` it reads next with `answer`; returns the host's answer to its

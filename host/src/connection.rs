@@ -199,6 +199,9 @@ pub async fn serve<S>(
     };
     let grace = CLOSE_GRACE.min(policy.write_timeout);
     let (session, mut rx, driver) = conn.into_parts();
+    // In a cluster, a session outlives its node's shutdown: its client resumes it on another
+    // node, from what its journal saved.
+    let outlives = hub.cluster.get().is_some();
     match exit {
         Exit::ClientClosed | Exit::Close(CloseReason::Shutdown) => {
             if exit != Exit::ClientClosed {
@@ -211,12 +214,14 @@ pub async fn serve<S>(
                 .await;
             }
             drop(rx);
-            let end = if exit == Exit::ClientClosed {
-                lifecycle::End::Closed
-            } else {
-                lifecycle::End::Shutdown
+            let end = match exit {
+                Exit::ClientClosed => Some(lifecycle::End::Closed),
+                _ if outlives => None,
+                _ => Some(lifecycle::End::Shutdown),
             };
-            Box::pin(lifecycle::end_session(&hub, &session, end)).await;
+            if let Some(end) = end {
+                Box::pin(lifecycle::end_session(&hub, &session, end)).await;
+            }
         }
         // Another connection has taken the session over: nothing is left to do for it here.
         Exit::Close(CloseReason::TakenOver) => drop(rx),

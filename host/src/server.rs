@@ -237,12 +237,16 @@ impl Server {
         self.tracker.close();
         self.tracker.wait().await;
         let _ = self.lifecycle.await;
-        // Sessions still waiting for a resume end too (their rooms tell their plugins).
-        for session in self.hub.sessions.all() {
-            lifecycle::end_session(&self.hub, &session, lifecycle::End::Shutdown).await;
-        }
-        if let Some(cluster) = self.hub.cluster.get() {
-            cluster.leave().await;
+        match self.hub.cluster.get() {
+            // In a cluster the sessions outlive their node: their clients resume them on another
+            // node (once this node's lease has ended, below), with every frame saved.
+            Some(cluster) => cluster.leave().await,
+            // Sessions still waiting for a resume end too (their rooms tell their plugins).
+            None => {
+                for session in self.hub.sessions.all() {
+                    lifecycle::end_session(&self.hub, &session, lifecycle::End::Shutdown).await;
+                }
+            }
         }
     }
 }

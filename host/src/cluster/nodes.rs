@@ -28,21 +28,21 @@ pub struct Beat {
 pub async fn beat(shared: &Shared, stay: bool, versions: &str) -> redis::RedisResult<Beat> {
     let mut conn = shared.link.get().await?;
     let lease_ms = u64::try_from(shared.config.node_ttl.as_millis()).unwrap_or(u64::MAX);
-    let (added, ended, versions, left): (u8, Vec<String>, Vec<(String, String)>, Vec<String>) =
-        shared
-            .link
-            .scripts
-            .beat
-            .arg(&*shared.node)
-            .arg(lease_ms)
-            .arg(format!("{:016x}", rand::random::<u64>()))
-            .arg(shared.config.stream_length)
-            .arg(shared.config.room_ttl.as_secs().max(1))
-            .arg(if stay { "1" } else { "0" })
-            .arg(versions)
-            .arg(shared.resume_ttl.as_millis().max(1) as u64)
-            .invoke_async(&mut conn)
-            .await?;
+    type Answer = (u8, Vec<String>, Vec<(String, String)>, Vec<String>);
+    let (added, ended, versions, left): Answer = shared
+        .link
+        .scripts
+        .beat
+        .arg(&*shared.node)
+        .arg(lease_ms)
+        .arg(format!("{:016x}", rand::random::<u64>()))
+        .arg(shared.config.stream_length)
+        .arg(shared.config.room_ttl.as_secs().max(1))
+        .arg(if stay { "1" } else { "0" })
+        .arg(versions)
+        .arg(shared.resume_ttl.as_millis().max(1) as u64)
+        .invoke_async(&mut conn)
+        .await?;
     Ok(Beat {
         new: added == 1,
         ended,

@@ -343,17 +343,22 @@ pub async fn adopt(
     // Its rooms again: from now on their frames reach it (held until the recovered ones).
     let mut rooms: Vec<(Arc<str>, u64)> = cursors.into_iter().collect();
     rooms.sort();
-    for (room, _) in &rooms {
-        session.add_room(room.clone());
-        if hub
-            .rooms
-            .join(room, &session, hub.limits.max_room_members)
-            .is_ok()
-            && let Some(bus) = hub.rooms.bus()
-        {
-            bus.ready(room).await;
+    let mut rooms_joined = Vec::with_capacity(rooms.len());
+    for (room, cursor) in rooms {
+        match hub.rooms.join(&room, &session, hub.limits.max_room_members) {
+            Ok(_) => {
+                session.add_room(room.clone());
+                if let Some(bus) = hub.rooms.bus() {
+                    bus.ready(&room).await;
+                }
+                rooms_joined.push((room, cursor));
+            }
+            Err(crate::rooms::RoomFull) => {
+                tracing::warn!(%room, session = %session.session_id, "cluster: a moved session's room is full here: it left it");
+            }
         }
     }
+    let rooms = rooms_joined;
     let mut recovered = Vec::new();
     let mut back = Vec::new();
     for (room, cursor) in &rooms {
