@@ -62,7 +62,7 @@ impl Journal for Cluster {
     ) {
         let entry = match source {
             Source::Room { room, offset } => JournalJob::Room {
-                room: Arc::from(room),
+                room: room.clone(),
                 offset,
             },
             Source::Own => JournalJob::Frame(frame.clone()),

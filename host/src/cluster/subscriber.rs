@@ -391,10 +391,13 @@ impl Subscriber {
                     self.shared.stats.received.fetch_add(1, Ordering::Relaxed);
                 }
                 let frame = Frame::from(body);
-                if volatile {
-                    rooms.deliver(room, &frame, except, true);
-                } else {
-                    rooms.deliver_at(room, &frame, except, offset);
+                match self.served.get_key_value(room) {
+                    Some((room, _)) if !volatile => {
+                        rooms.deliver_at(room, &frame, except, offset);
+                    }
+                    _ => {
+                        rooms.deliver(room, &frame, except, volatile);
+                    }
                 }
             }
             Kind::Joined {

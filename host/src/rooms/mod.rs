@@ -322,7 +322,7 @@ impl Rooms {
     /// node's members.
     pub fn deliver_at(
         &self,
-        room: &str,
+        room: &Arc<str>,
         frame: &Frame,
         except: Option<&str>,
         offset: u64,

@@ -13,7 +13,7 @@ use crate::protocol::Frame;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source<'a> {
     /// A room's fan-out, at this offset of the room's stream (it can be read back from there).
-    Room { room: &'a str, offset: u64 },
+    Room { room: &'a Arc<str>, offset: u64 },
     /// The session alone (an answer, a reply, a direct send, a host event).
     Own,
 }

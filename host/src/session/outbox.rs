@@ -239,7 +239,7 @@ impl Outbox {
         }
         if let Some(held) = queue.held.as_mut() {
             let at = match source {
-                Source::Room { room, offset } => Some((Arc::from(room), offset)),
+                Source::Room { room, offset } => Some((room.clone(), offset)),
                 Source::Own => None,
             };
             held.push((frame, at));
@@ -308,6 +308,17 @@ impl Outbox {
         }
     }
 
+    /// Whether the connection may not write frame `seq` yet (its journal has not saved it).
+    fn holds_back(&self, seq: u64) -> bool {
+        seq != 0
+            && self
+                .shared
+                .hook
+                .as_ref()
+                .is_some_and(|h| h.journal.holding())
+            && seq > self.shared.saved.load(Ordering::Acquire)
+    }
+
     /// The journal saved every frame up to `seq`: the connection may write them.
     pub fn saved(&self, seq: u64) {
         if self.shared.saved.fetch_max(seq, Ordering::AcqRel) < seq {
@@ -336,7 +347,8 @@ impl Outbox {
     }
 
     fn enqueue(&self, mut queue: MutexGuard<'_, Queue>, entry: Entry, len: usize) {
-        let was_empty = queue.live.is_empty();
+        // A frame the journal has yet to save wakes no one: the journal's `saved` will.
+        let was_empty = queue.live.is_empty() && !self.holds_back(entry.seq);
         queue.live.push_back(entry);
         queue.live_bytes += len;
         self.shared.signalled.store(true, Ordering::Release);
