@@ -278,7 +278,7 @@ async fn reading_claims_needs_the_identity_capability() {
                 .collect::<Vec<_>>()
                 .join("\n");
             assert!(
-                text.contains("plexus:plugin/identity@0.3.3")
+                text.contains("plexus:plugin/identity@0.3.4")
                     && text.contains("needs capability `identity`"),
                 "{text}"
             );

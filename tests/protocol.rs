@@ -220,7 +220,7 @@ async fn healthz_reports_status_and_plugin_versions() {
         "the echo plugin's version is listed: {body}"
     );
     assert!(version.bytes().all(|b| b.is_ascii_hexdigit()), "{body}");
-    assert_eq!(body["plugins"]["echo"]["interface"], "0.3.3", "{body}");
+    assert_eq!(body["plugins"]["echo"]["interface"], "0.3.4", "{body}");
     assert_eq!(body["refused"], serde_json::json!([]), "{body}");
     assert_eq!(body["connections"], 1, "{body}");
 

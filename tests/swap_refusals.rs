@@ -228,13 +228,13 @@ async fn every_kind_of_refused_version_is_refused_while_the_serving_one_answers(
         (
             "a component built against an incompatible interface",
             "answer.wasm",
-            patched(&b, "@0.3.3", "@0.2.1"),
-            "plexus:plugin@0.2.1, which this host (plexus:plugin@0.3.3) cannot run",
+            patched(&b, "@0.3.4", "@0.2.1"),
+            "plexus:plugin@0.2.1, which this host (plexus:plugin@0.3.4) cannot run",
         ),
         (
             "a component built against a newer interface",
             "answer.wasm",
-            patched(&b, "@0.3.3", "@0.3.9"),
+            patched(&b, "@0.3.4", "@0.3.9"),
             "plexus:plugin@0.3.9, newer than",
         ),
         (
@@ -330,7 +330,7 @@ async fn a_plugin_built_against_the_previous_interface_version_runs_and_swaps() 
     );
     let host = Host::start_in(dir, |c| c.watch = WatchMode::Artifacts).await;
     let health = host.healthz().await;
-    assert_eq!(health["interfaceVersion"], "0.3.3", "{health}");
+    assert_eq!(health["interfaceVersion"], "0.3.4", "{health}");
     assert_eq!(
         health["plugins"]["answer"]["interface"], "0.3.0",
         "{health}"
@@ -340,13 +340,14 @@ async fn a_plugin_built_against_the_previous_interface_version_runs_and_swaps() 
 
     // Swapped for a build against this host's interface, and back, under the same client.
     let mut reloads = host.reloads();
-    // `swap-b` with its imports renamed to 0.3.2 stands for a plugin built against 0.3.2: it
-    // imports only what 0.3.2 had, under that version's names.
+    // `swap-b` with its imports renamed to 0.3.2 (0.3.3) stands for a plugin built against
+    // 0.3.2 (0.3.3): it imports only what those versions had, under their names.
     let swap_b = read(wasm("swap-b"));
     for (bytes, version, interface) in [
-        (swap_b.clone(), "b", "0.3.3"),
+        (swap_b.clone(), "b", "0.3.4"),
         (read(fixture_0_3_0()), "a", "0.3.0"),
-        (patched(&swap_b, "@0.3.3", "@0.3.2"), "b", "0.3.2"),
+        (patched(&swap_b, "@0.3.4", "@0.3.2"), "b", "0.3.2"),
+        (patched(&swap_b, "@0.3.4", "@0.3.3"), "b", "0.3.3"),
     ] {
         host.dir.replace("answer.wasm", bytes);
         wait_reload(&mut reloads, "the swap", |e| match e {

@@ -100,7 +100,7 @@ fn bench(c: &mut Criterion) {
     let env = || {
         Arc::new(PluginEnv::new(
             &manifest,
-            Default::default(),
+            Arc::new(plexus::kv::KvStore::new(&manifest.id)),
             Arc::new(Rooms::default()),
         ))
     };

@@ -29,6 +29,9 @@ pub enum ErrorCode {
     UnknownRef,
     /// The plugin version kept failing and is out of service for a cool-down.
     PluginUnavailable,
+    /// A plugin call's key-value writes kept conflicting with other calls' (every attempt read
+    /// a key that another call changed before it could commit).
+    KvConflict,
 }
 
 impl ErrorCode {
@@ -51,6 +54,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::UnknownRef => "unknown_ref",
             ErrorCode::PluginUnavailable => "plugin_unavailable",
+            ErrorCode::KvConflict => "kv_conflict",
         }
     }
 }
@@ -146,6 +150,27 @@ impl From<crate::timers::TimerError> for HandleError {
 impl From<crate::requests::RequestError> for HandleError {
     fn from(err: crate::requests::RequestError) -> Self {
         HandleError::new(ErrorCode::PluginFailed, err.to_string())
+    }
+}
+
+/// A plugin call's key-value work that did not commit (on its last attempt, for a conflict):
+/// `kv_conflict`, or `unavailable` when the cluster's store is out of reach.
+impl From<crate::kv::CommitError> for HandleError {
+    fn from(err: crate::kv::CommitError) -> Self {
+        use crate::kv::CommitError;
+        match err {
+            CommitError::Conflict | CommitError::Stale | CommitError::Held => HandleError::new(
+                ErrorCode::KvConflict,
+                format!(
+                    "the plugin's key-value writes conflicted with other calls {} times in a row; nothing was applied",
+                    crate::router::MAX_CALL_ATTEMPTS
+                ),
+            ),
+            CommitError::Unavailable(reason) => HandleError::new(
+                ErrorCode::Unavailable,
+                format!("the key-value store is unreachable, nothing was applied: {reason}"),
+            ),
+        }
     }
 }
 

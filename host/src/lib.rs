@@ -15,6 +15,7 @@ pub mod connection;
 pub mod edge;
 pub mod effects;
 pub mod error;
+pub mod kv;
 pub mod lifecycle;
 pub mod limits;
 pub mod manifest;

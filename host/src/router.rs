@@ -525,9 +525,27 @@ async fn route<'h>(
     run_call(hub, Some(session), &target.plugin, &input, 0).await
 }
 
+/// How many times a call whose key-value reads conflicted runs before its origin gets
+/// `kv_conflict`.
+pub const MAX_CALL_ATTEMPTS: u32 = 8;
+
+/// How many more times a call runs again, in a cluster, because another call of this node
+/// committed a key it read first (found in this node's replica, without a round trip to Redis).
+const MAX_STALE_RUNS: u32 = 64;
+
+/// How long a call waits when an older call of another node holds a key it read, and how many
+/// times (the holds last 20 ms).
+const HELD_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+const MAX_HELD_WAITS: u32 = 100;
+
 /// Calls a plugin and applies what it recorded. Effects apply only when the call succeeds and
 /// every effect is well-formed. `origin` is the session the call acts for (none for calls no
 /// client caused).
+///
+/// The call's key-value writes commit first, and only if no key it read changed since: when
+/// one did, everything the call recorded is discarded and it runs again on the same version
+/// with the fresh values (up to [`MAX_CALL_ATTEMPTS`] times). Nothing of a discarded attempt
+/// is visible to anyone.
 pub async fn run_call(
     hub: &Hub,
     origin: Option<&Arc<Session>>,
@@ -535,19 +553,96 @@ pub async fn run_call(
     input: &CallInput<'_>,
     depth: u8,
 ) -> Result<Option<String>, HandleError> {
-    let (ack, effects) = call_checked(hub, plugin, input).await?;
-    apply(hub, origin, plugin, input.room, effects, depth).await;
-    Ok(ack)
+    let mut ticket = crate::kv::Ticket::default();
+    let result = run_attempts(hub, origin, plugin, input, depth, &mut ticket).await;
+    plugin.kv.finish(ticket);
+    result
+}
+
+/// The attempts of [`run_call`].
+async fn run_attempts(
+    hub: &Hub,
+    origin: Option<&Arc<Session>>,
+    plugin: &Arc<LoadedPlugin>,
+    input: &CallInput<'_>,
+    depth: u8,
+    ticket: &mut crate::kv::Ticket,
+) -> Result<Option<String>, HandleError> {
+    let mut attempt = 1;
+    let mut stale = 0;
+    let mut held = 0;
+    loop {
+        let Checked {
+            ack,
+            mut effects,
+            reads,
+        } = call_checked(hub, plugin, input).await?;
+        let writes = crate::kv::take_writes(&mut effects);
+        match plugin.kv.commit(reads, writes, ticket).await {
+            Ok(()) => {
+                apply(hub, origin, plugin, input.room, effects, depth).await;
+                return Ok(ack);
+            }
+            // Another call of this node committed a key this one read first: run again with its
+            // outcome at once (each such run follows a commit that succeeded, so calls progress).
+            Err(crate::kv::CommitError::Stale) if stale < MAX_STALE_RUNS => {
+                effects::recycle(effects);
+                stale += 1;
+            }
+            // An older call of another node holds a key this one read, unchanged: it commits
+            // within moments (or its hold ends), then this call runs again.
+            Err(crate::kv::CommitError::Held) if held < MAX_HELD_WAITS => {
+                effects::recycle(effects);
+                held += 1;
+                tokio::time::sleep(HELD_WAIT).await;
+            }
+            Err(crate::kv::CommitError::Conflict) if attempt < MAX_CALL_ATTEMPTS => {
+                effects::recycle(effects);
+                attempt += 1;
+                tracing::debug!(plugin = %plugin.manifest.id, attempt, "a key the call read changed: the call runs again");
+                // A call that now holds what it read (in a cluster) goes again at once.
+                if !ticket.holds_all
+                    && let Some(wait) = conflict_backoff(attempt)
+                {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            Err(e) => {
+                effects::recycle(effects);
+                tracing::warn!(plugin = %plugin.manifest.id, attempt, "the call's key-value writes did not commit: {e}");
+                return Err(e.into());
+            }
+        }
+    }
+}
+
+/// How long a call waits before its attempt number `attempt` after conflicts: the second
+/// attempt runs at once (with the fresh values), later ones after a random wait of up to 1, 2,
+/// 4, 8, then 16 ms, so that calls contending for one key stop colliding.
+fn conflict_backoff(attempt: u32) -> Option<std::time::Duration> {
+    let ceiling_us = 1000u64 << attempt.checked_sub(3)?.min(4);
+    Some(std::time::Duration::from_micros(
+        rand::random::<u64>() % ceiling_us,
+    ))
+}
+
+/// A successful call whose effects are all well-formed, not applied yet.
+struct Checked {
+    /// The fields it adds to the ack.
+    ack: Option<String>,
+    effects: Vec<Effect>,
+    /// The keys of the plugin's store it read, with the versions it saw.
+    reads: crate::kv::Reads,
 }
 
 /// Calls a plugin once, behind its circuit breaker and in its slow lane if it has one, and
-/// records the outcome in its health: the ack and the effects of a successful call whose effects
-/// are all well-formed (not applied yet), or the error to answer with.
+/// records the outcome in its health: the ack, the effects and the reads of a successful call
+/// whose effects are all well-formed (not applied yet), or the error to answer with.
 async fn call_checked(
     hub: &Hub,
     plugin: &Arc<LoadedPlugin>,
     input: &CallInput<'_>,
-) -> Result<(Option<String>, Vec<Effect>), HandleError> {
+) -> Result<Checked, HandleError> {
     let breaker = &hub.limits.breaker;
     if let Err(refused) = plugin.health.admit() {
         return Err(HandleError::new(
@@ -636,7 +731,7 @@ fn check_output(
     plugin: &LoadedPlugin,
     input: &CallInput<'_>,
     output: CallOutput,
-) -> Result<(Option<String>, Vec<Effect>), HandleError> {
+) -> Result<Checked, HandleError> {
     let ack = match output.result {
         Ok(ack) => ack,
         Err(err) => {
@@ -685,7 +780,11 @@ fn check_output(
         None => None,
         Some(text) => ack_fields(&text).map_err(bad)?,
     };
-    Ok((ack, output.effects))
+    Ok(Checked {
+        ack,
+        effects: output.effects,
+        reads: output.reads,
+    })
 }
 
 /// The fields a handler adds to its `sys.ack`, as compact JSON object text, or `None` when
@@ -795,12 +894,8 @@ async fn apply(
                 }
                 None => no_origin("a leave"),
             },
-            Effect::KvSet { key, value } => {
-                plugin.kv.insert(key, value);
-            }
-            Effect::KvDelete { key } => {
-                plugin.kv.remove(&key);
-            }
+            // Committed before the other effects (`run_call`).
+            Effect::KvSet { .. } | Effect::KvDelete { .. } => {}
             deferred @ (Effect::Schedule { .. }
             | Effect::CancelTimer { .. }
             | Effect::Request { .. }) => {
@@ -935,7 +1030,7 @@ async fn ask_join_hook(
         metadata: None,
     };
     match call_checked(hub, &hook.plugin, &input).await {
-        Ok((_, effects)) => {
+        Ok(Checked { effects, .. }) => {
             if !effects.is_empty() {
                 tracing::debug!(plugin = %id, %room, effects = effects.len(), "the join hook's effects are discarded");
             }

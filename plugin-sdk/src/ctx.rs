@@ -104,6 +104,10 @@ pub enum LogLevel {
 /// `kv_get`, `config`) happen immediately; a `kv_get` sees the `kv_set`s the same call made
 /// before it.
 ///
+/// A call's key-value work is serializable: when a key it read changed before its writes
+/// committed, the host discards everything the call recorded and runs the handler again. Keep
+/// state in the key-value store, never in statics: a handler may run more than once per message.
+///
 /// Every method returning `Result` fails with a [`PluginError`], so `?` works in a handler:
 /// host refusals (a room outside the plugin's capabilities) have code `forbidden`, a payload
 /// that does not serialize has code `internal`.
@@ -316,6 +320,28 @@ impl Ctx {
     /// Deletes `key`.
     pub fn kv_delete(&self, key: &str) {
         host::kv_delete(key);
+    }
+
+    /// Adds `delta` to the integer stored under `key` (decimal text; an absent key counts as 0),
+    /// stores the sum and returns it (since 0.3.4). A value that is not a decimal `i64`, or a
+    /// sum that overflows, fails with code `bad_value` and changes nothing.
+    ///
+    /// Like every read, it makes the call's writes depend on `key`: if another call changes
+    /// `key` before this call's writes commit, the call runs again with the new value.
+    pub fn kv_incr(&self, key: &str, delta: i64) -> Result<i64, PluginError> {
+        host::kv_incr(key, delta).map_err(|e| PluginError::new(crate::codes::BAD_VALUE, e))
+    }
+
+    /// Stores `value` under `key` (`None`: deletes it) if the value there now is `expected`
+    /// (`None`: the key is absent), and returns true; otherwise changes nothing and returns
+    /// false (since 0.3.4).
+    pub fn kv_compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        value: Option<&str>,
+    ) -> bool {
+        host::kv_compare_and_set(key, expected, value)
     }
 
     /// The value stored under `key`, decoded from JSON. A value that does not decode is an

@@ -19,6 +19,9 @@ pub mod codes {
     /// A connection's verified claims did not decode into the type a handler asked for
     /// (`Ctx::claims`).
     pub const BAD_CLAIMS: &str = "bad_claims";
+    /// A key-value value was not what the operation needs (`Ctx::kv_incr` of a value that is
+    /// not a decimal `i64`, or a sum that overflows).
+    pub const BAD_VALUE: &str = "bad_value";
     /// Anything else that went wrong inside the plugin (e.g. a payload failed to serialize).
     pub const INTERNAL: &str = "internal";
 }

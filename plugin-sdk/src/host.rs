@@ -105,6 +105,18 @@ mod wasm {
         kv::delete(key);
     }
 
+    pub(crate) fn kv_incr(key: &str, delta: i64) -> Result<i64, String> {
+        kv::incr(key, delta)
+    }
+
+    pub(crate) fn kv_compare_and_set(
+        key: &str,
+        expected: Option<&str>,
+        value: Option<&str>,
+    ) -> bool {
+        kv::compare_and_set(key, expected, value)
+    }
+
     pub(crate) fn config(key: &str) -> Option<String> {
         wit_config::get(key)
     }

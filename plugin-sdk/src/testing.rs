@@ -36,6 +36,9 @@ use crate::{Answer, LogLevel, Member, PluginError, RawMessage, RequestOutcome};
 
 /// Most timers, and most requests, a plugin may have pending (as in the host).
 const MAX_PENDING: usize = 10_000;
+/// How many times `MockHost::call` runs a handler whose key-value reads keep conflicting (the
+/// host's figure).
+const MAX_ATTEMPTS: u32 = 8;
 /// The longest timer delay, in milliseconds (as in the host).
 const MAX_DELAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// The longest request timeout, in milliseconds (as in the host).
@@ -199,6 +202,13 @@ struct State {
     kv: BTreeMap<String, String>,
     /// The running call's key-value writes (`None`: deleted), applied when it succeeds.
     kv_pending: BTreeMap<String, Option<String>>,
+    /// The keys the running call read from the store.
+    kv_read: BTreeSet<String>,
+    /// Writes of "another call" that land while the next call reading their key runs
+    /// (`MockHost::conflict`), by key.
+    kv_interleaved: BTreeMap<String, Option<String>>,
+    /// How many times the last `call` ran its handler.
+    attempts: u32,
     config: BTreeMap<String, String>,
     /// Verified claims by connection id, as JSON object text.
     claims: BTreeMap<String, String>,
@@ -302,6 +312,25 @@ impl MockHost {
     /// Stores `value` under `key`.
     pub fn kv_set(&self, key: &str, value: &str) {
         with(|state| state.kv.insert(key.to_owned(), value.to_owned()));
+    }
+
+    /// Makes "another call" write `value` under `key` (`None`: delete it) while the next call
+    /// that reads `key` runs, before that call commits, as a call on another connection or node
+    /// may: as the host does, the call's effects are discarded and it runs again, seeing the
+    /// new value. See [`MockHost::attempts`].
+    pub fn conflict(&self, key: &str, value: Option<&str>) {
+        with(|state| {
+            state
+                .kv_interleaved
+                .insert(key.to_owned(), value.map(str::to_owned))
+        });
+    }
+
+    /// How many times the last `call` ran its handler (more than once after a [`conflict`]).
+    ///
+    /// [`conflict`]: MockHost::conflict
+    pub fn attempts(&self) -> u32 {
+        with(|state| state.attempts)
     }
 
     /// The log lines written so far.
@@ -475,19 +504,51 @@ impl MockHost {
         handler: &str,
         msg: RawMessage,
     ) -> Result<(Option<Value>, Vec<Effect>), PluginError> {
-        with(|state| {
-            state.effects.clear();
-            state.kv_pending.clear();
-        });
         let connection_id = msg.connection_id().to_owned();
         let identity = msg.sender().to_owned();
-        let result = dispatch(handler, msg);
-        let (effects, writes) = with(|state| {
-            (
-                std::mem::take(&mut state.effects),
-                std::mem::take(&mut state.kv_pending),
-            )
-        });
+        let mut attempts = 0;
+        let (result, effects, writes) = loop {
+            attempts += 1;
+            with(|state| {
+                state.effects.clear();
+                state.kv_pending.clear();
+                state.kv_read.clear();
+                state.attempts = attempts;
+            });
+            let result = dispatch(handler, msg.clone());
+            let (effects, writes, conflicted) = with(|state| {
+                // Another call's write to a key this call read lands before this one commits.
+                let conflicted: Vec<String> = state
+                    .kv_interleaved
+                    .keys()
+                    .filter(|k| state.kv_read.contains(*k))
+                    .cloned()
+                    .collect();
+                for key in &conflicted {
+                    match state.kv_interleaved.remove(key).flatten() {
+                        Some(value) => state.kv.insert(key.clone(), value),
+                        None => state.kv.remove(key),
+                    };
+                }
+                (
+                    std::mem::take(&mut state.effects),
+                    std::mem::take(&mut state.kv_pending),
+                    !conflicted.is_empty(),
+                )
+            });
+            // As the host does: a successful call whose reads changed runs again, its effects
+            // discarded.
+            if result.is_ok() && conflicted && attempts < MAX_ATTEMPTS {
+                continue;
+            }
+            if result.is_ok() && conflicted {
+                return Err(PluginError::new(
+                    "kv_conflict",
+                    "the call's key-value writes kept conflicting",
+                ));
+            }
+            break (result, effects, writes);
+        };
         let ack = result?.map(|text| parse(&text, "ack"));
         if connection_id.is_empty()
             && let Some(effect) = effects.iter().find(|e| {
@@ -861,10 +922,7 @@ pub(crate) mod host {
     }
 
     pub(crate) fn kv_get(key: &str) -> Option<String> {
-        with(|s| match s.kv_pending.get(key) {
-            Some(pending) => pending.clone(),
-            None => s.kv.get(key).cloned(),
-        })
+        with(|s| kv_read(s, key))
     }
 
     pub(crate) fn kv_set(key: &str, value: &str) {
@@ -873,6 +931,46 @@ pub(crate) mod host {
 
     pub(crate) fn kv_delete(key: &str) {
         with(|s| s.kv_pending.insert(key.to_owned(), None));
+    }
+
+    /// The value the running call sees under `key`; a read of the store is recorded.
+    fn kv_read(s: &mut State, key: &str) -> Option<String> {
+        if let Some(pending) = s.kv_pending.get(key) {
+            return pending.clone();
+        }
+        s.kv_read.insert(key.to_owned());
+        s.kv.get(key).cloned()
+    }
+
+    pub(crate) fn kv_incr(key: &str, delta: i64) -> Result<i64, String> {
+        with(|s| {
+            let current = match kv_read(s, key) {
+                None => 0,
+                Some(text) => text.parse::<i64>().map_err(|_| {
+                    format!("the value under key `{key}` is not a decimal 64-bit integer")
+                })?,
+            };
+            let sum = current.checked_add(delta).ok_or_else(|| {
+                format!("{current} + {delta} under key `{key}` overflows a 64-bit integer")
+            })?;
+            s.kv_pending.insert(key.to_owned(), Some(sum.to_string()));
+            Ok(sum)
+        })
+    }
+
+    pub(crate) fn kv_compare_and_set(
+        key: &str,
+        expected: Option<&str>,
+        value: Option<&str>,
+    ) -> bool {
+        with(|s| {
+            if kv_read(s, key).as_deref() != expected {
+                return false;
+            }
+            s.kv_pending
+                .insert(key.to_owned(), value.map(str::to_owned));
+            true
+        })
     }
 
     pub(crate) fn config(key: &str) -> Option<String> {

@@ -79,6 +79,21 @@ fn whoami(ctx: &Ctx, msg: Message) -> HandlerResult {
     crate::ack(&json!({"claims": claims, "roles": roles}))
 }
 
+/// `{"by"}`: adds to `n` and tells `c-other` the sum; a second `incr` in the same call sees it.
+fn counter(ctx: &Ctx, msg: Message<i64>) -> HandlerResult {
+    let n = ctx.kv_incr("n", msg.payload)?;
+    assert_eq!(ctx.kv_incr("n", 0)?, n, "a call reads its own writes");
+    ctx.send("c-other", "sum", &n)?;
+    crate::ack(&json!({"n": n}))
+}
+
+/// `{"expected", "value"}`: compare-and-set of `owner`.
+fn claim(ctx: &Ctx, msg: Message<(Option<String>, Option<String>)>) -> HandlerResult {
+    let (expected, value) = &msg.payload;
+    let set = ctx.kv_compare_and_set("owner", expected.as_deref(), value.as_deref());
+    crate::ack(&json!({"set": set, "now": ctx.kv_get("owner")}))
+}
+
 plugin! {
     "greet" => greet,
     "raw" => raw,
@@ -89,6 +104,8 @@ plugin! {
     "store" => store,
     "closure" => |ctx: &Ctx, msg: Message<u8>| { ctx.reply("n", &msg.payload)?; Ok(None) },
     "whoami" => whoami,
+    "counter" => counter,
+    "claim" => claim,
 }
 
 #[test]
@@ -464,7 +481,9 @@ fn handlers_are_listed_in_the_order_handle_numbers_them() {
             "rooms",
             "store",
             "closure",
-            "whoami"
+            "whoami",
+            "counter",
+            "claim"
         ]
     );
 }
@@ -765,4 +784,83 @@ mod deferred {
         let host = host();
         host.answer(plexus_dispatch, 7, "c-1", json!(1));
     }
+}
+
+#[test]
+fn incr_adds_and_refuses_what_is_not_an_integer() {
+    let host = MockHost::new();
+    let call = |by: i64| {
+        host.call(
+            plexus_dispatch,
+            "counter",
+            RawMessage::new("c", by.to_string()),
+        )
+    };
+    assert_eq!(call(2).unwrap().0, Some(json!({"n": 2})));
+    assert_eq!(call(-5).unwrap().0, Some(json!({"n": -3})));
+    assert_eq!(host.kv_get("n").as_deref(), Some("-3"));
+    host.kv_set("n", &i64::MAX.to_string());
+    let err = call(1).unwrap_err();
+    assert_eq!(err.code, codes::BAD_VALUE);
+    assert!(err.message.contains("overflows"), "{}", err.message);
+    host.kv_set("n", "one");
+    let err = call(1).unwrap_err();
+    assert_eq!(err.code, codes::BAD_VALUE);
+    assert_eq!(host.kv_get("n").as_deref(), Some("one"), "nothing changed");
+}
+
+#[test]
+fn compare_and_set_sets_only_over_the_expected_value() {
+    let host = MockHost::new();
+    let call = |payload: Value| {
+        host.call(plexus_dispatch, "claim", RawMessage::json("c", &payload))
+            .unwrap()
+            .0
+            .unwrap()
+    };
+    assert_eq!(
+        call(json!([null, "ada"])),
+        json!({"set": true, "now": "ada"})
+    );
+    assert_eq!(
+        call(json!([null, "bob"])),
+        json!({"set": false, "now": "ada"})
+    );
+    assert_eq!(
+        call(json!(["bob", null])),
+        json!({"set": false, "now": "ada"})
+    );
+    assert_eq!(
+        call(json!(["ada", null])),
+        json!({"set": true, "now": null})
+    );
+    assert_eq!(host.kv_get("owner"), None);
+}
+
+#[test]
+fn a_call_whose_reads_changed_runs_again_with_its_effects_discarded() {
+    let host = MockHost::new();
+    host.kv_set("n", "1");
+    // Another call makes `n` 10 while this one runs.
+    host.conflict("n", Some("10"));
+    let (ack, effects) = host
+        .call(plexus_dispatch, "counter", RawMessage::new("c", "1"))
+        .unwrap();
+    assert_eq!(host.attempts(), 2);
+    assert_eq!(ack, Some(json!({"n": 11})));
+    // Only the last attempt's effects.
+    assert_eq!(
+        effects,
+        vec![Effect::Send {
+            connection_id: "c-other".into(),
+            ty: "sum".into(),
+            payload: json!(11),
+        }]
+    );
+    // A call that does not read the key is not disturbed by it.
+    host.conflict("elsewhere", None);
+    host.call(plexus_dispatch, "counter", RawMessage::new("c", "1"))
+        .unwrap();
+    assert_eq!(host.attempts(), 1);
+    assert_eq!(host.kv_get("n").as_deref(), Some("12"));
 }

@@ -15,7 +15,11 @@
 //!   ran out is ended by the next node to renew: its members leave their rooms.
 //! - Frames for a connection of another node go to that node's channel (a connection id names
 //!   its node).
+//! - The plugins' key-value stores live in Redis; every node keeps a replica of each, which
+//!   plugin calls read, and commits calls' writes through a script that checks what they read
+//!   ([`kv`], implementing [`crate::kv::KvBackend`]).
 
+mod kv;
 mod link;
 mod nodes;
 mod publisher;
@@ -189,6 +193,10 @@ impl Cluster {
             jobs,
             commands,
         });
+        hub.registry.set_kv_backend(kv::ClusterKv::start(
+            cluster.shared.clone(),
+            shutdown.clone(),
+        ));
         tokio::spawn(nodes::run(cluster.clone(), hub.clone(), shutdown));
         hub.rooms.set_bus(cluster.clone());
         hub.sessions.set_relay(cluster.clone());

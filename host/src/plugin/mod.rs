@@ -10,8 +10,6 @@ pub mod wasm;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use dashmap::DashMap;
-
 use crate::effects::{Effect, LogLevel};
 use crate::error::CallError;
 use crate::manifest::{Capabilities, Limits, Manifest};
@@ -43,6 +41,9 @@ pub struct CallOutput {
     pub effects: Vec<Effect>,
     /// Log lines, emitted whether or not the call succeeded.
     pub logs: Vec<(LogLevel, String)>,
+    /// The keys of the plugin's store the call read, with the versions it saw: its writes
+    /// commit only if none of them changed since (see [`crate::kv`]).
+    pub reads: crate::kv::Reads,
     /// The handler's result: JSON text of an object to merge into the ack, or why it failed.
     pub result: Result<Option<String>, CallError>,
 }
@@ -53,6 +54,7 @@ impl CallOutput {
         CallOutput {
             effects: Vec::new(),
             logs: Vec::new(),
+            reads: Vec::new(),
             result: Err(err),
         }
     }
@@ -65,13 +67,14 @@ impl CallOutput {
         CallOutput {
             effects,
             logs: Vec::new(),
+            reads: Vec::new(),
             result: Ok(None),
         }
     }
 }
 
 /// A plugin's key-value store; shared by all versions of the plugin.
-pub type KvStore = Arc<DashMap<String, String>>;
+pub type KvStore = Arc<crate::kv::KvStore>;
 
 /// What every call of a plugin version may read.
 #[derive(Debug)]

@@ -81,7 +81,7 @@ fn capability_of(import: &str) -> Option<HostCap> {
 }
 
 /// The version of the `plexus:plugin` package this host provides (`plugin-sdk/wit/plexus.wit`).
-pub const INTERFACE_VERSION: &str = "0.3.3";
+pub const INTERFACE_VERSION: &str = "0.3.4";
 
 /// A `major.minor.patch` version.
 type Semver = (u64, u64, u64);
@@ -156,6 +156,8 @@ pub struct PluginState {
     refused: Option<String>,
     /// The bytes this call's effects carry.
     effect_bytes: usize,
+    /// The keys this call read from the plugin's store, with the version first seen.
+    reads: std::collections::HashMap<String, u64>,
     /// The packed text of the message being handed over, kept to reuse its allocation.
     packed: String,
 }
@@ -416,37 +418,82 @@ impl rooms::Host for PluginState {
     }
 }
 
-impl kv::Host for PluginState {
-    fn get(&mut self, key: String) -> Option<String> {
-        // Read this call's own writes first.
+impl PluginState {
+    /// The value under `key` as this call sees it: its own last write of the key, or else the
+    /// store's value, whose version is recorded as read.
+    fn kv_read(&mut self, key: &str) -> Option<String> {
         for effect in self.effects.iter().rev() {
             match effect {
-                Effect::KvSet { key: k, value } if *k == key => return Some(value.clone()),
-                Effect::KvDelete { key: k } if *k == key => return None,
+                Effect::KvSet { key: k, value } if k == key => return Some(value.clone()),
+                Effect::KvDelete { key: k } if k == key => return None,
                 _ => {}
             }
         }
-        self.env.kv.get(&key).map(|v| v.clone())
+        let (value, version) = self.env.kv.read(key);
+        if !self.reads.contains_key(key) {
+            self.reads.insert(key.to_owned(), version);
+        }
+        value
     }
 
-    fn set(&mut self, key: String, value: String) {
+    /// Records a write, refusing the call's effects when the key or the value is too large.
+    fn kv_write(&mut self, key: String, value: Option<String>) {
         if key.len() > MAX_KV_KEY_BYTES {
             self.refuse(format!(
                 "a key-value key of {} bytes (the limit is {MAX_KV_KEY_BYTES})",
                 key.len()
             ));
-        } else if value.len() > MAX_KV_VALUE_BYTES {
-            self.refuse(format!(
+            return;
+        }
+        match value {
+            Some(value) if value.len() > MAX_KV_VALUE_BYTES => self.refuse(format!(
                 "a key-value value of {} bytes under key `{key}` (the limit is {MAX_KV_VALUE_BYTES})",
                 value.len()
-            ));
-        } else {
-            self.record(Effect::KvSet { key, value });
+            )),
+            Some(value) => self.record(Effect::KvSet { key, value }),
+            None => self.record(Effect::KvDelete { key }),
         }
+    }
+}
+
+impl kv::Host for PluginState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.kv_read(&key)
+    }
+
+    fn set(&mut self, key: String, value: String) {
+        self.kv_write(key, Some(value));
     }
 
     fn delete(&mut self, key: String) {
-        self.record(Effect::KvDelete { key });
+        self.kv_write(key, None);
+    }
+
+    fn incr(&mut self, key: String, delta: i64) -> Result<i64, String> {
+        let current = match self.kv_read(&key) {
+            None => 0,
+            Some(text) => text.parse::<i64>().map_err(|_| {
+                format!("the value under key `{key}` is not a decimal 64-bit integer")
+            })?,
+        };
+        let sum = current.checked_add(delta).ok_or_else(|| {
+            format!("{current} + {delta} under key `{key}` overflows a 64-bit integer")
+        })?;
+        self.kv_write(key, Some(sum.to_string()));
+        Ok(sum)
+    }
+
+    fn compare_and_set(
+        &mut self,
+        key: String,
+        expected: Option<String>,
+        value: Option<String>,
+    ) -> bool {
+        if self.kv_read(&key) != expected {
+            return false;
+        }
+        self.kv_write(key, value);
+        true
     }
 }
 
@@ -635,6 +682,7 @@ impl WasmPlugin {
             logs: Vec::new(),
             refused: None,
             effect_bytes: 0,
+            reads: Default::default(),
             packed: String::new(),
         };
         let mut store = Store::new(&self.engine, state);
@@ -722,6 +770,7 @@ impl WasmPlugin {
             state.logs.clear();
             state.refused = None;
             state.effect_bytes = 0;
+            state.reads.clear();
             std::mem::take(&mut state.packed)
         };
         let msg = pack(input, &mut packed);
@@ -740,6 +789,7 @@ impl WasmPlugin {
         let effects = std::mem::take(&mut state.effects);
         let logs = std::mem::take(&mut state.logs);
         let refused = state.refused.take();
+        let reads = state.reads.drain().collect();
         let result = match result {
             Ok(Ok(ack)) => {
                 self.release(warm);
@@ -779,6 +829,7 @@ impl WasmPlugin {
         CallOutput {
             effects,
             logs,
+            reads,
             result,
         }
     }
@@ -867,14 +918,15 @@ mod tests {
     #[test]
     fn earlier_versions_of_the_same_track_run() {
         assert_eq!(
-            INTERFACE_VERSION, "0.3.3",
+            INTERFACE_VERSION, "0.3.4",
             "update these cases with the version"
         );
         assert_eq!(compat("0.3.0"), Compat::Runs);
         assert_eq!(compat("0.3.1"), Compat::Runs);
         assert_eq!(compat("0.3.2"), Compat::Runs);
         assert_eq!(compat("0.3.3"), Compat::Runs);
-        assert_eq!(compat("0.3.4"), Compat::Newer);
+        assert_eq!(compat("0.3.4"), Compat::Runs);
+        assert_eq!(compat("0.3.5"), Compat::Newer);
         assert_eq!(compat("0.2.9"), Compat::Incompatible);
         assert_eq!(compat("0.4.0"), Compat::Incompatible);
         assert_eq!(compat("1.3.0"), Compat::Incompatible);

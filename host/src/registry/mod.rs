@@ -262,6 +262,8 @@ pub struct Registry {
     runtime: Runtime,
     rooms: Arc<Rooms>,
     kv: DashMap<String, KvStore>,
+    /// The shared store every plugin's store replicates, in a cluster.
+    kv_backend: std::sync::OnceLock<Arc<dyn crate::kv::KvBackend>>,
     /// Timers of every plugin, by plugin id (they outlive versions, like the store).
     timers: Arc<Timers>,
     /// Pending requests of every plugin.
@@ -466,6 +468,7 @@ impl Registry {
             runtime,
             rooms,
             kv: DashMap::new(),
+            kv_backend: std::sync::OnceLock::new(),
             timers: Default::default(),
             requests: Default::default(),
             sessions: Default::default(),
@@ -850,7 +853,33 @@ impl Registry {
     /// The key-value store of plugin `id` (shared by all its versions), for inspection and
     /// administration by the embedding program.
     pub fn kv_store(&self, id: &str) -> KvStore {
-        self.kv.entry(id.to_owned()).or_default().clone()
+        if let Some(store) = self.kv.get(id) {
+            return store.clone();
+        }
+        let store = self
+            .kv
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(crate::kv::KvStore::new(id)))
+            .clone();
+        if let Some(backend) = self.kv_backend.get()
+            && store.set_backend(backend.clone())
+        {
+            backend.track(&store);
+        }
+        store
+    }
+
+    /// Makes every plugin's store, now and later, a replica of `backend`'s (a cluster's).
+    pub fn set_kv_backend(&self, backend: Arc<dyn crate::kv::KvBackend>) {
+        if self.kv_backend.set(backend.clone()).is_err() {
+            return;
+        }
+        let stores: Vec<KvStore> = self.kv.iter().map(|s| s.value().clone()).collect();
+        for store in stores {
+            if store.set_backend(backend.clone()) {
+                backend.track(&store);
+            }
+        }
     }
 
     /// The swap policy.

@@ -14,6 +14,9 @@
 //! | `relay.ask` `{"to"?, "timeoutMs", "q"}` → `ask` | asks connection `to` (default: the origin), or the envelope's room, a `question` `{"q"}`; remembers the asker; acks `{"request"}` |
 //! | `answered` (an outcome) | sends the asker `outcome` `{"outcome", "version"}` |
 //! | `relay.send` `{"to", "body"}` → `send` | sends connection `to` (on any node of a cluster) `relayed` `{"body", "from"}` |
+//! | `relay.incr` `{"key", "by"?}` → `incr` | adds `by` (default 1) to the counter `key` in the store; acks `{"value"}`, the new value |
+//! | `relay.cas` `{"key", "expected", "value"}` → `cas` | compare-and-set of `key` (`null`: absent); acks `{"set"}` |
+//! | `relay.get` `{"key"}` → `get` | acks `{"value"}`, the value of `key` in the store (`null`: absent); writes nothing |
 
 use std::time::Duration;
 
@@ -123,6 +126,24 @@ fn answered(ctx: &Ctx, msg: Message<RequestOutcome>) -> HandlerResult {
     Ok(None)
 }
 
+fn incr(ctx: &Ctx, msg: Message) -> HandlerResult {
+    let key = msg.payload["key"].as_str().unwrap_or("counter");
+    let by = msg.payload["by"].as_i64().unwrap_or(1);
+    ack(&json!({"value": ctx.kv_incr(key, by)?}))
+}
+
+fn cas(ctx: &Ctx, msg: Message) -> HandlerResult {
+    let key = msg.payload["key"].as_str().unwrap_or_default();
+    let expected = msg.payload["expected"].as_str();
+    let value = msg.payload["value"].as_str();
+    ack(&json!({"set": ctx.kv_compare_and_set(key, expected, value)}))
+}
+
+fn get(ctx: &Ctx, msg: Message) -> HandlerResult {
+    let key = msg.payload["key"].as_str().unwrap_or_default();
+    ack(&json!({"value": ctx.kv_get(key)}))
+}
+
 plugin! {
     "later" => later,
     "cancel" => cancel,
@@ -135,6 +156,9 @@ plugin! {
     "tally" => tally,
     "conns" => conns,
     "send" => send,
+    "incr" => incr,
+    "cas" => cas,
+    "get" => get,
 }
 
 #[cfg(test)]
@@ -164,6 +188,40 @@ mod tests {
                 ty: "fired".into(),
                 payload: json!({"n": 7, "version": "a"}),
             }]
+        );
+    }
+
+    #[test]
+    fn a_counter_counts_and_a_conflicting_call_runs_again() {
+        let host = MockHost::new().with_handlers(PLEXUS_HANDLERS);
+        let incr = || {
+            RawMessage::json("relay.incr", &json!({"key": "n"})).from_connection("c-1", "guest-1")
+        };
+        let (ack, _) = host.call(plexus_dispatch, "incr", incr()).unwrap();
+        assert_eq!(ack, Some(json!({"value": 1})));
+        // Another call sets the counter to 10 while this one runs: it runs again and sees it.
+        host.conflict("n", Some("10"));
+        let (ack, _) = host.call(plexus_dispatch, "incr", incr()).unwrap();
+        assert_eq!(ack, Some(json!({"value": 11})));
+        assert_eq!(host.attempts(), 2);
+        assert_eq!(host.kv_get("n").as_deref(), Some("11"));
+    }
+
+    #[test]
+    fn compare_and_set_sets_once() {
+        let host = MockHost::new().with_handlers(PLEXUS_HANDLERS);
+        let cas = || {
+            RawMessage::json(
+                "relay.cas",
+                &json!({"key": "owner", "expected": null, "value": "me"}),
+            )
+            .from_connection("c-1", "guest-1")
+        };
+        let (first, _) = host.call(plexus_dispatch, "cas", cas()).unwrap();
+        let (second, _) = host.call(plexus_dispatch, "cas", cas()).unwrap();
+        assert_eq!(
+            (first, second),
+            (Some(json!({"set": true})), Some(json!({"set": false})))
         );
     }
 
