@@ -4,33 +4,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use support::{Client, Host, assert_error, toml_str, wasm};
-
-/// The chat manifest, `manifests/chat.toml`, with an absolute component path and no build.
-fn chat_manifest() -> String {
-    let text = std::fs::read_to_string(support::repo_root().join("manifests/chat.toml"))
-        .expect("reading manifests/chat.toml");
-    let mut out = String::new();
-    let mut in_build = false;
-    for line in text.lines() {
-        if line.starts_with('[') {
-            in_build = line == "[source.build]";
-        }
-        if in_build {
-            continue;
-        }
-        if line.starts_with("wasm = ") {
-            out.push_str(&format!(
-                "wasm = {}\n",
-                toml_str(&wasm("chat").display().to_string())
-            ));
-        } else {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
-}
+use support::{Client, Host, assert_error, chat_manifest};
 
 /// A host with no presence grace period and a short resume wait, so that what a dropped
 /// connection causes shows at once.

@@ -4,163 +4,12 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::process::Stdio;
 
 use serde_json::{Value, json};
-use support::{Client, TempDir, echo_manifest, relay_manifest, wasm, within};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-/// A free port on loopback (bound, read, released: Redis binds it next).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding port 0");
-    listener.local_addr().expect("the bound address").port()
-}
-
-/// A `redis-server` of this test, without persistence: a restart loses everything.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    async fn start() -> Redis {
-        Redis::start_on(free_port()).await
-    }
-
-    async fn start_on(port: u16) -> Redis {
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawning redis-server (is it installed?)");
-        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        within("redis-server to accept connections", async {
-            while let Some(line) = lines.next_line().await.expect("reading redis-server") {
-                if line.contains("Ready to accept connections") {
-                    return;
-                }
-            }
-            panic!("redis-server exited before it was ready");
-        })
-        .await;
-        // Keep draining its output so that it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Redis { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn kill(&mut self) {
-        self.child.start_kill().expect("killing redis-server");
-        let _ = self.child.wait().await;
-    }
-
-    /// One command on a fresh connection.
-    async fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut conn = within(
-            "connecting to Redis",
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .expect("connecting to Redis");
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        within("a Redis command", cmd.query_async(&mut conn))
-            .await
-            .expect("a Redis command")
-    }
-
-    /// How many nodes subscribe to a room's channel.
-    async fn subscribers(&self, room: &str) -> u64 {
-        let channel = format!("plexus:r:{room}");
-        let (_, n): (String, u64) = self.cmd(&["PUBSUB", "NUMSUB", &channel]).await;
-        n
-    }
-}
-
-/// A `plexus serve` process in the cluster.
-struct Node {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Node {
-    async fn start(redis: &Redis, manifests: &TempDir, extra: &[&str]) -> Node {
-        let mut child = Command::new(support::plexus_bin())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--no-build",
-                "--manifests",
-            ])
-            .arg(manifests.path())
-            .args(["--cluster", &redis.url()])
-            .args(["--max-messages-per-second", "0", "--dev-insecure-identity"])
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("PLEXUS_TEST_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawning plexus serve");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let addr = support::listening_addr(&mut stdout)
-            .await
-            .unwrap_or_else(|line| panic!("unexpected first line {line:?}"));
-        tokio::spawn(async move {
-            let mut sink = String::new();
-            while stdout.read_line(&mut sink).await.is_ok_and(|n| n > 0) {
-                sink.clear();
-            }
-        });
-        Node { child, addr }
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect(self.addr).await
-    }
-
-    async fn healthz(&self) -> Value {
-        let resp = support::http_get(self.addr, "/healthz").await;
-        serde_json::from_str(&resp.body).expect("healthz JSON")
-    }
-
-    /// Stops the process with SIGTERM (a graceful shutdown) and waits for it to exit.
-    async fn terminate(&mut self) {
-        let pid = self.child.id().expect("a running node").to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .expect("running kill");
-        assert!(status.success());
-        within("the node to shut down", self.child.wait())
-            .await
-            .expect("waiting for the node");
-    }
-
-    /// Kills the process with SIGKILL: no goodbye to the cluster.
-    async fn kill(&mut self) {
-        self.child.start_kill().expect("killing a node");
-        let _ = self.child.wait().await;
-    }
-}
+use support::processes::{Node, Redis};
+use support::{Client, TempDir, chat_manifest, echo_manifest, relay_manifest, wasm, within};
+use tokio::process::Command;
 
 fn manifests() -> TempDir {
     let dir = TempDir::new();
@@ -553,6 +402,52 @@ async fn a_session_moves_from_a_live_node_to_another_without_losing_a_frame() {
     let mut got = payloads(&before);
     got.extend(broadcasts(&mut moved, 120 - got.len()).await);
     assert_eq!(got, (30..150).map(|n| json!({"n": n})).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_message_to_an_identity_reaches_its_connections_on_other_nodes() {
+    let redis = Redis::start().await;
+    let dir = manifests();
+    dir.write("chat.toml", chat_manifest());
+    let nodes = cluster(&redis, &dir, 3).await;
+    // ada has a connection on two other nodes; the chat plugin keeps an identity's connections
+    // in its key-value store, which every node shares.
+    let mut ada = [
+        Client::connect_as(nodes[1].addr, "ada").await,
+        Client::connect_as(nodes[2].addr, "ada").await,
+    ];
+    let mut bob = Client::connect_as(nodes[0].addr, "bob").await;
+    join(&mut bob, "lobby").await;
+    let send =
+        |text: String| json!({"type": "chat.send", "room": "lobby", "payload": {"text": text}});
+    // The store's commits reach bob's node a moment after ada's connects: ask until both count.
+    within("both of ada's connections to count on bob's node", async {
+        loop {
+            let id = bob.next_id();
+            let mut frame = send("/msg ada probe".into());
+            frame["messageId"] = json!(id);
+            let (_, answer) = bob.request(frame).await;
+            if answer["type"] == "sys.ack" && answer["payload"]["delivered"] == 2 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let id = bob.next_id();
+    let mut frame = send("/msg ada hello from node 0".into());
+    frame["messageId"] = json!(id);
+    let (_, answer) = bob.request(frame).await;
+    assert_eq!(answer["payload"]["delivered"], 2, "{answer}");
+    for c in &mut ada {
+        loop {
+            let (_, direct) = c.recv_until_type("chat.direct").await;
+            if direct["payload"]["text"] == "hello from node 0" {
+                assert_eq!(direct["payload"]["from"], "bob", "{direct}");
+                break;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

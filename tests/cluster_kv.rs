@@ -7,13 +7,10 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::process::Stdio;
 
 use serde_json::json;
+use support::processes::{Node, Redis};
 use support::{Client, Host, TempDir, toml_str, wasm, within};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 /// Clients per node, and increments each of them sends.
 const CLIENTS_PER_NODE: usize = 2;
@@ -174,146 +171,12 @@ async fn compare_and_set_on_one_node_lets_exactly_one_of_many_win() {
 // ---------------------------------------------------------------------------------------------
 
 /// A free port on loopback (bound, read, released: Redis binds it next).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding port 0");
-    listener.local_addr().expect("the bound address").port()
-}
-
-/// A `redis-server` of this test, without persistence.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    async fn start() -> Redis {
-        let port = free_port();
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawning redis-server (is it installed?)");
-        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        within("redis-server to accept connections", async {
-            while let Some(line) = lines.next_line().await.expect("reading redis-server") {
-                if line.contains("Ready to accept connections") {
-                    return;
-                }
-            }
-            panic!("redis-server exited before it was ready");
-        })
-        .await;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Redis { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// The commands Redis processed so far (those scripts run included).
-    async fn commands(&self) -> u64 {
-        let info: String = self.cmd(&["INFO", "stats"]).await;
-        info.lines()
-            .find_map(|l| l.strip_prefix("total_commands_processed:"))
-            .and_then(|n| n.trim().parse().ok())
-            .expect("total_commands_processed")
-    }
-
-    async fn kill(&mut self) {
-        self.child.start_kill().expect("killing redis-server");
-        let _ = self.child.wait().await;
-    }
-
-    /// One command on a fresh connection.
-    async fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut conn = within(
-            "connecting to Redis",
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .expect("connecting to Redis");
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        within("a Redis command", cmd.query_async(&mut conn))
-            .await
-            .expect("a Redis command")
-    }
-}
-
-/// A `plexus serve` process in the cluster.
-struct Node {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Node {
-    async fn start(redis: &Redis, manifests: &TempDir) -> Node {
-        Node::spawn(manifests, &["--cluster", &redis.url()]).await
-    }
-
-    /// A node of its own, without a cluster.
-    async fn start_alone(manifests: &TempDir) -> Node {
-        Node::spawn(manifests, &[]).await
-    }
-
-    async fn spawn(manifests: &TempDir, extra: &[&str]) -> Node {
-        let mut child = Command::new(support::plexus_bin())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--no-build",
-                "--manifests",
-            ])
-            .arg(manifests.path())
-            .args(extra)
-            .args(["--max-messages-per-second", "0", "--dev-insecure-identity"])
-            .env(
-                "RUST_LOG",
-                std::env::var("PLEXUS_TEST_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawning plexus serve");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let addr = support::listening_addr(&mut stdout)
-            .await
-            .unwrap_or_else(|line| panic!("unexpected first line {line:?}"));
-        tokio::spawn(async move {
-            let mut sink = String::new();
-            while stdout.read_line(&mut sink).await.is_ok_and(|n| n > 0) {
-                sink.clear();
-            }
-        });
-        Node { child, addr }
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect(self.addr).await
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().expect("a running node")
-    }
-}
-
 async fn cluster(redis: &Redis, n: usize) -> (TempDir, Vec<Node>) {
     let dir = TempDir::new();
     dir.write("counter.toml", counter_manifest());
     let mut nodes = Vec::new();
     for _ in 0..n {
-        nodes.push(Node::start(redis, &dir).await);
+        nodes.push(Node::start(redis, &dir, &[]).await);
     }
     (dir, nodes)
 }
@@ -403,7 +266,7 @@ async fn a_replica_follows_commits_of_other_nodes_and_loads_what_was_there_befor
             .await;
     }
     // A node started later loads the store, then follows what the first node commits.
-    let late = Node::start(&redis, &dir).await;
+    let late = Node::start(&redis, &dir, &[]).await;
     let mut b = late.client().await;
     within("the late node's replica to load", async {
         while !holds(&mut b, "n", "5").await {}

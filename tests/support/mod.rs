@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod processes;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -155,6 +157,32 @@ rooms = ["*"]
 "#,
         wasm = toml_str(&wasm("echo").display().to_string())
     )
+}
+
+/// The chat manifest, `manifests/chat.toml`, with an absolute component path and no build.
+pub fn chat_manifest() -> String {
+    let text = std::fs::read_to_string(repo_root().join("manifests/chat.toml"))
+        .expect("reading manifests/chat.toml");
+    let mut out = String::new();
+    let mut in_build = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            in_build = line == "[source.build]";
+        }
+        if in_build {
+            continue;
+        }
+        if line.starts_with("wasm = ") {
+            out.push_str(&format!(
+                "wasm = {}\n",
+                toml_str(&wasm("chat").display().to_string())
+            ));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// `manifests/editor.toml` with its component at `wasm`.
