@@ -100,20 +100,27 @@ pub async fn publish(url: &str, files: &[PathBuf]) -> Result<Vec<(String, String
 }
 
 /// Brings this node's manifests directory to the cluster's rolled-out files: writes each one
-/// whose content differs (one run at a time).
-pub(super) async fn follow(shared: Arc<Shared>) {
+/// whose content differs (one run at a time), then reloads the directory, so that the swap does
+/// not depend on the watcher having seen the write (it may not watch yet, at start-up).
+pub(super) async fn follow(shared: Arc<Shared>, hub: Arc<crate::router::Hub>) {
     let Some(dir) = shared.manifests.clone() else {
         return;
     };
     let _turn = shared.rollout_turn.lock().await;
     let result = fetch(&shared, &dir).await;
     shared.link.outcome(&result).await;
-    if let Err(e) = result {
-        tracing::warn!("cluster: following the rollout failed: {e}");
+    match result {
+        Ok(0) => {}
+        Ok(_) => {
+            hub.registry.reload().await;
+        }
+        Err(e) => tracing::warn!("cluster: following the rollout failed: {e}"),
     }
 }
 
-async fn fetch(shared: &Shared, dir: &Path) -> redis::RedisResult<()> {
+/// Writes the rolled-out files that differ; returns how many.
+async fn fetch(shared: &Shared, dir: &Path) -> redis::RedisResult<usize> {
+    let mut written = 0;
     let mut conn = shared.link.get().await?;
     let wanted: Vec<(String, String)> = conn.hgetall(CHANNEL).await?;
     for (name, sha) in wanted {
@@ -138,17 +145,20 @@ async fn fetch(shared: &Shared, dir: &Path) -> redis::RedisResult<()> {
             continue;
         };
         let staging = dir.join(format!(".{name}.rollout"));
-        let written = tokio::task::spawn_blocking(move || {
+        let outcome = tokio::task::spawn_blocking(move || {
             std::fs::write(&staging, bytes).and_then(|()| std::fs::rename(&staging, &path))
         })
         .await;
-        match written {
-            Ok(Ok(())) => tracing::info!(%name, %sha, "cluster: wrote a rolled-out file"),
+        match outcome {
+            Ok(Ok(())) => {
+                written += 1;
+                tracing::info!(%name, %sha, "cluster: wrote a rolled-out file");
+            }
             Ok(Err(e)) => tracing::warn!(%name, "cluster: cannot write a rolled-out file: {e}"),
             Err(e) => tracing::warn!(%name, "cluster: cannot write a rolled-out file: {e}"),
         }
     }
-    Ok(())
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -175,7 +175,10 @@ impl Subscriber {
         sink.subscribe(&self.own_channel).await?;
         // Rollouts announced while this node was away are caught up now.
         sink.subscribe(super::rollout::CHANNEL).await?;
-        tokio::spawn(super::rollout::follow(self.shared.clone()));
+        tokio::spawn(super::rollout::follow(
+            self.shared.clone(),
+            self.hub.clone(),
+        ));
         let rooms: Vec<Arc<str>> = self.served.keys().cloned().collect();
         for room in rooms {
             self.sync(sink, &room).await?;
@@ -304,7 +307,10 @@ impl Subscriber {
             return Ok(());
         }
         if channel == super::rollout::CHANNEL {
-            tokio::spawn(super::rollout::follow(self.shared.clone()));
+            tokio::spawn(super::rollout::follow(
+                self.shared.clone(),
+                self.hub.clone(),
+            ));
             return Ok(());
         }
         let Some(room) = channel.strip_prefix("plexus:r:") else {
