@@ -152,6 +152,37 @@ fn channel_of_node(node: &str) -> String {
     format!("plexus:n:{node}")
 }
 
+/// The stream of a room's last publications.
+fn stream_of_room(room: &str) -> String {
+    format!("plexus:r:{room}:s")
+}
+
+/// The number an entry of one of our streams carries in its id (`0-<n>`: a room's offset, a
+/// session's `seq`).
+fn entry_number(id: &str) -> Option<u64> {
+    id.strip_prefix("0-")?.parse().ok()
+}
+
+/// A session's record.
+fn record_key(session: &str) -> String {
+    format!("plexus:s:{session}")
+}
+
+/// The journal of a session's frames.
+fn journal_key(session: &str) -> String {
+    format!("plexus:s:{session}:j")
+}
+
+/// The offsets a connection joined its rooms at.
+fn joined_key(connection_id: &str) -> String {
+    format!("plexus:c:{connection_id}")
+}
+
+/// The sessions a node has.
+fn sessions_of_node(node: &str) -> String {
+    format!("plexus:n:{node}:s")
+}
+
 impl Cluster {
     /// Joins the cluster: starts the publisher, the subscriber and the lease, and connects the
     /// hub's rooms and sessions to them. Redis being unreachable is no error: the node serves

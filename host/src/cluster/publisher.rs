@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::Shared;
 use super::link::Backoff;
 use super::wire::{self, Kind, Publication};
+use super::{Shared, joined_key, journal_key, record_key, sessions_of_node};
 use crate::error::ErrorCode;
 use crate::protocol::{self, Frame};
 use crate::session::outbox::Outbox;
@@ -260,14 +260,14 @@ async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisRe
                 }
             }
             Job::Opened { session, fields } => {
-                let key = format!("plexus:s:{session}");
+                let key = record_key(session);
                 pipe.cmd("HSET").arg(&key).arg("node").arg(&*shared.node);
                 for (name, value) in fields {
                     pipe.arg(*name).arg(value);
                 }
                 pipe.ignore();
                 pipe.cmd("SADD")
-                    .arg(format!("plexus:n:{}:s", shared.node))
+                    .arg(sessions_of_node(&shared.node))
                     .arg(&**session)
                     .ignore();
             }
@@ -276,12 +276,12 @@ async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisRe
                 connection_id,
             } => {
                 pipe.cmd("DEL")
-                    .arg(format!("plexus:s:{session}"))
-                    .arg(format!("plexus:s:{session}:j"))
-                    .arg(format!("plexus:c:{connection_id}"))
+                    .arg(record_key(session))
+                    .arg(journal_key(session))
+                    .arg(joined_key(connection_id))
                     .ignore();
                 pipe.cmd("SREM")
-                    .arg(format!("plexus:n:{}:s", shared.node))
+                    .arg(sessions_of_node(&shared.node))
                     .arg(&**session)
                     .ignore();
                 pipe.cmd("HDEL")
@@ -302,14 +302,14 @@ async fn send(shared: &Shared, pending: &VecDeque<(u64, Job)>) -> redis::RedisRe
                     .ignore();
             }
             Job::Released { session } => {
-                let key = format!("plexus:s:{session}");
+                let key = record_key(session);
                 let ttl = shared.resume_ttl.as_millis().max(1) as u64;
                 pipe.cmd("HSET").arg(&key).arg("node").arg("").ignore();
-                for key in [key.clone(), format!("{key}:j")] {
+                for key in [key.clone(), journal_key(session)] {
                     pipe.cmd("PEXPIRE").arg(key).arg(ttl).ignore();
                 }
                 pipe.cmd("SREM")
-                    .arg(format!("plexus:n:{}:s", shared.node))
+                    .arg(sessions_of_node(&shared.node))
                     .arg(&**session)
                     .ignore();
             }

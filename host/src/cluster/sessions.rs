@@ -17,12 +17,13 @@ use std::time::{Duration, Instant};
 
 use redis::RedisResult;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::publisher::{Job, JournalJob};
 use super::wire::{self, Kind};
-use super::{Cluster, channel_of_node, channel_of_room};
+use super::{
+    Cluster, channel_of_node, entry_number, joined_key, journal_key, record_key, stream_of_room,
+};
 use crate::error::CloseReason;
 use crate::protocol::{self, Frame};
 use crate::router::Hub;
@@ -36,19 +37,9 @@ pub const RELEASE: &str = "!release";
 /// How often a node waiting for a session to be let go looks again.
 const CLAIM_POLL: Duration = Duration::from_millis(50);
 
-fn record_key(session: &str) -> String {
-    format!("plexus:s:{session}")
-}
-
-fn journal_key(session: &str) -> String {
-    format!("plexus:s:{session}:j")
-}
-
+/// What a session's record keeps of its resume token: its SHA-256.
 fn token_digest(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    super::rollout::content_hash(token.as_bytes())
 }
 
 impl Journal for Cluster {
@@ -222,7 +213,7 @@ pub async fn adopt(
         }
     }
     let joined: HashMap<String, u64> = redis::cmd("HGETALL")
-        .arg(format!("plexus:c:{cid}"))
+        .arg(joined_key(cid))
         .query_async(&mut conn)
         .await
         .map_err(down)?;
@@ -235,7 +226,7 @@ pub async fn adopt(
         .map_err(down)?;
     let mut saved: Vec<(u64, Saved)> = Vec::with_capacity(entries.len());
     for (id, mut fields) in entries {
-        let Some(seq) = id.strip_prefix("0-").and_then(|n| n.parse::<u64>().ok()) else {
+        let Some(seq) = entry_number(&id) else {
             continue;
         };
         let entry = match (fields.remove("r"), fields.remove("o"), fields.remove("f")) {
@@ -270,16 +261,17 @@ pub async fn adopt(
             ),
         ));
     }
-    type Entries = Vec<(u64, Saved)>;
-    let (wanted, answers): (Entries, Entries) = saved
-        .into_iter()
-        .partition(|(seq, _)| *seq > resume.last_seq);
-    let mut answers: Vec<(u64, Frame)> = answers
-        .into_iter()
-        .filter_map(|(seq, entry)| match entry {
-            Saved::Frame(frame) => Some((seq, frame)),
+    // The session's own frames hold the answers of its retry window.
+    let answers: Vec<Frame> = saved
+        .iter()
+        .filter_map(|(_, entry)| match entry {
+            Saved::Frame(frame) => Some(frame.clone()),
             Saved::Room { .. } => None,
         })
+        .collect();
+    let wanted: Vec<(u64, Saved)> = saved
+        .into_iter()
+        .filter(|(seq, _)| *seq > resume.last_seq)
         .collect();
     if let Some((first, _)) = wanted.first()
         && *first != resume.last_seq + 1
@@ -297,10 +289,6 @@ pub async fn adopt(
     if wanted_len != last_saved - resume.last_seq {
         return Err(refused("gap", "the saved frames have a hole"));
     }
-    answers.extend(wanted.iter().filter_map(|(seq, entry)| match entry {
-        Saved::Frame(frame) => Some((*seq, frame.clone())),
-        Saved::Room { .. } => None,
-    }));
     let kept = resolve(&mut conn, wanted).await.map_err(|e| match e {
         Resolve::Redis(e) => down(e),
         Resolve::Trimmed { room, offset } => refused(
@@ -334,7 +322,7 @@ pub async fn adopt(
     {
         let now = Instant::now();
         let mut dedupe = session.dedupe();
-        for (_, frame) in answers {
+        for frame in answers {
             if let Some(id) = answered(&frame) {
                 dedupe.record(&id, frame, now);
             }
@@ -432,14 +420,14 @@ async fn resolve(
     let mut bodies: HashMap<(Arc<str>, u64), Frame> = HashMap::new();
     for (room, (low, high)) in spans {
         let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-            .arg(format!("{}:s", channel_of_room(&room)))
+            .arg(stream_of_room(&room))
             .arg(format!("0-{low}"))
             .arg(format!("0-{high}"))
             .query_async(conn)
             .await
             .map_err(Resolve::Redis)?;
         for (id, fields) in entries {
-            let Some(offset) = id.strip_prefix("0-").and_then(|n| n.parse::<u64>().ok()) else {
+            let Some(offset) = entry_number(&id) else {
                 continue;
             };
             if let Some(Ok(publication)) = fields.get(1).map(|t| wire::decode(t))
@@ -473,7 +461,7 @@ async fn recover(
     connection_id: &str,
 ) -> RedisResult<Recovered> {
     let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(format!("{}:s", channel_of_room(room)))
+        .arg(stream_of_room(room))
         .arg(format!("0-{}", cursor + 1))
         .arg("+")
         .query_async(conn)
@@ -482,7 +470,7 @@ async fn recover(
     let mut reaped = false;
     let mut expected = cursor + 1;
     for (id, fields) in entries {
-        let Some(offset) = id.strip_prefix("0-").and_then(|n| n.parse::<u64>().ok()) else {
+        let Some(offset) = entry_number(&id) else {
             continue;
         };
         if offset > expected {
@@ -512,14 +500,7 @@ async fn recover(
             }
             Kind::Left {
                 connection_id: gone,
-            } if publication.number == 0 => {
-                let payload = json!({
-                    "room": &**room,
-                    "connectionId": gone,
-                    "reason": "node_lost",
-                });
-                protocol::host_frame("room.left", Some(room), &payload)
-            }
+            } if publication.number == 0 => super::subscriber::node_lost(room, gone, None),
             Kind::Offline { identity } => {
                 crate::lifecycle::presence_frame(room, identity, "offline", None)
             }

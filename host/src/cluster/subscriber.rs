@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::link::{Backoff, CONNECT_TIMEOUT};
 use super::wire::{self, Kind};
-use super::{Shared, channel_of_node, channel_of_room};
+use super::{Shared, channel_of_node, channel_of_room, stream_of_room};
 use crate::protocol::{self, Frame};
 use crate::rooms::MemberInfo;
 use crate::router::Hub;
@@ -255,7 +255,7 @@ impl Subscriber {
     async fn catch_up(&mut self, room: &Arc<str>, from: u64, top: Option<u64>) -> RedisResult<()> {
         let mut conn = self.shared.link.get().await?;
         let entries: RedisResult<Vec<(String, Vec<String>)>> = redis::cmd("XRANGE")
-            .arg(format!("{}:s", channel_of_room(room)))
+            .arg(stream_of_room(room))
             .arg(format!("0-{from}"))
             .arg("+")
             .query_async(&mut conn)
@@ -263,7 +263,7 @@ impl Subscriber {
         self.shared.link.outcome(&entries).await;
         let mut expected = from;
         for (id, fields) in entries? {
-            let Some(offset) = id.strip_prefix("0-").and_then(|n| n.parse::<u64>().ok()) else {
+            let Some(offset) = super::entry_number(&id) else {
                 continue;
             };
             if offset > expected {
@@ -421,13 +421,7 @@ impl Subscriber {
                 if let (0, Some(member)) = (publication.number, gone) {
                     // Its node died: no `room.left` came from it. Each node tells its own
                     // members, so that every member hears it once.
-                    let payload = json!({
-                        "room": room,
-                        "connectionId": &*member.connection_id,
-                        "identity": &*member.identity,
-                        "reason": "node_lost",
-                    });
-                    let frame = protocol::host_frame("room.left", Some(room), &payload);
+                    let frame = node_lost(room, &member.connection_id, Some(&member.identity));
                     rooms.deliver(room, &frame, None, false);
                 }
             }
@@ -478,4 +472,18 @@ impl Subscriber {
             }
         }
     }
+}
+
+/// The `room.left` a room's members get for a member whose node died (reason `node_lost`), with
+/// its identity when this node knew it.
+pub(super) fn node_lost(room: &str, connection_id: &str, identity: Option<&str>) -> Frame {
+    let mut payload = json!({
+        "room": room,
+        "connectionId": connection_id,
+        "reason": "node_lost",
+    });
+    if let Some(identity) = identity {
+        payload["identity"] = identity.into();
+    }
+    protocol::host_frame("room.left", Some(room), &payload)
 }

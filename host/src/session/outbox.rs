@@ -111,6 +111,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// The last `seq` the connection may write now: the last one the journal saved while it
+    /// holds frames back, else any.
+    fn writable(&self) -> u64 {
+        match &self.hook {
+            Some(hook) if hook.journal.holding() => self.saved.load(Ordering::Acquire),
+            _ => u64::MAX,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // A panic while holding this lock cannot leave the queue inconsistent.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
@@ -277,46 +286,27 @@ impl Outbox {
     pub fn release(&self, recovered: Vec<Placed>) {
         let held = self.shared.lock().held.take().unwrap_or_default();
         let mut reached: std::collections::HashMap<Arc<str>, u64> = Default::default();
-        for (frame, at) in recovered {
+        for (_, at) in &recovered {
+            if let Some((room, offset)) = at {
+                let top = reached.entry(room.clone()).or_default();
+                *top = (*top).max(*offset);
+            }
+        }
+        let already = |at: &Option<(Arc<str>, u64)>| {
+            at.as_ref()
+                .is_some_and(|(room, offset)| reached.get(room).is_some_and(|top| offset <= top))
+        };
+        let held = held.into_iter().filter(|(_, at)| !already(at));
+        for (frame, at) in recovered.into_iter().chain(held) {
             let source = match &at {
-                Some((room, offset)) => {
-                    let top = reached.entry(room.clone()).or_default();
-                    *top = (*top).max(*offset);
-                    Source::Room {
-                        room,
-                        offset: *offset,
-                    }
-                }
+                Some((room, offset)) => Source::Room {
+                    room,
+                    offset: *offset,
+                },
                 None => Source::Own,
             };
             self.push_from(frame, source);
         }
-        for (frame, at) in held {
-            let source = match &at {
-                Some((room, offset)) => {
-                    if reached.get(room).is_some_and(|top| *offset <= *top) {
-                        continue;
-                    }
-                    Source::Room {
-                        room,
-                        offset: *offset,
-                    }
-                }
-                None => Source::Own,
-            };
-            self.push_from(frame, source);
-        }
-    }
-
-    /// Whether the connection may not write frame `seq` yet (its journal has not saved it).
-    fn holds_back(&self, seq: u64) -> bool {
-        seq != 0
-            && self
-                .shared
-                .hook
-                .as_ref()
-                .is_some_and(|h| h.journal.holding())
-            && seq > self.shared.saved.load(Ordering::Acquire)
     }
 
     /// The journal saved every frame up to `seq`: the connection may write them.
@@ -348,7 +338,7 @@ impl Outbox {
 
     fn enqueue(&self, mut queue: MutexGuard<'_, Queue>, entry: Entry, len: usize) {
         // A frame the journal has yet to save wakes no one: the journal's `saved` will.
-        let was_empty = queue.live.is_empty() && !self.holds_back(entry.seq);
+        let was_empty = queue.live.is_empty() && entry.seq <= self.shared.writable();
         queue.live.push_back(entry);
         queue.live_bytes += len;
         self.shared.signalled.store(true, Ordering::Release);
@@ -515,18 +505,10 @@ impl OutboxRx {
             return Some(Next::Close(CloseReason::TakenOver));
         }
         if !queue.live.is_empty() {
-            let ready = match &self.shared.hook {
-                Some(hook) if hook.journal.holding() => {
-                    // Only what the journal saved: another node can give it again.
-                    let saved = self.shared.saved.load(Ordering::Acquire);
-                    queue
-                        .live
-                        .iter()
-                        .take_while(|e| e.seq == 0 || e.seq <= saved)
-                        .count()
-                }
-                _ => queue.live.len(),
-            };
+            // Only what the journal saved, while it holds frames back: another node can give
+            // it again. (A volatile frame, `seq` 0, waits only for the frames before it.)
+            let writable = self.shared.writable();
+            let ready = queue.live.iter().take_while(|e| e.seq <= writable).count();
             if ready == 0 {
                 return None;
             }
