@@ -770,4 +770,85 @@ mod tests {
         assert!(tx.push("a".into()));
         assert_eq!(tx.kept(), (1, 1));
     }
+
+    /// A journal that records what it is given and holds frames back while `holding`.
+    #[derive(Debug, Default)]
+    struct Recording {
+        holding: AtomicBool,
+        appended: Mutex<Vec<(u64, Option<u64>)>>,
+    }
+
+    impl Journal for Recording {
+        fn append(&self, _: &Arc<str>, seq: u64, _: &Frame, source: Source<'_>, _: &Outbox) {
+            let offset = match source {
+                Source::Room { offset, .. } => Some(offset),
+                Source::Own => None,
+            };
+            self.appended.lock().unwrap().push((seq, offset));
+        }
+        fn holding(&self) -> bool {
+            self.holding.load(Ordering::Acquire)
+        }
+        fn opened(&self, _: &super::super::Session) {}
+        fn ended(&self, _: &super::super::Session) {}
+    }
+
+    #[test]
+    fn a_journaled_connection_writes_only_saved_frames() {
+        let journal = Arc::new(Recording::default());
+        journal.holding.store(true, Ordering::Release);
+        let tx = journaled(bounds(100, 100), journal.clone(), "s-1".into());
+        let (mut rx, _) = tx.attach(0).unwrap();
+        assert!(tx.push("a".into()));
+        assert!(tx.push_volatile("typing".into()));
+        assert!(tx.push("b".into()));
+        let mut batch = VecDeque::new();
+        // Nothing is saved yet: nothing is written, not even the volatile frame behind `a`.
+        assert_eq!(rx.try_next(&mut batch), None);
+        tx.saved(1);
+        assert_eq!(rx.try_next(&mut batch), Some(Next::Frames));
+        assert_eq!(seqs(&batch), [1, 0]);
+        batch.clear();
+        assert_eq!(rx.try_next(&mut batch), None);
+        // The journal out of reach: the node goes on serving its client.
+        journal.holding.store(false, Ordering::Release);
+        assert_eq!(rx.try_next(&mut batch), Some(Next::Frames));
+        assert_eq!(seqs(&batch), [2]);
+        assert_eq!(*journal.appended.lock().unwrap(), [(1, None), (2, None)]);
+    }
+
+    #[test]
+    fn a_moved_stream_queues_recovered_frames_before_held_ones_without_repeating_them() {
+        let journal = Arc::new(Recording::default());
+        let room: Arc<str> = "r".into();
+        let kept = vec![(4, Frame::from("saved-4")), (5, Frame::from("saved-5"))];
+        let tx = moved(bounds(100, 100), journal.clone(), "s-1".into(), 6, kept);
+        // Pushed while the move is under way: held, without a seq.
+        let at = |offset| Source::Room {
+            room: &room,
+            offset,
+        };
+        assert!(tx.push_from("r-11".into(), at(11)));
+        assert!(tx.push_from("r-12".into(), at(12)));
+        assert!(tx.push("own".into()));
+        assert_eq!(tx.last_seq(), 5);
+        tx.release(vec![
+            ("r-10".into(), Some((room.clone(), 10))),
+            ("r-11".into(), Some((room.clone(), 11))),
+        ]);
+        let (mut rx, replayed) = tx.attach(3).unwrap();
+        assert_eq!(replayed, 6);
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.try_next(&mut batch), Some(Next::Frames));
+        let frames: Vec<&str> = batch.iter().map(|e| e.frame.as_str()).collect();
+        assert_eq!(
+            frames,
+            ["saved-4", "saved-5", "r-10", "r-11", "r-12", "own"]
+        );
+        assert_eq!(seqs(&batch), [4, 5, 6, 7, 8, 9]);
+        assert_eq!(
+            *journal.appended.lock().unwrap(),
+            [(6, Some(10)), (7, Some(11)), (8, Some(12)), (9, None)]
+        );
+    }
 }
