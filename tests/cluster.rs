@@ -96,7 +96,7 @@ async fn a_room_broadcast_reaches_every_node_exactly_once_in_order() {
             .await;
     }
     sender.flush().await;
-    let expected: Vec<Value> = (0..N).map(|n| json!({"n": n})).collect();
+    let expected = numbered(0..N);
     for c in [&mut local, &mut second, &mut third] {
         assert_eq!(broadcasts(c, N).await, expected, "on {}", c.connection_id);
     }
@@ -264,6 +264,33 @@ fn payloads(frames: &[Value]) -> Vec<Value> {
         .collect()
 }
 
+/// The payloads `{"n": n}` for each `n` in `range`, as `send_numbered` sends them.
+fn numbered(range: std::ops::Range<usize>) -> Vec<Value> {
+    range.map(|n| json!({"n": n})).collect()
+}
+
+/// Resumes `client`'s session on `node`; returns the resumed client, the `echo.broadcast`
+/// payloads replayed before the answer, and the answer, which must be a `sys.ack`.
+async fn resume_on(node: &Node, client: &Client) -> (Client, Vec<Value>, Value) {
+    let (moved, before, answer) = Client::resume(
+        node.addr,
+        &client.session_id,
+        &client.resume_token,
+        client.last_seq,
+    )
+    .await;
+    assert_eq!(answer["type"], "sys.ack", "{answer}");
+    (moved, payloads(&before), answer)
+}
+
+/// Reads `echo.broadcast` payloads into `got` until it holds one for each `n` in `range`, and
+/// checks that they are exactly those, in order.
+async fn expect_numbered(c: &mut Client, mut got: Vec<Value>, range: std::ops::Range<usize>) {
+    let expected = numbered(range);
+    got.extend(broadcasts(c, expected.len() - got.len()).await);
+    assert_eq!(got, expected);
+}
+
 /// Sends `echo.broadcast` `{"n": n}` to `room` for each `n` in `range`, pipelined, and reads
 /// the acks.
 async fn send_numbered(sender: &mut Client, room: &str, range: std::ops::Range<usize>) {
@@ -312,7 +339,7 @@ async fn a_session_resumes_on_another_node_after_its_node_was_killed_without_los
     // The moving client reads half of the first 100 broadcasts; then its node dies.
     send_numbered(&mut sender, "feed", 0..100).await;
     let read = broadcasts(&mut moving, 50).await;
-    assert_eq!(read, (0..50).map(|n| json!({"n": n})).collect::<Vec<_>>());
+    assert_eq!(read, numbered(0..50));
     drop(staying);
     nodes[2].kill().await;
     // Published while it is between nodes.
@@ -320,21 +347,12 @@ async fn a_session_resumes_on_another_node_after_its_node_was_killed_without_los
 
     // It resumes on another node: every frame after its last seq, in order, once each (the
     // client checks that the seqs go on without a hole).
-    let (mut moved, before, answer) = Client::resume(
-        nodes[1].addr,
-        &moving.session_id,
-        &moving.resume_token,
-        moving.last_seq,
-    )
-    .await;
-    assert_eq!(answer["type"], "sys.ack", "{answer}");
+    let (mut moved, replayed, answer) = resume_on(&nodes[1], &moving).await;
     assert_eq!(
         answer["payload"]["connectionId"],
         moving.connection_id.as_str()
     );
-    let mut got = payloads(&before);
-    got.extend(broadcasts(&mut moved, 150 - got.len()).await);
-    assert_eq!(got, (50..200).map(|n| json!({"n": n})).collect::<Vec<_>>());
+    expect_numbered(&mut moved, replayed, 50..200).await;
     // And what comes next.
     send_numbered(&mut sender, "feed", 200..201).await;
     assert_eq!(broadcasts(&mut moved, 1).await, [json!({"n": 200})]);
@@ -382,17 +400,10 @@ async fn a_session_moves_from_a_live_node_to_another_without_losing_a_frame() {
     }
     send_numbered(&mut sender, "feed", 0..100).await;
     let read = broadcasts(&mut moving, 30).await;
-    assert_eq!(read, (0..30).map(|n| json!({"n": n})).collect::<Vec<_>>());
+    assert_eq!(read, numbered(0..30));
     // A load balancer without sticky sessions sends the reconnection to the other node: the
     // first node lets the session go (its connection closes with 4000) and it moves.
-    let (mut moved, before, answer) = Client::resume(
-        nodes[1].addr,
-        &moving.session_id,
-        &moving.resume_token,
-        moving.last_seq,
-    )
-    .await;
-    assert_eq!(answer["type"], "sys.ack", "{answer}");
+    let (mut moved, replayed, _) = resume_on(&nodes[1], &moving).await;
     let closed = loop {
         match moving.next_message().await {
             Some(tokio_tungstenite::tungstenite::Message::Close(frame)) => break frame,
@@ -406,9 +417,7 @@ async fn a_session_moves_from_a_live_node_to_another_without_losing_a_frame() {
         "the old connection closes as taken over"
     );
     send_numbered(&mut sender, "feed", 100..150).await;
-    let mut got = payloads(&before);
-    got.extend(broadcasts(&mut moved, 120 - got.len()).await);
-    assert_eq!(got, (30..150).map(|n| json!({"n": n})).collect::<Vec<_>>());
+    expect_numbered(&mut moved, replayed, 30..150).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,24 +480,12 @@ async fn sessions_outlive_a_node_shut_down_gracefully() {
     hellos(&mut both, "feed").await;
     let [mut sender, mut moving] = both;
     send_numbered(&mut sender, "feed", 0..40).await;
-    assert_eq!(
-        broadcasts(&mut moving, 20).await,
-        (0..20).map(|n| json!({"n": n})).collect::<Vec<_>>()
-    );
+    assert_eq!(broadcasts(&mut moving, 20).await, numbered(0..20));
     // A rolling restart stops the node: its client resumes on the other one.
     nodes[0].terminate().await;
     send_numbered(&mut sender, "feed", 40..60).await;
-    let (mut moved, before, answer) = Client::resume(
-        nodes[1].addr,
-        &moving.session_id,
-        &moving.resume_token,
-        moving.last_seq,
-    )
-    .await;
-    assert_eq!(answer["type"], "sys.ack", "{answer}");
-    let mut got = payloads(&before);
-    got.extend(broadcasts(&mut moved, 40 - got.len()).await);
-    assert_eq!(got, (20..60).map(|n| json!({"n": n})).collect::<Vec<_>>());
+    let (mut moved, replayed, _) = resume_on(&nodes[1], &moving).await;
+    expect_numbered(&mut moved, replayed, 20..60).await;
 }
 
 /// `c` answers the `question` it reads next with `answer`; returns the host's answer to its
@@ -606,7 +603,7 @@ async fn nodes_recover_by_themselves_when_redis_restarts_and_no_frame_goes_missi
     redis = Redis::start_on(port).await;
     // Every node connects again, subscribes again to the rooms it serves, and what was queued
     // meanwhile arrives once, in order.
-    let expected: Vec<Value> = (0..10).map(|n| json!({"n": n})).collect();
+    let expected = numbered(0..10);
     for c in [&mut a, &mut b] {
         assert_eq!(broadcasts(c, 10).await, expected);
     }
@@ -654,7 +651,7 @@ async fn a_publication_dropped_between_redis_and_a_node_is_repaired() {
             .send(json!({"type": "echo.broadcast", "messageId": id, "room": "repair", "payload": {"n": n}}))
             .await;
     }
-    let expected: Vec<Value> = (5..50).map(|n| json!({"n": n})).collect();
+    let expected = numbered(5..50);
     assert_eq!(broadcasts(&mut receiver, 45).await, expected);
     receiver.sync().await;
 
@@ -889,7 +886,7 @@ async fn plexus_rollout_reaches_every_node_under_traffic_without_losing_a_messag
             .await;
     }
     sender.flush().await;
-    let expected: Vec<Value> = (0..N).map(|n| json!({"n": n})).collect();
+    let expected = numbered(0..N);
     assert_eq!(broadcasts(&mut member, N).await, expected);
     let output = within("plexus rollout", rollout.unwrap())
         .await
