@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use futures_util::task::ArcWake;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
@@ -115,19 +115,28 @@ pub async fn serve<S>(
         conn.rx.disarm();
         match event {
             Event::Outbox(Next::Frames) => {
-                // A write the client does not take ends at its deadline, or as soon as the
-                // outbox overflows behind it.
-                let write =
-                    tokio::time::timeout(policy.write_timeout, write_batch(&mut ws, &mut batch));
-                let overflow = poll_fn(|cx| conn.rx.poll_overflow(cx));
-                let too_slow = tokio::select! {
-                    biased;
-                    written = write => match written {
-                        Ok(Ok(())) => false,
-                        Ok(Err(_)) => break Exit::Dropped,
-                        Err(_) => true,
-                    },
-                    () = overflow => true,
+                // Most writes complete at once (the socket takes the whole batch): no deadline
+                // is set for them. A write the client does not take ends at its deadline, or
+                // as soon as the outbox overflows behind it.
+                let too_slow = {
+                    let mut write = std::pin::pin!(write_batch(&mut ws, &mut batch));
+                    match write.as_mut().now_or_never() {
+                        Some(Ok(())) => false,
+                        Some(Err(_)) => break Exit::Dropped,
+                        None => {
+                            let write = tokio::time::timeout(policy.write_timeout, write);
+                            let overflow = poll_fn(|cx| conn.rx.poll_overflow(cx));
+                            tokio::select! {
+                                biased;
+                                written = write => match written {
+                                    Ok(Ok(())) => false,
+                                    Ok(Err(_)) => break Exit::Dropped,
+                                    Err(_) => true,
+                                },
+                                () = overflow => true,
+                            }
+                        }
+                    }
                 };
                 if too_slow {
                     batch.clear();

@@ -111,14 +111,25 @@ impl ConnectionRate {
 /// of about one in 10^19 per pair.
 #[derive(Debug)]
 pub struct IdentityRates {
-    limiter: DefaultKeyedRateLimiter<u64>,
+    /// Keyed by the digest, in a map hashed with foldhash too (the default SipHash would hash
+    /// the digest again at several times the cost).
+    limiter: DefaultKeyedRateLimiter<
+        u64,
+        governor::middleware::NoOpMiddleware<
+            <governor::clock::DefaultClock as governor::clock::Clock>::Instant,
+        >,
+        foldhash::fast::RandomState,
+    >,
     digest: foldhash::fast::RandomState,
 }
 
 impl IdentityRates {
     pub fn new(limit: RateLimit) -> IdentityRates {
         IdentityRates {
-            limiter: RateLimiter::dashmap(limit.quota(ONCE)),
+            limiter: RateLimiter::dashmap_with_hasher(
+                limit.quota(ONCE),
+                foldhash::fast::RandomState::default(),
+            ),
             digest: foldhash::fast::RandomState::default(),
         }
     }

@@ -229,7 +229,17 @@ pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
     let mut turn = None;
     let result = dispatch(hub, conn, &msg, &mut turn).await;
     let answer = match (result, msg.message_id.as_deref()) {
-        (Ok(extra), Some(id)) => Some(protocol::ack(id, extra.as_deref())),
+        (Ok(extra), Some(id)) => {
+            // Encoded with its `seq`: the answer most messages get.
+            let ack = conn
+                .session
+                .outbox
+                .push_numbered(|seq| protocol::ack_numbered(seq, id, extra.as_deref()));
+            if let (Some(ack), Some(id), Some(now)) = (ack, dedupe, now) {
+                conn.session.dedupe().record(id, ack, now);
+            }
+            None
+        }
         (Ok(_), None) => None,
         (Err(HandleError::ResumeFailed { reason, message }), id) => {
             Some(protocol::resume_failed(id, reason, &message))
@@ -267,8 +277,8 @@ async fn dispatch<'h>(
     match msg.ty.as_ref() {
         "sys.join" => {
             let room = room_of(hub, msg)?;
-            let members = join_room(hub, &session, &room, msg.payload.get(), 0).await?;
-            let presence = lifecycle::online(hub, &room).await;
+            let members = Box::pin(join_room(hub, &session, &room, msg.payload.get(), 0)).await?;
+            let presence = Box::pin(lifecycle::online(hub, &room)).await;
             Ok(Some(
                 json!({
                     "room": room,
@@ -286,7 +296,7 @@ async fn dispatch<'h>(
                     format!("join room `{room}` before asking who is in it"),
                 ));
             }
-            let presence = lifecycle::online(hub, &room).await;
+            let presence = Box::pin(lifecycle::online(hub, &room)).await;
             Ok(Some(
                 json!({ "room": room, "presence": presence_json(&presence) }).to_string(),
             ))
@@ -302,12 +312,17 @@ async fn dispatch<'h>(
                     format!("a status is at most {MAX_STATUS_CHARS} characters"),
                 ));
             }
-            lifecycle::set_status(hub, &session.identity.0, status.map(Arc::from)).await;
+            Box::pin(lifecycle::set_status(
+                hub,
+                &session.identity.0,
+                status.map(Arc::from),
+            ))
+            .await;
             Ok(None)
         }
         "sys.leave" => {
             let room = room_of(hub, msg)?;
-            if !leave_room(hub, &session, &room, "leave", 0).await {
+            if !Box::pin(leave_room(hub, &session, &room, "leave", 0)).await {
                 return Err(HandleError::new(
                     ErrorCode::NotInRoom,
                     format!("not a member of room `{room}`"),
@@ -327,7 +342,7 @@ async fn dispatch<'h>(
             );
             Ok(None)
         }
-        "sys.resume" => resume(hub, conn, msg).await,
+        "sys.resume" => Box::pin(resume(hub, conn, msg)).await,
         "sys.refresh" => crate::auth::handle_refresh(&hub.auth, &session, msg.payload),
         "sys.reply" => {
             let (reference, answer) = protocol::payload_reply(msg.payload)
@@ -341,9 +356,12 @@ async fn dispatch<'h>(
                 Err(crate::requests::ReplyError::UnknownRef(_))
                     if match hub.cluster.get() {
                         Some(cluster) => {
-                            cluster
-                                .forward_reply(&reference, &session.connection_id, answer.get())
-                                .await
+                            Box::pin(cluster.forward_reply(
+                                &reference,
+                                &session.connection_id,
+                                answer.get(),
+                            ))
+                            .await
                         }
                         None => false,
                     } =>
@@ -497,7 +515,7 @@ async fn route<'h>(
     if target.serialize.is_some()
         && let Some(room) = msg.room.as_deref()
     {
-        *turn = Some(hub.room_locks.turn(&target.plugin.manifest.id, room).await);
+        *turn = Some(Box::pin(hub.room_locks.turn(&target.plugin.manifest.id, room)).await);
         // The route table of the moment the turn came: calls in turn order also run on
         // versions in swap order.
         table = hub.registry.table_full();
@@ -578,7 +596,13 @@ async fn run_attempts(
             reads,
         } = call_checked(hub, plugin, input).await?;
         let writes = crate::kv::take_writes(&mut effects);
-        match plugin.kv.commit(reads, writes, ticket).await {
+        // Most calls touch no key: nothing to commit, and no commit future in this one.
+        let committed = if reads.is_empty() && writes.is_empty() {
+            Ok(())
+        } else {
+            Box::pin(plugin.kv.commit(reads, writes, ticket)).await
+        };
+        match committed {
             Ok(()) => {
                 apply(hub, origin, plugin, input.room, effects, depth).await;
                 return Ok(ack);
@@ -594,7 +618,7 @@ async fn run_attempts(
             Err(crate::kv::CommitError::Held) if held < MAX_HELD_WAITS => {
                 effects::recycle(effects);
                 held += 1;
-                tokio::time::sleep(HELD_WAIT).await;
+                Box::pin(tokio::time::sleep(HELD_WAIT)).await;
             }
             Err(crate::kv::CommitError::Conflict) if attempt < MAX_CALL_ATTEMPTS => {
                 effects::recycle(effects);
@@ -604,7 +628,7 @@ async fn run_attempts(
                 if !ticket.holds_all
                     && let Some(wait) = conflict_backoff(attempt)
                 {
-                    tokio::time::sleep(wait).await;
+                    Box::pin(tokio::time::sleep(wait)).await;
                 }
             }
             Err(e) => {
@@ -662,7 +686,7 @@ async fn call_checked(
             // A version whose calls run long: one call (by default) at a time, each on a thread
             // of its own, so that the runtime's threads go on serving everyone else.
             Some(lane) => {
-                let _permit = lane.acquire().await;
+                let _permit = Box::pin(lane.acquire()).await;
                 off_the_runtime(|| plugin.code.call(input))
             }
         };
@@ -840,7 +864,9 @@ async fn apply(
                     payload: &payload,
                     sender,
                 };
-                origin.outbox.push(frame.encode());
+                origin
+                    .outbox
+                    .push_numbered(|seq| frame.encode_numbered(seq));
             }
             Effect::Send { to, ty, payload } => {
                 let frame = Outbound {
@@ -882,7 +908,8 @@ async fn apply(
                 Some(origin) => {
                     // Room rules and join hooks apply to a plugin's joins too; a refused join
                     // is not made, and the call's other effects stand.
-                    if let Err(e) = join_room(hub, origin, &room, "null", depth + 1).await {
+                    if let Err(e) = Box::pin(join_room(hub, origin, &room, "null", depth + 1)).await
+                    {
                         tracing::warn!(plugin = %plugin.manifest.id, %room, "a join refused: {}", e.wire().1);
                     }
                 }
@@ -890,7 +917,7 @@ async fn apply(
             },
             Effect::Leave { room } => match origin {
                 Some(origin) => {
-                    leave_room(hub, origin, &room, "leave", depth + 1).await;
+                    Box::pin(leave_room(hub, origin, &room, "leave", depth + 1)).await;
                 }
                 None => no_origin("a leave"),
             },

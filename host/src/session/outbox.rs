@@ -239,21 +239,55 @@ impl Outbox {
         self.push_from(frame, Source::Own)
     }
 
+    /// Like [`Outbox::push`] for a frame of this session alone (an answer, a reply), encoded
+    /// with its `seq` (`encode` is given the `seq`, or 0 for a frame that gets one later), so
+    /// that writing it copies nothing ([`crate::protocol::with_seq`]). Returns the frame
+    /// queued, or `None` when the session is over.
+    pub fn push_numbered(&self, encode: impl FnOnce(u64) -> Frame) -> Option<Frame> {
+        let queue = self.shared.lock();
+        if queue.ended {
+            return None;
+        }
+        let seq = if queue.held.is_some() {
+            0
+        } else {
+            queue.kept.next_seq()
+        };
+        let frame = encode(seq);
+        self.push_locked(queue, frame.clone(), Source::Own);
+        Some(frame)
+    }
+
     /// Like [`Outbox::push`], saying where the frame came from (for the journal).
     pub fn push_from(&self, frame: Frame, source: Source<'_>) -> bool {
-        let bounds = &self.shared.bounds;
-        let mut queue = self.shared.lock();
+        let queue = self.shared.lock();
         if queue.ended {
             return false;
         }
+        self.push_locked(queue, frame, source);
+        true
+    }
+
+    fn push_locked(&self, mut queue: MutexGuard<'_, Queue>, frame: Frame, source: Source<'_>) {
+        let bounds = &self.shared.bounds;
         if let Some(held) = queue.held.as_mut() {
             let at = match source {
                 Source::Room { room, offset } => Some((room.clone(), offset)),
                 Source::Own => None,
             };
+            // Numbered when released (a frame numbered earlier, anew).
             held.push((frame, at));
-            return true;
+            return;
         }
+        // A frame numbered already (`push_numbered`) carries the `seq` it gets here; one
+        // numbered earlier (an answer given again to a retry) is numbered anew.
+        let frame = if crate::protocol::is_numbered(&frame)
+            && crate::protocol::seq_of(&frame) != Some(queue.kept.next_seq())
+        {
+            crate::protocol::without_seq(frame)
+        } else {
+            frame
+        };
         let seq = queue.kept.record(&frame);
         if let Some(hook) = &self.shared.hook {
             hook.journal
@@ -262,7 +296,7 @@ impl Outbox {
         let len = frame.len();
         let entry = Entry { seq, frame };
         if queue.attached.is_none() || queue.close.is_some() {
-            return true;
+            return;
         }
         if !queue.live.is_empty()
             && (queue.live.len() >= bounds.live_frames + queue.replay.0
@@ -274,10 +308,9 @@ impl Outbox {
             self.shared.signalled.store(true, Ordering::Release);
             drop(queue);
             self.shared.ready.wake();
-            return true;
+            return;
         }
         self.enqueue(queue, entry, len);
-        true
     }
 
     /// Ends the hold of a session that moved here: queues `recovered` (frames of its rooms
@@ -508,7 +541,11 @@ impl OutboxRx {
             // Only what the journal saved, while it holds frames back: another node can give
             // it again. (A volatile frame, `seq` 0, waits only for the frames before it.)
             let writable = self.shared.writable();
-            let ready = queue.live.iter().take_while(|e| e.seq <= writable).count();
+            let ready = if writable == u64::MAX {
+                queue.live.len()
+            } else {
+                queue.live.iter().take_while(|e| e.seq <= writable).count()
+            };
             if ready == 0 {
                 return None;
             }
@@ -850,5 +887,66 @@ mod tests {
             *journal.appended.lock().unwrap(),
             [(6, Some(10)), (7, Some(11)), (8, Some(12)), (9, None)]
         );
+    }
+
+    #[test]
+    fn a_numbered_frame_keeps_its_seq_and_a_repeated_one_is_numbered_anew() {
+        use crate::protocol::{self, Outbound, seq_of, with_seq};
+        let tx = outbox(bounds(100, 100));
+        let (mut rx, _) = tx.attach(0).unwrap();
+        assert!(tx.push(r#"{"type":"a"}"#.into()));
+        let reply = Outbound {
+            ty: "b",
+            room: None,
+            payload: "1",
+            sender: None,
+        };
+        let numbered = tx.push_numbered(|seq| reply.encode_numbered(seq)).unwrap();
+        assert_eq!(seq_of(&numbered), Some(2));
+        // Given again (an answer to a retry): numbered anew, once.
+        assert!(tx.push(numbered.clone()));
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.try_next(&mut batch), Some(Next::Frames));
+        assert_eq!(seqs(&batch), [1, 2, 3]);
+        let written: Vec<serde_json::Value> = batch
+            .iter()
+            .map(|e| serde_json::from_str(&with_seq(e.seq, &e.frame)).unwrap())
+            .collect();
+        let written_seqs: Vec<u64> = written.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+        assert_eq!(written_seqs, [1, 2, 3]);
+        assert_eq!(written[1]["type"], "b");
+        assert_eq!(written[2], {
+            let mut again = written[1].clone();
+            again["seq"] = 3.into();
+            again
+        });
+        // The numbered frame is written as it is, without a copy.
+        assert_eq!(with_seq(2, &batch[1].frame), numbered);
+        assert_eq!(seq_of(&protocol::without_seq(numbered)), None);
+    }
+
+    #[test]
+    fn a_numbered_frame_pushed_while_a_session_moves_is_numbered_on_release() {
+        let journal = Arc::new(Recording::default());
+        let tx = moved(bounds(100, 100), journal, "s-1".into(), 6, Vec::new());
+        let ack = tx
+            .push_numbered(|seq| crate::protocol::ack_numbered(seq, "m", None))
+            .unwrap();
+        assert_eq!(crate::protocol::seq_of(&ack), None);
+        // An answer numbered earlier (given again to a retry) is held without its old `seq`.
+        assert!(tx.push(crate::protocol::ack_numbered(3, "old", None)));
+        tx.release(Vec::new());
+        let (mut rx, _) = tx.attach(5).unwrap();
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.try_next(&mut batch), Some(Next::Frames));
+        assert_eq!(seqs(&batch), [6, 7]);
+        for (entry, seq) in batch.iter().zip([6, 7]) {
+            let written = crate::protocol::with_seq(entry.seq, &entry.frame);
+            let v: serde_json::Value = serde_json::from_str(&written).unwrap();
+            assert_eq!(
+                (v["seq"].as_u64(), v["type"].as_str()),
+                (Some(seq), Some("sys.ack"))
+            );
+        }
     }
 }

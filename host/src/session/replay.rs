@@ -48,6 +48,11 @@ impl Replay {
         replay
     }
 
+    /// The `seq` the next frame recorded gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// Gives `frame` the next `seq` and keeps it, dropping the oldest frames beyond the bounds.
     pub fn record(&mut self, frame: &Frame) -> u64 {
         let seq = self.next_seq;
