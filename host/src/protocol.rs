@@ -462,17 +462,12 @@ pub fn host_frame(ty: &str, room: Option<&str>, payload: &serde_json::Value) -> 
     .encode()
 }
 
-/// `sys.ack` for `message_id`, with `extra` (a JSON object's text, if any) merged in.
+/// `sys.ack` for `message_id`, with `extra` (a JSON object's text, if any) merged in, and its
+/// `seq` first (none for 0), for [`crate::session::outbox::Outbox::push_numbered`].
 ///
 /// `extra` is the compact JSON text of a non-empty object without `ref` (the router makes it
 /// so); its fields follow `ref`.
-pub fn ack(message_id: &str, extra: Option<&str>) -> Frame {
-    ack_numbered(0, message_id, extra)
-}
-
-/// [`ack`] with its `seq` first (none for 0), for
-/// [`crate::session::outbox::Outbox::push_numbered`].
-pub fn ack_numbered(seq: u64, message_id: &str, extra: Option<&str>) -> Frame {
+pub fn ack(seq: u64, message_id: &str, extra: Option<&str>) -> Frame {
     let extra = extra
         .map(str::trim)
         .filter(|extra| extra.len() > 2 && extra.starts_with('{'));
@@ -551,34 +546,35 @@ pub fn is_numbered(frame: &str) -> bool {
 
 /// The `seq` a host frame was encoded with, if any.
 pub fn seq_of(frame: &str) -> Option<u64> {
-    if !is_numbered(frame) {
-        return None;
-    }
-    let mut seq: u64 = 0;
-    for &b in &frame.as_bytes()[1 + SEQ_KEY.len()..] {
-        match b {
-            b'0'..=b'9' => seq = seq.checked_mul(10)?.checked_add(u64::from(b - b'0'))?,
-            b',' => return Some(seq),
-            _ => return None,
-        }
-    }
-    None
+    split_seq(frame).map(|(seq, _)| seq)
 }
 
 /// `frame` without the `seq` it was encoded with (to be numbered anew), or `frame` itself.
 pub fn without_seq(frame: Frame) -> Frame {
-    let Some(rest) = frame
-        .strip_prefix('{')
-        .and_then(|f| f.strip_prefix(SEQ_KEY))
-        .and_then(|digits| digits.split_once(','))
-        .map(|(_, rest)| rest)
-    else {
+    let Some((_, rest)) = split_seq(&frame) else {
         return frame;
     };
     let mut out = String::with_capacity(rest.len() + 1);
     out.push('{');
     out.push_str(rest);
     Utf8Bytes::from(out)
+}
+
+/// The `seq` of a frame encoded with one, and the rest of the frame after `{"seq":N,`.
+fn split_seq(frame: &str) -> Option<(u64, &str)> {
+    if !is_numbered(frame) {
+        return None;
+    }
+    let digits = &frame[1 + SEQ_KEY.len()..];
+    let mut seq: u64 = 0;
+    for (i, b) in digits.bytes().enumerate() {
+        match b {
+            b'0'..=b'9' => seq = seq.checked_mul(10)?.checked_add(u64::from(b - b'0'))?,
+            b',' => return Some((seq, &digits[i + 1..])),
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// `sys.error` with code `resume_failed` and the `reason` (see `docs/protocol.md`).
@@ -817,14 +813,14 @@ mod tests {
         assert_eq!(v["room"], "r\n");
         assert_eq!(v["payload"], serde_json::json!([1]));
         assert!(v["messageId"].as_str().unwrap().starts_with("h-"));
-        let a = ack("m\"1", Some(r#"{"members":[]}"#));
+        let a = ack(0, "m\"1", Some(r#"{"members":[]}"#));
         let v: serde_json::Value = serde_json::from_str(&a).unwrap();
         assert_eq!(
             v["payload"],
             serde_json::json!({"ref": "m\"1", "members": []})
         );
         for blank in [None, Some("{}")] {
-            let v: serde_json::Value = serde_json::from_str(&ack("m", blank)).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&ack(0, "m", blank)).unwrap();
             assert_eq!(v["payload"], serde_json::json!({"ref": "m"}), "{blank:?}");
         }
         let s = with_seq(42, &a);

@@ -234,7 +234,7 @@ pub async fn handle_text(hub: &Hub, conn: &mut ConnState, text: &str) {
             let ack = conn
                 .session
                 .outbox
-                .push_numbered(|seq| protocol::ack_numbered(seq, id, extra.as_deref()));
+                .push_numbered(|seq| protocol::ack(seq, id, extra.as_deref()));
             if let (Some(ack), Some(id), Some(now)) = (ack, dedupe, now) {
                 conn.session.dedupe().record(id, ack, now);
             }

@@ -281,9 +281,8 @@ impl Outbox {
         }
         // A frame numbered already (`push_numbered`) carries the `seq` it gets here; one
         // numbered earlier (an answer given again to a retry) is numbered anew.
-        let frame = if crate::protocol::is_numbered(&frame)
-            && crate::protocol::seq_of(&frame) != Some(queue.kept.next_seq())
-        {
+        let next = queue.kept.next_seq();
+        let frame = if crate::protocol::seq_of(&frame).is_some_and(|seq| seq != next) {
             crate::protocol::without_seq(frame)
         } else {
             frame
@@ -930,11 +929,11 @@ mod tests {
         let journal = Arc::new(Recording::default());
         let tx = moved(bounds(100, 100), journal, "s-1".into(), 6, Vec::new());
         let ack = tx
-            .push_numbered(|seq| crate::protocol::ack_numbered(seq, "m", None))
+            .push_numbered(|seq| crate::protocol::ack(seq, "m", None))
             .unwrap();
         assert_eq!(crate::protocol::seq_of(&ack), None);
         // An answer numbered earlier (given again to a retry) is held without its old `seq`.
-        assert!(tx.push(crate::protocol::ack_numbered(3, "old", None)));
+        assert!(tx.push(crate::protocol::ack(3, "old", None)));
         tx.release(Vec::new());
         let (mut rx, _) = tx.attach(5).unwrap();
         let mut batch = VecDeque::new();
