@@ -14,6 +14,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
+source "$HERE/lib.sh"
 RATE=1000; RECEIVERS=10; SECONDS_RUN=10; BUILD=1
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -33,7 +34,6 @@ fi
 PLEXUS="$TARGET/release/plexus"
 BENCH="$TARGET/release/cluster-bench"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT

@@ -18,6 +18,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/bench/lib.sh"
 A="" B="" A_MANIFESTS="$ROOT/bench/manifests/wasm" B_MANIFESTS="$ROOT/bench/manifests/wasm"
 ROUNDS=10 SECONDS_PER_RUN=5
 while [ $# -gt 0 ]; do
@@ -42,10 +43,6 @@ OUT="$(mktemp -d)"
 SERVER=""
 trap '[ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$OUT"' EXIT
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 # run NAME: starts server NAME on a free port, runs the echo window, prints its CPU µs/message.
 run() {
     local name=$1 port dialect=()
@@ -66,11 +63,7 @@ run() {
                 "${limits[@]}" >"$OUT/$name.log" 2>&1 & ;;
     esac
     SERVER=$!
-    for _ in $(seq 600); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-        kill -0 "$SERVER" 2>/dev/null || { cat "$OUT/$name.log" >&2; exit 1; }
-        sleep 0.1
-    done
+    wait_port "$port" "$SERVER" "$OUT/$name.log" || exit 1
     taskset -c 0 "$LOADGEN" echo --addr "127.0.0.1:$port" "${dialect[@]}" -n 100 -k 1 --size 64 \
         --duration "$SECONDS_PER_RUN" --warmup 1 --server-pid "$SERVER" --json "$OUT/run.json" >/dev/null
     kill "$SERVER"

@@ -6,6 +6,7 @@
 #   bench/hostile.sh [--seconds 10] [--no-build]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/bench/lib.sh"
 SECONDS_RUN=10; BUILD=1
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -21,7 +22,7 @@ if [ "$BUILD" = 1 ]; then
     (cd "$ROOT/plugins" && cargo build --release --target wasm32-wasip2 -p echo -p faulty)
 fi
 for route in none faulty.spin faulty.hog faulty.trap; do
-    PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    PORT=$(free_port)
     (cd "$ROOT" && exec "$TARGET/release/plexus" serve --listen "127.0.0.1:$PORT" \
         --manifests bench/manifests/hostile --no-build >/dev/null 2>&1) &
     PID=$!

@@ -20,6 +20,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/bench/lib.sh"
 PLEXUS="$ROOT/target/release/plexus"
 MANIFESTS="$ROOT/bench/manifests/wasm"
 LOADGEN="$ROOT/target/release/loadgen"
@@ -37,7 +38,7 @@ command -v valgrind >/dev/null || { echo "server-instructions.sh: valgrind is re
 [ -x "$PLEXUS" ] && [ -x "$LOADGEN" ] || { echo "server-instructions.sh: build first (cargo build --release -p plexus -p plexus-bench)" >&2; exit 1; }
 
 OUT="$(mktemp -d)"
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 if [ -n "$FLOOR" ]; then
     SERVER=("$FLOOR" --listen "127.0.0.1:$PORT")
     DIALECT=(--dialect raw)
@@ -51,11 +52,7 @@ fi
 valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" "${SERVER[@]}" >"$OUT/server.log" 2>&1 &
 VG=$!
 trap 'kill "$VG" 2>/dev/null; wait "$VG" 2>/dev/null || true; if [ -n "${KEEP:-}" ]; then rm -rf "$KEEP"; mv "$OUT" "$KEEP"; else rm -rf "$OUT"; fi' EXIT
-for _ in $(seq 600); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    kill -0 "$VG" 2>/dev/null || { cat "$OUT/server.log" >&2; exit 1; }
-    sleep 0.2
-done
+wait_port "$PORT" "$VG" "$OUT/server.log" || exit 1
 "$LOADGEN" echo --addr "127.0.0.1:$PORT" "${DIALECT[@]}" -n 20 -k 1 --size 64 --duration 2 --warmup 1 >/dev/null
 callgrind_control --zero "$VG" >/dev/null 2>&1
 "$LOADGEN" echo --addr "127.0.0.1:$PORT" "${DIALECT[@]}" -n 20 -k 1 --size 64 --duration 10 --warmup 0 \
