@@ -4,7 +4,8 @@
 # where a single run moves by ±15%.
 #
 #   bench/echo-ab.sh --a target-before/release/plexus --a-manifests DIR \
-#                    --b target/release/plexus [--b-manifests DIR] [--rounds 10] [--seconds 5]
+#                    --b target/release/plexus [--b-manifests DIR] [--rounds 10] [--seconds 5] \
+#                    [--rate MSGS_PER_SEC]
 #
 # Each round starts the floor, build A and build B afresh (the order rotates from round to
 # round), pinned with `taskset -c 1`, and runs `loadgen echo -n 100 -k 1 --size 64` against each
@@ -14,13 +15,19 @@
 # release build of plexus-bench (`cargo build --release -p plexus-bench`); builds A and B are any
 # two `plexus` binaries (for example two worktrees' `target/release/plexus`), each with the echo
 # plugin's manifests directory it was built with (default bench/manifests/wasm).
+#
+# Without --rate each connection sends again as soon as its answer comes, and every server
+# saturates its core: a slower server then leaves the generator idle more often, and the kernel
+# work of waking it for each answer is charged to the server, so the gap between two builds
+# shows larger than their own work. With --rate (messages per second across the 100
+# connections, paced) every server runs below saturation, in the same regime.
 
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/bench/lib.sh"
 A="" B="" A_MANIFESTS="$ROOT/bench/manifests/wasm" B_MANIFESTS="$ROOT/bench/manifests/wasm"
-ROUNDS=10 SECONDS_PER_RUN=5
+ROUNDS=10 SECONDS_PER_RUN=5 RATE=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --a) A="$2"; shift ;;
@@ -29,6 +36,7 @@ while [ $# -gt 0 ]; do
         --b-manifests) B_MANIFESTS="$2"; shift ;;
         --rounds) ROUNDS="$2"; shift ;;
         --seconds) SECONDS_PER_RUN="$2"; shift ;;
+        --rate) RATE="$2"; shift ;;
         *) echo "echo-ab.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -65,7 +73,7 @@ run() {
     SERVER=$!
     wait_port "$port" "$SERVER" "$OUT/$name.log" || exit 1
     taskset -c 0 "$LOADGEN" echo --addr "127.0.0.1:$port" "${dialect[@]}" -n 100 -k 1 --size 64 \
-        --duration "$SECONDS_PER_RUN" --warmup 1 --server-pid "$SERVER" --json "$OUT/run.json" >/dev/null
+        --rate "$RATE" --duration "$SECONDS_PER_RUN" --warmup 1 --server-pid "$SERVER" --json "$OUT/run.json" >/dev/null
     kill "$SERVER"
     wait "$SERVER" 2>/dev/null || true
     SERVER=""

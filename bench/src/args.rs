@@ -168,6 +168,13 @@ pub struct EchoArgs {
     /// timed out and sends new ones, so that one lost message does not stall it.
     #[arg(long, default_value_t = 5000)]
     pub answer_timeout_ms: u64,
+    /// Messages per second across all connections (0: each connection sends again as soon as
+    /// an answer comes). Paced, every connection sends at most `rate / N` per second, the
+    /// connections' slots spread evenly: the servers compared all run below saturation, so the
+    /// CPU time they spend per message is measured in the same regime (a saturated server
+    /// leaves the generator idle more often, and each answer must then wake it).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
 }
 
 #[derive(Args, Debug, Clone)]

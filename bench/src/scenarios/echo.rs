@@ -35,10 +35,14 @@ pub async fn run(a: &EchoArgs, threads: usize) -> anyhow::Result<Report> {
     report.param("connections", a.connections);
     report.param("in_flight", a.in_flight);
     report.param("size", a.size);
+    report.param("rate", a.rate);
 
     let hist = Arc::new(Shared::default());
     let (dialect, k, size) = (c.dialect, a.in_flight.max(1), a.size);
     let timeout = a.answer_timeout_ms.max(1) * 1_000_000;
+    // With a rate: each connection's time between sends, and its first slot's offset.
+    let n = a.connections.max(1) as u64;
+    let interval = (a.rate > 0.0).then(|| (n as f64 * 1e9 / a.rate) as u64);
     let h = hist.clone();
     let mut fleet = Fleet::spawn(
         target.clone(),
@@ -46,7 +50,13 @@ pub async fn run(a: &EchoArgs, threads: usize) -> anyhow::Result<Report> {
         c.connect_concurrency,
         None,
         None,
-        move |_, ws, tl| echo_conn(ws, tl, dialect, k, size, timeout, h.clone()),
+        move |idx, ws, tl| {
+            let pace = interval.map(|every| Pace {
+                every,
+                next: tl.start + every * idx as u64 / n,
+            });
+            echo_conn(ws, tl, dialect, k, size, timeout, pace, h.clone())
+        },
     );
     let setup = fleet.wait_ready().await;
     record_setup(&mut report, &setup);
@@ -93,6 +103,27 @@ pub async fn run(a: &EchoArgs, threads: usize) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// When a paced connection sends: every `every` ns, the next slot at `next`.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    every: u64,
+    next: u64,
+}
+
+impl Pace {
+    /// Waits for the next slot (at once when it has passed) and books the one after.
+    async fn wait(pace: &mut Option<Pace>) {
+        let Some(p) = pace else { return };
+        let now = now_ns();
+        if p.next > now {
+            tokio::time::sleep_until(Timeline::at(p.next)).await;
+        }
+        // A connection that fell behind does not send a burst to catch up.
+        p.next = p.next.max(now) + p.every;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn echo_conn(
     mut ws: Ws,
     tl: Timeline,
@@ -100,11 +131,13 @@ async fn echo_conn(
     k: usize,
     size: usize,
     timeout: u64,
+    mut pace: Option<Pace>,
     hist: Arc<Shared>,
 ) -> ConnStats {
     let mut rec = hist.local();
     let mut st = ConnStats::default();
     tokio::time::sleep_until(Timeline::at(tl.start)).await;
+    Pace::wait(&mut pace).await;
     let mut seq = 0u64;
     for _ in 0..k {
         if let Err(e) = feed_text(&mut ws, proto::echo_frame(dialect, seq, now_ns(), size)).await {
@@ -214,6 +247,7 @@ async fn echo_conn(
             last_answer = now;
             outstanding = outstanding.saturating_sub(1);
             if tl.sending(now) {
+                Pace::wait(&mut pace).await;
                 if let Err(e) =
                     send_text(&mut ws, proto::echo_frame(dialect, seq, now_ns(), size)).await
                 {
