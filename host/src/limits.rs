@@ -66,6 +66,9 @@ pub struct ConnectionRate {
     double: DefaultDirectRateLimiter,
     /// Since when the connection has been past twice its limit, and when it last was.
     over: Option<(Instant, Instant)>,
+    /// The identity the connection speaks for and its bucket's key, hashed once (a resume may
+    /// change the identity).
+    identity: Option<(Arc<str>, u64)>,
 }
 
 impl ConnectionRate {
@@ -75,13 +78,14 @@ impl ConnectionRate {
             within: RateLimiter::direct(limit.quota(ONCE)),
             double: RateLimiter::direct(limit.quota(TWICE)),
             over: None,
+            identity: None,
         }
     }
 
     /// Counts one message of this connection (and of its identity, in `identities`).
-    pub fn admit(&mut self, identities: &IdentityRates, identity: &str) -> Admit {
+    pub fn admit(&mut self, identities: &IdentityRates, identity: &Arc<str>) -> Admit {
         let past_double = self.double.check().is_err();
-        let within = self.within.check().is_ok() && identities.admit(identity);
+        let within = self.within.check().is_ok() && identities.admit(self.key(identities, identity));
         if !past_double {
             // A second within twice the limit forgives what came before.
             if self
@@ -102,6 +106,20 @@ impl ConnectionRate {
             Admit::Close
         } else {
             Admit::Limited
+        }
+    }
+}
+
+impl ConnectionRate {
+    /// The key of `identity`'s bucket in `identities`.
+    fn key(&mut self, identities: &IdentityRates, identity: &Arc<str>) -> u64 {
+        match &self.identity {
+            Some((known, key)) if Arc::ptr_eq(known, identity) => *key,
+            _ => {
+                let key = identities.key(identity);
+                self.identity = Some((identity.clone(), key));
+                key
+            }
         }
     }
 }
@@ -134,10 +152,13 @@ impl IdentityRates {
         }
     }
 
-    fn admit(&self, identity: &str) -> bool {
-        self.limiter
-            .check_key(&self.digest.hash_one(identity))
-            .is_ok()
+    /// The key of `identity`'s bucket.
+    fn key(&self, identity: &str) -> u64 {
+        self.digest.hash_one(identity)
+    }
+
+    fn admit(&self, key: u64) -> bool {
+        self.limiter.check_key(&key).is_ok()
     }
 
     /// Forgets identities whose buckets are full again (called now and then).
@@ -276,15 +297,15 @@ mod tests {
             burst: NonZeroU32::new(100).unwrap(),
             ..limit
         });
-        let who = "ada";
+        let who: Arc<str> = "ada".into();
         let mut conn = ConnectionRate::new(limit);
         for _ in 0..3 {
-            assert_eq!(conn.admit(&identities, who), Admit::Yes);
+            assert_eq!(conn.admit(&identities, &who), Admit::Yes);
         }
         // Past the burst: limited; past twice the burst: closed (no grace here).
         let mut verdicts = Vec::new();
         for _ in 0..4 {
-            verdicts.push(conn.admit(&identities, who));
+            verdicts.push(conn.admit(&identities, &who));
         }
         assert_eq!(verdicts[..3], [Admit::Limited; 3]);
         assert_eq!(verdicts[3], Admit::Close);
@@ -323,11 +344,23 @@ mod tests {
     fn an_identity_is_limited_across_its_connections() {
         let limit = limit(1, 2);
         let identities = IdentityRates::new(limit);
-        let who = "ada";
+        let who: Arc<str> = "ada".into();
         let mut a = ConnectionRate::new(limit);
         let mut b = ConnectionRate::new(limit);
-        assert_eq!(a.admit(&identities, who), Admit::Yes);
-        assert_eq!(b.admit(&identities, who), Admit::Yes);
-        assert_eq!(b.admit(&identities, who), Admit::Limited);
+        assert_eq!(a.admit(&identities, &who), Admit::Yes);
+        assert_eq!(b.admit(&identities, &who), Admit::Yes);
+        assert_eq!(b.admit(&identities, &who), Admit::Limited);
+    }
+
+    #[test]
+    fn a_connection_whose_identity_changes_counts_against_the_new_one() {
+        // A resume may hand a connection a session of another identity.
+        let identities = IdentityRates::new(limit(1, 1));
+        let mut conn = ConnectionRate::new(limit(1, 100));
+        let (ada, bob): (Arc<str>, Arc<str>) = ("ada".into(), "bob".into());
+        assert_eq!(conn.admit(&identities, &ada), Admit::Yes);
+        assert_eq!(conn.admit(&identities, &ada), Admit::Limited);
+        assert_eq!(conn.admit(&identities, &bob), Admit::Yes);
+        assert_eq!(conn.admit(&identities, &ada), Admit::Limited);
     }
 }
