@@ -36,15 +36,11 @@ impl Default for RateLimit {
 }
 
 impl RateLimit {
-    /// The quota of `factor` times this limit.
-    fn quota(&self, factor: NonZeroU32) -> Quota {
-        Quota::per_second(self.per_second.saturating_mul(factor))
-            .allow_burst(self.burst.saturating_mul(factor))
+    /// The token bucket of this limit.
+    fn quota(&self) -> Quota {
+        Quota::per_second(self.per_second).allow_burst(self.burst)
     }
 }
-
-const ONCE: NonZeroU32 = NonZeroU32::MIN;
-const TWICE: NonZeroU32 = NonZeroU32::MIN.saturating_add(1);
 
 /// What to do with a client's message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +58,10 @@ pub enum Admit {
 pub struct ConnectionRate {
     limit: RateLimit,
     within: DefaultDirectRateLimiter,
-    /// Twice the limit: messages past it count towards closing.
+    /// The messages `within` refuses, counted against the limit once more: past it, the
+    /// connection sends at more than twice its limit (at a rate R it refuses R - limit a second;
+    /// after a quiet spell, a burst of twice the burst gets there), and that counts towards
+    /// closing. Only refused messages are counted, so that an admitted one takes a single check.
     double: DefaultDirectRateLimiter,
     /// Since when the connection has been past twice its limit, and when it last was.
     over: Option<(Instant, Instant)>,
@@ -75,8 +74,8 @@ impl ConnectionRate {
     pub fn new(limit: RateLimit) -> ConnectionRate {
         ConnectionRate {
             limit,
-            within: RateLimiter::direct(limit.quota(ONCE)),
-            double: RateLimiter::direct(limit.quota(TWICE)),
+            within: RateLimiter::direct(limit.quota()),
+            double: RateLimiter::direct(limit.quota()),
             over: None,
             identity: None,
         }
@@ -84,8 +83,9 @@ impl ConnectionRate {
 
     /// Counts one message of this connection (and of its identity, in `identities`).
     pub fn admit(&mut self, identities: &IdentityRates, identity: &Arc<str>) -> Admit {
-        let past_double = self.double.check().is_err();
-        let within = self.within.check().is_ok() && identities.admit(self.key(identities, identity));
+        let own = self.within.check().is_ok();
+        let past_double = !own && self.double.check().is_err();
+        let within = own && identities.admit(self.key(identities, identity));
         if !past_double {
             // A second within twice the limit forgives what came before.
             if self
@@ -145,7 +145,7 @@ impl IdentityRates {
     pub fn new(limit: RateLimit) -> IdentityRates {
         IdentityRates {
             limiter: RateLimiter::dashmap_with_hasher(
-                limit.quota(ONCE),
+                limit.quota(),
                 foldhash::fast::RandomState::default(),
             ),
             digest: foldhash::fast::RandomState::default(),
