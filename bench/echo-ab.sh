@@ -61,12 +61,8 @@ run() {
         a|b)
             local bin=$A manifests=$A_MANIFESTS
             [ "$name" = b ] && bin=$B && manifests=$B_MANIFESTS
-            # The message rate limiter runs on every message and never refuses this load
-            # (a build older than the limits has no such flags).
-            local limits=()
-            if "$bin" serve --help 2>/dev/null | grep -q -- --max-messages-per-second; then
-                limits=(--max-messages-per-second 100000000 --message-burst 100000000)
-            fi
+            local limits
+            read -ra limits <<< "$(rate_flags "$bin")"
             taskset -c 1 "$bin" serve --listen "127.0.0.1:$port" --manifests "$manifests" \
                 "${limits[@]}" >"$OUT/$name.log" 2>&1 & ;;
     esac

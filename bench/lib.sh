@@ -17,3 +17,12 @@ wait_port() {
     echo "no server on port $port after 120 s" >&2
     return 1
 }
+
+# rate_flags PLEXUS: prints the flags that keep PLEXUS's message rate limiter (it runs on every
+# message) from refusing a benchmark's load; nothing for a build older than the limits, which has
+# no such flags. Use: `read -ra FLAGS <<< "$(rate_flags "$PLEXUS")"`.
+rate_flags() {
+    if "$1" serve --help 2>/dev/null | grep -q -- --max-messages-per-second; then
+        echo --max-messages-per-second 100000000 --message-burst 100000000
+    fi
+}

@@ -44,12 +44,7 @@ if [ -n "$FLOOR" ]; then
     DIALECT=(--dialect raw)
     LABEL=floor
 else
-    # The message rate limiter runs on every message and never refuses this load (a build
-    # older than the limits has no such flags).
-    LIMITS=()
-    if "$PLEXUS" serve --help 2>/dev/null | grep -q -- --max-messages-per-second; then
-        LIMITS=(--max-messages-per-second 100000000 --message-burst 100000000)
-    fi
+    read -ra LIMITS <<< "$(rate_flags "$PLEXUS")"
     SERVER=("$PLEXUS" serve --listen "127.0.0.1:$PORT" --manifests "$MANIFESTS" "${LIMITS[@]}")
     DIALECT=()
     LABEL=$(basename "$MANIFESTS")
