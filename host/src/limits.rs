@@ -62,7 +62,7 @@ pub struct ConnectionRate {
     /// connection sends at more than twice its limit (at a rate R it refuses R - limit a second;
     /// after a quiet spell, a burst of twice the burst gets there), and that counts towards
     /// closing. Only refused messages are counted, so that an admitted one takes a single check.
-    double: DefaultDirectRateLimiter,
+    refused: DefaultDirectRateLimiter,
     /// Since when the connection has been past twice its limit, and when it last was.
     over: Option<(Instant, Instant)>,
     /// The identity the connection speaks for and its bucket's key, hashed once (a resume may
@@ -75,7 +75,7 @@ impl ConnectionRate {
         ConnectionRate {
             limit,
             within: RateLimiter::direct(limit.quota()),
-            double: RateLimiter::direct(limit.quota()),
+            refused: RateLimiter::direct(limit.quota()),
             over: None,
             identity: None,
         }
@@ -84,7 +84,7 @@ impl ConnectionRate {
     /// Counts one message of this connection (and of its identity, in `identities`).
     pub fn admit(&mut self, identities: &IdentityRates, identity: &Arc<str>) -> Admit {
         let own = self.within.check().is_ok();
-        let past_double = !own && self.double.check().is_err();
+        let past_double = !own && self.refused.check().is_err();
         let within = own && identities.admit(self.key(identities, identity));
         if !past_double {
             // A second within twice the limit forgives what came before.
@@ -108,9 +108,7 @@ impl ConnectionRate {
             Admit::Limited
         }
     }
-}
 
-impl ConnectionRate {
     /// The key of `identity`'s bucket in `identities`.
     fn key(&mut self, identities: &IdentityRates, identity: &Arc<str>) -> u64 {
         match &self.identity {
